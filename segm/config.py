@@ -1,0 +1,86 @@
+"""The one place where configuration YAML is read.
+
+`load_config()` returns the presets of `configs/config.yml` (model, decoder, dataset);
+`load_yaml()` reads any YAML file the project deals with, including a reference
+`variant.yml` whose tuples carry `!!python/tuple` tags, without an unsafe loader.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+
+class _TupleSafeLoader(yaml.SafeLoader):
+    """SafeLoader that also accepts PyYAML's `!!python/tuple` tag (reference variant.yml)."""
+
+
+def _construct_tuple(loader, node):
+    return tuple(loader.construct_sequence(node, deep=True))
+
+
+_TupleSafeLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
+
+
+class _TupleDumper(yaml.SafeDumper):
+    """Writes tuples with `!!python/tuple` so reference tools read variant.yml back unchanged."""
+
+
+def _represent_tuple(dumper, data):
+    return dumper.represent_sequence("tag:yaml.org,2002:python/tuple", list(data))
+
+
+_TupleDumper.add_representer(tuple, _represent_tuple)
+
+
+def load_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"YAML file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=_TupleSafeLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse YAML file {path}: {e}") from None
+    return {} if data is None else data
+
+
+def dump_yaml(data, path) -> None:
+    """Atomic write: temporary file, then rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.dump(data, f, Dumper=_TupleDumper, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _config_path() -> Path:
+    repo_copy = Path(__file__).resolve().parent.parent / "configs" / "config.yml"
+    if repo_copy.is_file():
+        return repo_copy
+    return Path(str(resources.files("segm.configs").joinpath("config.yml")))
+
+
+@functools.lru_cache(maxsize=1)
+def _load_config_cached() -> dict:
+    return load_yaml(_config_path())
+
+
+def load_config() -> dict:
+    """Presets: {'model': {...}, 'decoder': {...}, 'dataset': {...}} (a fresh copy)."""
+    return copy.deepcopy(_load_config_cached())
+
+
+def dataset_dir() -> Path:
+    """The datasets root, `$DATASET`."""
+    root = os.environ.get("DATASET")
+    if not root:
+        raise RuntimeError(
+            "the datasets root is not set: export DATASET=/path/to/datasets "
+            "or pass --data-root DIR"
+        )
+    return Path(root)

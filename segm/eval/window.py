@@ -1,0 +1,129 @@
+"""Sliding-window inference (SPEC §6.2).
+
+Per view: resize up so the short side is at least the window, cut ws×ws windows on a
+grid whose last row/column is flush with the border, run them `window_batch_size` at
+a time, average overlapping logits, resize to the original shape, un-flip, softmax.
+The probabilities of all views are averaged.
+
+`forward(windows, boxes)` takes windows (n, 3, ws, ws) and their top-left corners
+[(y0, x0), ...] in the (resized) view, and returns logits (n, K, ws, ws).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["window_anchors", "resize_to_window", "sliding_window_inference", "inference_views"]
+
+Forward = Callable[[torch.Tensor, list], torch.Tensor]
+
+
+def window_anchors(size: int, ws: int, stride: int) -> list[int]:
+    """Window starts along one axis: {0, s, 2s, ... < size - ws} ∪ {size - ws}."""
+    if stride < 1 or ws < 1:
+        raise ValueError(f"window size ({ws}) and stride ({stride}) must be positive")
+    if size < ws:
+        raise ValueError(f"image side {size} is smaller than the window {ws}: resize it first (resize_to_window)")
+    return list(range(0, size - ws, stride)) + [size - ws]
+
+
+def resize_to_window(im: torch.Tensor, ws: int) -> torch.Tensor:
+    """If the short side of `im` (..., H, W) is below `ws`, bilinearly resize it so the
+    short side is `ws`, keeping the aspect ratio (long side truncated with `int`)."""
+    h, w = im.shape[-2:]
+    if min(h, w) >= ws:
+        return im
+    # Same arithmetic as the reference, so the truncated long side matches it exactly.
+    if h < w:
+        h_res, w_res = ws, (w / h) * ws
+    else:
+        h_res, w_res = (h / w) * ws, ws
+    batched = im.unsqueeze(0) if im.dim() == 3 else im
+    out = F.interpolate(batched, (int(h_res), int(w_res)), mode="bilinear", align_corners=False)
+    return out[0] if im.dim() == 3 else out
+
+
+def _as_chw(im: torch.Tensor) -> torch.Tensor:
+    if im.dim() == 4 and im.shape[0] == 1:
+        return im[0]
+    if im.dim() != 3:
+        raise ValueError(f"expected one image (3, H, W) or (1, 3, H, W), got shape {tuple(im.shape)}")
+    return im
+
+
+@torch.no_grad()
+def sliding_window_inference(
+    forward: Forward,
+    im: torch.Tensor,
+    ws: int,
+    stride: int,
+    window_batch_size: int = 4,
+    n_cls: int | None = None,
+) -> torch.Tensor:
+    """Logits (K, H, W) of one image (3, H, W) with H, W >= ws: windows are run in
+    batches and overlapping logits averaged (sum on a canvas ÷ per-pixel count)."""
+    im = _as_chw(im)
+    if window_batch_size < 1:
+        raise ValueError(f"window_batch_size must be >= 1, got {window_batch_size}")
+    H, W = im.shape[-2:]
+    rows, cols = window_anchors(H, ws, stride), window_anchors(W, ws, stride)
+    boxes = [(y, x) for y in rows for x in cols]
+
+    canvas = None
+    for i in range(0, len(boxes), window_batch_size):
+        batch_boxes = boxes[i : i + window_batch_size]
+        windows = torch.stack([im[:, y : y + ws, x : x + ws] for y, x in batch_boxes])
+        logits = forward(windows, batch_boxes)
+        n = len(batch_boxes)
+        if logits.dim() != 4 or logits.shape[0] != n or logits.shape[-2:] != (ws, ws) or (
+            n_cls is not None and logits.shape[1] != n_cls
+        ):
+            expected = f"({n}, {n_cls if n_cls is not None else 'K'}, {ws}, {ws})"
+            raise ValueError(f"forward returned logits of shape {tuple(logits.shape)}, expected {expected}")
+        if canvas is None:
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            canvas = torch.zeros(logits.shape[1], H, W, dtype=dtype, device=im.device)
+        for (y, x), window_logits in zip(batch_boxes, logits):
+            canvas[:, y : y + ws, x : x + ws] += window_logits
+
+    # Windows form a grid, so the per-pixel count is (row count) ⊗ (column count).
+    row_count = torch.zeros(H, dtype=canvas.dtype, device=im.device)
+    col_count = torch.zeros(W, dtype=canvas.dtype, device=im.device)
+    for y in rows:
+        row_count[y : y + ws] += 1
+    for x in cols:
+        col_count[x : x + ws] += 1
+    return canvas / (row_count[:, None] * col_count[None, :])
+
+
+@torch.no_grad()
+def inference_views(
+    forward: Forward,
+    views: Sequence[torch.Tensor],
+    metas: Sequence[dict],
+    ori_shape,
+    ws: int,
+    stride: int,
+    window_batch_size: int = 4,
+    n_cls: int | None = None,
+) -> torch.Tensor:
+    """Class probabilities (K, H, W) at `ori_shape`, averaged over the test views.
+
+    Each view (3, h, w) or (1, 3, h, w) comes with a meta dict holding `flip`; a flipped
+    view's logits are flipped back along the width before the softmax.
+    """
+    if len(views) == 0 or len(views) != len(metas):
+        raise ValueError(f"need one meta per view and at least one view, got {len(views)} views, {len(metas)} metas")
+    ori_shape = tuple(int(s) for s in ori_shape[:2])
+    probs = None
+    for view, meta in zip(views, metas):
+        view = resize_to_window(_as_chw(view), ws)
+        logits = sliding_window_inference(forward, view, ws, stride, window_batch_size, n_cls)
+        logits = F.interpolate(logits[None], ori_shape, mode="bilinear", align_corners=False)[0]
+        if meta.get("flip", False):
+            logits = logits.flip(-1)
+        p = logits.softmax(0)
+        probs = p if probs is None else probs + p
+    return probs / len(views)

@@ -1,0 +1,203 @@
+"""Content-aware Token Sharing as pure functions on tensors (SPEC §3).
+
+Geometry: the base grid has Gh×Gw patches (N = Gh·Gw); a superpatch is the fixed,
+even-aligned 2×2 group of base patches, so the superpatch grid is (Gh/2)×(Gw/2).
+S superpatches are shared per image, U = N − 4S base patches are not, and the ViT sees
+T = U + S patch tokens in the order: non-shared (raster over the base grid, covered cells
+skipped), then shared (raster over the superpatch grid).
+
+Everything here works on the input's device, is vectorised over the batch, has static
+output shapes (U and S are Python ints) and makes no host-device synchronisation.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class TokenBudgetError(ValueError):
+    """An invalid (U, S) token budget or crop size."""
+
+
+class TokenLayout(NamedTuple):
+    """Where every token comes from, for one batch.
+
+    base_idx (B, U): flat base-grid index of each non-shared token, ascending.
+    shared_idx (B, S): flat superpatch-grid index of each shared token, ascending.
+    token_of_cell (B, N): the token (0..T−1) that covers each base cell; drives unsharing.
+    grid: (Gh, Gw).
+    """
+
+    base_idx: torch.Tensor
+    shared_idx: torch.Tensor
+    token_of_cell: torch.Tensor
+    grid: tuple[int, int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.base_idx.shape[1] + self.shared_idx.shape[1]
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask1 (B, Gh, Gw) non-shared base patches, mask2 (B, Gh/2, Gw/2) shared superpatches)."""
+        gh, gw = self.grid
+        b = self.base_idx.shape[0]
+        dev = self.base_idx.device
+        mask1 = torch.zeros(b, gh * gw, dtype=torch.bool, device=dev)
+        mask1.scatter_(1, self.base_idx, True)
+        mask2 = torch.zeros(b, (gh // 2) * (gw // 2), dtype=torch.bool, device=dev)
+        mask2.scatter_(1, self.shared_idx, True)
+        return mask1.view(b, gh, gw), mask2.view(b, gh // 2, gw // 2)
+
+    def policy_code(self) -> torch.Tensor:
+        """(B, T, 3) float `[scale, row, col]` in base-grid coordinates (reference format)."""
+        gh, gw = self.grid
+        r1, c1 = self.base_idx // gw, self.base_idx % gw
+        w2 = gw // 2
+        r2, c2 = 2 * (self.shared_idx // w2), 2 * (self.shared_idx % w2)
+        scale = torch.cat([torch.ones_like(r1), torch.full_like(r2, 2)], dim=1)
+        return torch.stack([scale, torch.cat([r1, r2], 1), torch.cat([c1, c2], 1)], dim=-1).float()
+
+
+def resolve_token_budget(
+    grid: tuple[int, int],
+    policy_method: str,
+    num_shared: int | None = None,
+    num_notshared: int | None = None,
+    token_reduction: float | None = None,
+) -> tuple[int, int]:
+    """Validates a token budget before any work and returns (U, S).
+
+    `token_reduction` ρ derives S = round(ρ·N/3). With `no_sharing`, S must be 0 (or unset).
+    """
+    gh, gw = grid
+    n = gh * gw
+    if token_reduction is not None:
+        if not 0.0 <= token_reduction <= 0.75:
+            raise TokenBudgetError(f"token reduction {token_reduction} must lie in [0, 0.75]")
+        derived = round(token_reduction * n / 3)
+        if num_shared is not None and num_shared != derived:
+            raise TokenBudgetError(
+                f"--token-reduction {token_reduction} gives S={derived} at N={n}, "
+                f"but --num-tokens-shared is {num_shared}; give only one of them"
+            )
+        num_shared = derived
+    if policy_method == "no_sharing":
+        if num_shared not in (None, 0):
+            raise TokenBudgetError(
+                f"policy 'no_sharing' shares no tokens, but S={num_shared} was asked; "
+                "use --policy-method policy_net (or random/oracle) to share tokens"
+            )
+        num_shared = 0
+    elif num_shared is None:
+        raise TokenBudgetError(
+            f"policy {policy_method!r} needs a token budget: give --num-tokens-shared S "
+            f"(0 ≤ S ≤ {n // 4} for N={n}) or --token-reduction"
+        )
+    s = int(num_shared)
+    max_s = (gh // 2) * (gw // 2)
+    if s < 0 or s > max_s:
+        raise TokenBudgetError(
+            f"--num-tokens-shared {s} is out of range: 0 ≤ S ≤ {max_s} for a {gh}×{gw} patch grid"
+        )
+    if s > 0 and (gh % 2 or gw % 2):
+        raise TokenBudgetError(
+            f"token sharing needs an even patch grid: the crop must be a multiple of twice the "
+            f"patch size (32 for /16 backbones); got {gh}×{gw} patches"
+        )
+    u = n - 4 * s
+    if num_notshared is not None and int(num_notshared) != u:
+        raise TokenBudgetError(
+            f"--num-tokens-notshared {num_notshared} does not fit: with S={s} shared tokens and "
+            f"N={n} patches, U must be N − 4S = {u}"
+        )
+    return u, s
+
+
+def no_sharing_layout(batch: int, grid: tuple[int, int], device) -> TokenLayout:
+    gh, gw = grid
+    n = gh * gw
+    idx = torch.arange(n, device=device).expand(batch, n)
+    return TokenLayout(idx, idx[:, :0], idx, grid)
+
+
+def layout_from_scores(scores: torch.Tensor, num_shared: int, grid: tuple[int, int]) -> TokenLayout:
+    """Top-S superpatch selection (SPEC §3.2) and the resulting token layout.
+
+    scores (B, Gh/2, Gw/2) or (B, Gh·Gw/4): higher = more shareable (for the policy net,
+    softmax(logits)[:, 1]). There is no threshold: every image shares exactly S.
+    Ties are broken towards the lower raster index (stable sort).
+    """
+    gh, gw = grid
+    b = scores.shape[0]
+    scores = scores.reshape(b, -1).float()
+    n2 = scores.shape[1]
+    if n2 != (gh // 2) * (gw // 2):
+        raise ValueError(f"policy scores cover {n2} superpatches, the {gh}×{gw} grid has {(gh // 2) * (gw // 2)}")
+    dev = scores.device
+    if num_shared == 0:
+        return no_sharing_layout(b, grid, dev)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    shared_idx = order[:, :num_shared].sort(dim=1).values  # raster order
+
+    # Base cells covered by each shared superpatch: its top-left cell + {0, 1, Gw, Gw+1}.
+    w2 = gw // 2
+    top_left = 2 * (shared_idx // w2) * gw + 2 * (shared_idx % w2)
+    offsets = torch.tensor([0, 1, gw, gw + 1], device=dev)
+    covered = (top_left.unsqueeze(-1) + offsets).reshape(b, -1)  # (B, 4S)
+
+    n = gh * gw
+    is_base = torch.ones(b, n, dtype=torch.bool, device=dev)
+    is_base.scatter_(1, covered, False)
+    # Stable sort of the keys (0 = base, 1 = covered) lists the base cells first, in raster order.
+    u = n - 4 * num_shared
+    base_idx = torch.sort(is_base.logical_not().to(torch.uint8), dim=1, stable=True).indices[:, :u]
+
+    token_of_cell = torch.empty(b, n, dtype=torch.long, device=dev)
+    token_of_cell.scatter_(1, base_idx, torch.arange(u, device=dev).expand(b, u))
+    shared_tokens = (u + torch.arange(num_shared, device=dev)).repeat_interleave(4).expand(b, -1)
+    token_of_cell.scatter_(1, covered, shared_tokens)
+    return TokenLayout(base_idx, shared_idx, token_of_cell, grid)
+
+
+def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B or 1, M, D), idx (B, K) → (B, K, D)."""
+    if x.shape[0] != idx.shape[0]:
+        x = x.expand(idx.shape[0], -1, -1)
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def mix_tokens(base: torch.Tensor, pooled: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Selects the T = U + S tokens: base (B|1, N, D) at `base_idx`, then pooled (B|1, N/4, D)
+    at `shared_idx`. `pooled` holds, per superpatch, the value computed on its 2×2-average-pooled
+    block (the embedded pooled image for patches; the mean of four for position embeddings)."""
+    if layout.shared_idx.shape[1] == 0 and layout.base_idx.shape[1] == base.shape[1]:
+        return base.expand(layout.base_idx.shape[0], -1, -1)  # no sharing: identity
+    return torch.cat([_gather_tokens(base, layout.base_idx), _gather_tokens(pooled, layout.shared_idx)], 1)
+
+
+def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) → (B, h·w, D), raster order."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def pool_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per-superpatch mean of tokens on a grid: (B, N, D) → (B, N/4, D). For position
+    embeddings this is the mean of the four cells (SPEC §3.4)."""
+    b, _, d = x.shape
+    gh, gw = grid
+    g = x.transpose(1, 2).reshape(b, d, gh, gw)
+    return grid_to_tokens(F.avg_pool2d(g, 2))
+
+
+def unshare(token_scores: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Unsharing (SPEC §3.7): (B, T, K) per-token scores → (B, K, Gh, Gw), each shared token's
+    scores written to its 4 cells. The result is a channels-last view (no copy)."""
+    b, _, k = token_scores.shape
+    gh, gw = layout.grid
+    if layout.shared_idx.shape[1] == 0 and token_scores.shape[1] == gh * gw:
+        cells = token_scores
+    else:
+        cells = torch.gather(token_scores, 1, layout.token_of_cell.unsqueeze(-1).expand(-1, -1, k))
+    return cells.view(b, gh, gw, k).permute(0, 3, 1, 2)

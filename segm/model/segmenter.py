@@ -1,0 +1,180 @@
+"""Segmenter with Content-aware Token Sharing (SPEC §1, §2.6, §3).
+
+forward: policy scores on the unpadded normalised input → top-S superpatches → mixed-scale
+tokens (shared: the 2×2-average-pooled block through the same patch-embedding conv; position
+embedding: mean of the four) → ViT → decoder on the T reduced tokens → unshare → bilinear ×P
+upsample → unpad.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segm.model import cts
+from segm.model.policy_net import PolicyNet
+from segm.model.vit import resize_pos_embed
+
+POLICY_METHODS = ("no_sharing", "policy_net", "random", "oracle")
+
+
+class SegmenterOutput(NamedTuple):
+    logits: torch.Tensor  # (B, K, H, W)
+    policy_logits: torch.Tensor | None  # (B, 2, H/32, W/32) for policy_net
+    layout: cts.TokenLayout
+
+    @property
+    def policy_indices(self):
+        """(mask1, mask2) as the reference returns them."""
+        return self.layout.masks()
+
+
+class Segmenter(nn.Module):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        n_cls: int,
+        policy_method: str = "no_sharing",
+        num_shared: int = 0,
+        policy_backbone: str = "efficientnet_lite0",
+        random_seed: int = 0,
+        oracle_dataset: str | None = None,
+    ):
+        super().__init__()
+        if policy_method not in POLICY_METHODS:
+            raise ValueError(f"unknown policy method {policy_method!r}: use one of {', '.join(POLICY_METHODS)}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.n_cls = n_cls
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.grid = tuple(encoder.patch_embed.grid_size)
+        self.policy_method = policy_method
+        self.num_shared = int(num_shared)
+        cts.resolve_token_budget(self.grid, policy_method, num_shared=self.num_shared)
+        if policy_method == "policy_net":
+            if self.patch_size != 16:
+                raise cts.TokenBudgetError(
+                    f"the policy network scores 32-px superpatches, which needs patch size 16 "
+                    f"(got {self.patch_size}); use --policy-method random/oracle or a /16 backbone"
+                )
+            self.policy_net = PolicyNet(policy_backbone)
+            self.policy_net.to(memory_format=torch.channels_last)
+            self.policy_net.requires_grad_(False)
+            self.policy_net.eval()
+        self.random_seed = random_seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.oracle_dataset = oracle_dataset
+
+    # The policy network is frozen: it stays in eval mode whatever the segmenter does (SPEC §10).
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if hasattr(self, "policy_net"):
+            self.policy_net.eval()
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"encoder.pos_embed", "encoder.cls_token", "encoder.dist_token"}
+        return names | {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        return self.grid[0] * self.patch_size, self.grid[1] * self.patch_size
+
+    # ---------------------------------------------------------------- policy
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.random_seed)
+        return self._generators[device]
+
+    def reset_random_policy(self, seed: int | None = None) -> None:
+        if seed is not None:
+            self.random_seed = seed
+        self._generators.clear()
+
+    def policy_scores(self, im: torch.Tensor, seg_gt: torch.Tensor | None):
+        """(scores (B, n2) or None, policy logits or None)."""
+        b = im.shape[0]
+        n2 = (self.grid[0] // 2) * (self.grid[1] // 2)
+        if self.policy_method == "policy_net":
+            with torch.no_grad():
+                logits = self.policy_net(im.contiguous(memory_format=torch.channels_last))["logits"]
+            return torch.softmax(logits.float(), dim=1)[:, 1].reshape(b, -1), logits
+        if self.policy_method == "random":
+            return torch.rand(b, n2, device=im.device, generator=self._generator(im.device)), None
+        if self.policy_method == "oracle":
+            if seg_gt is None:
+                raise ValueError("the oracle policy needs the ground-truth label map (seg_gt)")
+            from segm.data.policy_labels import policy_labels, rules_for
+
+            lab = policy_labels(seg_gt, rules_for(self.oracle_dataset or "synthetic"))
+            # single-class blocks first, then ignore-only/undecided, then mixed blocks
+            score = torch.where(lab == 1, 1.0, torch.where(lab == 255, 0.5, 0.0))
+            return score.reshape(b, -1), None
+        return None, None
+
+    # ---------------------------------------------------------------- encoder
+    def _check_input(self, h: int, w: int) -> None:
+        if self.policy_method != "no_sharing" and (h, w) != self.crop_size:
+            ch, cw = self.crop_size
+            raise ValueError(
+                f"this CTS model was built for {ch}×{cw} inputs (its token grid), got {h}×{w}; "
+                f"evaluate with sliding windows of {ch} (--window-size {ch})"
+            )
+
+    def encode(self, im: torch.Tensor, layout: cts.TokenLayout) -> torch.Tensor:
+        """ViT on the mixed-scale token set. Returns (B, T, D) patch features (prefix dropped)."""
+        vit = self.encoder
+        grid = layout.grid
+        npt = vit.num_prefix_tokens
+        pos = vit.pos_embed
+        if pos.shape[1] - npt != grid[0] * grid[1]:  # no_sharing at another size (SPEC [SEG])
+            pos = resize_pos_embed(pos, grid, npt)
+        pos_prefix, pos_grid = pos[:, :npt], pos[:, npt:]
+
+        base = vit.patch_embed.norm(cts.grid_to_tokens(vit.patch_embed.proj(im)))
+        if layout.shared_idx.shape[1] > 0:
+            pooled_im = F.avg_pool2d(im, 2)  # == bilinear ×0.5, align_corners=False (SPEC §3.3)
+            pooled = vit.patch_embed.norm(cts.grid_to_tokens(vit.patch_embed.proj(pooled_im)))
+            pos_pooled = cts.pool_grid(pos_grid, grid)
+        else:
+            pooled = pos_pooled = None
+        x = cts.mix_tokens(base, pooled, layout) + cts.mix_tokens(pos_grid, pos_pooled, layout)
+
+        prefix = [vit.cls_token]
+        if getattr(vit, "dist_token", None) is not None:
+            prefix.append(vit.dist_token)
+        prefix = torch.cat(prefix, dim=1) + pos_prefix
+        x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
+        x = vit.pos_drop(x)
+        x = vit.norm_pre(x)
+        x = vit.blocks(x)
+        x = vit.norm(x)
+        return x[:, npt:]
+
+    # ---------------------------------------------------------------- forward
+    def forward_all(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None) -> SegmenterOutput:
+        b, _, h, w = im.shape
+        self._check_input(h, w)
+        scores, policy_logits = self.policy_scores(im, seg_gt)
+
+        p = self.patch_size
+        pad_h, pad_w = (-h) % p, (-w) % p
+        if pad_h or pad_w:
+            im = F.pad(im, (0, pad_w, 0, pad_h))
+        grid = (im.shape[2] // p, im.shape[3] // p)
+        if scores is None:
+            layout = cts.no_sharing_layout(b, grid, im.device)
+        else:
+            layout = cts.layout_from_scores(scores, self.num_shared, grid)
+
+        feats = self.encode(im, layout)
+        token_scores = self.decoder(feats)  # (B, T, K)
+        masks = cts.unshare(token_scores, layout)  # (B, K, Gh, Gw), channels-last view
+        logits = F.interpolate(masks, size=im.shape[2:], mode="bilinear", align_corners=False)
+        return SegmenterOutput(logits[:, :, :h, :w], policy_logits, layout)
+
+    def forward(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_all(im, seg_gt).logits

@@ -1,0 +1,71 @@
+"""Crash-safe checkpoint writing and restricted (weights-only) loading."""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["CheckpointError", "atomic_torch_save", "safe_torch_load"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read safely."""
+
+
+def atomic_torch_save(obj, path) -> None:
+    """`torch.save` to a temporary file in the target folder, fsync, then rename over
+    `path`: readers see the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # Persist the rename itself (best effort: not every file system allows it).
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def safe_torch_load(path, map_location="cpu"):
+    """`torch.load(path, weights_only=True)` with errors that name the file.
+
+    Raises FileNotFoundError for a missing file and CheckpointError for a corrupt file
+    or one holding objects other than tensors and plain containers/scalars.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"{path} holds objects that need arbitrary unpickling ({found.group(1)}), refused for "
+                "safety; save plain state dicts (tensors, dicts, lists, numbers, strings) instead"
+            ) from None
+        raise CheckpointError(f"{path} is corrupt or not a torch checkpoint ({e})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} is corrupt or not a torch checkpoint ({type(e).__name__}: {e})") from None

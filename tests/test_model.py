@@ -1,0 +1,214 @@
+"""Segmenter + CTS model: parity with the reference forward, S = 0, batch invariance, frozen
+policy, compile, bf16, checkpoints and clear errors. Small models on the CPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import segm
+from segm.model import TokenBudgetError, build_net_kwargs, save_model
+from segm.model.factory import load_model
+from tests.reference_cts import ref_forward
+
+
+def tiny_cfg(policy_method="no_sharing", s=0, crop=(64, 96), decoder="mask_transformer", n_cls=5, **kw):
+    n = (crop[0] // 16) * (crop[1] // 16)
+    return {
+        "image_size": crop, "patch_size": 16, "d_model": 64, "n_heads": 2, "n_layers": 2,
+        "n_cls": n_cls, "dropout": 0.0, "drop_path_rate": 0.0,
+        "decoder": {"name": decoder, "n_layers": 1, "drop_path_rate": 0.0, "dropout": 0.0, "n_cls": n_cls}
+        if decoder == "mask_transformer" else {"name": "linear", "n_cls": n_cls},
+        "policy_method": policy_method, "policy_schedule": (n - 4 * s, s), **kw,
+    }
+
+
+def make(cfg, seed=0):
+    torch.manual_seed(seed)
+    return segm.create_segmenter(cfg, policy_ckpt_required=False)
+
+
+@pytest.mark.parametrize("decoder", ["mask_transformer", "linear"])
+def test_cts_forward_matches_reference(decoder):
+    model = make(tiny_cfg("policy_net", s=5, decoder=decoder)).eval()
+    im = torch.randn(3, 3, 64, 96)
+    with torch.no_grad():
+        out = model.forward_all(im)
+        logits_p = model.policy_net(im)["logits"]
+        scores = torch.softmax(logits_p, 1)[:, 1].flatten(1)
+        ref_logits, ref_code, (m1, m2) = ref_forward(model, im, scores)
+    assert out.logits.shape == (3, 5, 64, 96)  # non-square crop
+    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.layout.policy_code(), ref_code)
+    mask1, mask2 = out.policy_indices
+    assert torch.equal(mask1, m1) and torch.equal(mask2, m2)
+    assert out.policy_logits.shape == (3, 2, 2, 3)
+
+
+def test_s0_equals_no_sharing_equals_plain_segmenter():
+    im = torch.randn(2, 3, 64, 96)
+    plain = make(tiny_cfg("no_sharing")).eval()
+    s0 = make(tiny_cfg("policy_net", s=0)).eval()
+    s0.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        a = plain(im)
+        b = s0(im)
+        # plain Segmenter: timm ViT features → decoder → reshape → upsample
+        feats = plain.encoder.forward_features(im)[:, 1:]
+        masks = plain.decoder(feats).transpose(1, 2).reshape(2, 5, 4, 6)
+        c = F.interpolate(masks, size=(64, 96), mode="bilinear", align_corners=False)
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("method", ["policy_net", "no_sharing"])
+def test_each_sample_of_a_batch_equals_its_run_alone(method):
+    model = make(tiny_cfg(method, s=5 if method != "no_sharing" else 0)).eval()
+    im = torch.randn(4, 3, 64, 96)
+    with torch.no_grad():
+        batched = model(im)
+        for i in range(4):
+            torch.testing.assert_close(model(im[i : i + 1])[0], batched[i], rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_policy_gets_no_gradient_and_keeps_bn_stats():
+    model = make(tiny_cfg("policy_net", s=5))
+    before = {k: v.clone() for k, v in model.policy_net.state_dict().items()}
+    model.train()
+    assert not model.policy_net.training
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    im, gt = torch.randn(2, 3, 64, 96), torch.randint(0, 5, (2, 64, 96))
+    loss = F.cross_entropy(model(im), gt, ignore_index=255)
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in model.policy_net.parameters())
+    assert all(not p.requires_grad for p in model.policy_net.parameters())
+    after = model.policy_net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.encoder.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_random_policy_is_seeded_and_per_sample():
+    cfg = tiny_cfg("random", s=4, random_seed=3)
+    m1, m2 = make(cfg), make(cfg)
+    im = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        o1, o2 = m1.forward_all(im), m2.forward_all(im)
+    assert torch.equal(o1.layout.shared_idx, o2.layout.shared_idx)
+    assert not torch.equal(o1.layout.shared_idx[0], o1.layout.shared_idx[1])
+
+
+def test_runs_under_bf16_autocast():
+    model = make(tiny_cfg("policy_net", s=5)).eval()
+    im = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = model(im)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(im)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert (out.float().argmax(1) == ref.argmax(1)).float().mean() > 0.8
+
+
+def test_runs_under_torch_compile():
+    model = make(tiny_cfg("random", s=5, decoder="linear")).eval()
+    model.encoder.blocks = model.encoder.blocks[:1]
+    im = torch.randn(2, 3, 64, 96)
+    compiled = torch.compile(model.forward, dynamic=False)
+    with torch.no_grad():
+        model.reset_random_policy()
+        want = model(im)
+        model.reset_random_policy()
+        torch.testing.assert_close(compiled(im), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_runs_under_torch_compile_with_policy_net():
+    model = make(tiny_cfg("policy_net", s=5)).eval()
+    im = torch.randn(2, 3, 64, 96)
+    compiled = torch.compile(model.forward, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(im), model(im), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_crop_and_input_size_errors():
+    with pytest.raises(TokenBudgetError, match="multiple of 32"):
+        build_net_kwargs("vit_tiny_patch16_384", "linear", 5, 80, policy_method="random", num_shared=2)
+    with pytest.raises(TokenBudgetError, match="U must be N − 4S = 612"):
+        build_net_kwargs("vit_small_patch16_384", "mask_transformer", 150, 512,
+                         policy_method="policy_net", num_shared=103, num_notshared=611)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_net_kwargs("vit_huge", "linear", 5, 64)
+    model = make(tiny_cfg("random", s=2))
+    with pytest.raises(ValueError, match="built for 64×96 inputs"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+def test_missing_policy_checkpoint_fails_loudly(tmp_path):
+    cfg = tiny_cfg("policy_net", s=5, policynet_ckpt=str(tmp_path / "nope.pth"))
+    with pytest.raises(FileNotFoundError, match="policy-network checkpoint not found"):
+        segm.create_segmenter(cfg)
+    cfg["policynet_ckpt"] = None
+    with pytest.raises(FileNotFoundError, match="--policynet-ckpt"):
+        segm.create_segmenter(cfg)
+
+
+def test_reference_checkpoint_with_variant_yml_round_trips(tmp_path):
+    """A reference-style run folder: checkpoint.pth ({'model': state, ...}) + variant.yml
+    whose net_kwargs carry !!python/tuple tags and a policy path that no longer exists."""
+    cfg = tiny_cfg("policy_net", s=5, policynet_ckpt="/gone/policynet/model.pth")
+    model = make(cfg).eval()
+    torch.save({"model": model.state_dict(), "n_cls": 5, "epoch": 3}, tmp_path / "checkpoint.pth")
+    variant = {"net_kwargs": cfg, "dataset_kwargs": {"dataset": "ade20k", "normalization": "vit"}}
+    text = yaml.dump(variant)  # the reference dumps with the default (unsafe) Dumper
+    assert "!!python/tuple" in text
+    (tmp_path / "variant.yml").write_text(text)
+    loaded, var = load_model(tmp_path / "checkpoint.pth")
+    assert var["net_kwargs"]["policy_schedule"] == (4, 5)  # N = 4·6 = 24, U = N − 4S
+    im = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(loaded(im), model(im))
+    # and the project's own format (variant inside the checkpoint) round-trips too
+    own = tmp_path / "own"
+    own.mkdir()
+    save_model(model, variant, own / "model.pth")
+    again, _ = load_model(own / "model.pth")
+    with torch.no_grad():
+        assert torch.equal(again(im), model(im))
+
+
+def test_checkpoint_without_variant_is_refused(tmp_path):
+    model = make(tiny_cfg())
+    torch.save({"model": model.state_dict()}, tmp_path / "checkpoint.pth")
+    with pytest.raises(FileNotFoundError, match="no variant.yml"):
+        load_model(tmp_path / "checkpoint.pth")
+
+
+def test_reference_vit_tiny_key_count():
+    net = build_net_kwargs("vit_tiny_patch16_384", "mask_transformer", 150, 64,
+                           policy_method="policy_net", num_shared=1)
+    model = segm.create_segmenter(net, policy_ckpt_required=False)
+    assert len(model.state_dict()) == 475
+    assert sum(p.numel() for p in model.policy_net.parameters()) == 2_959_490
+    assert model.policy_net.head.weight.shape == (2, 320, 1, 1)
+
+
+def test_pretrained_pth_is_loaded_with_bilinear_pos_resize(tmp_path):
+    from segm.model.vit import create_vit, load_pretrained_vit
+
+    torch.manual_seed(0)
+    src = create_vit(48, 16, 64, 2, 2)  # "pretraining" grid 3×3
+    torch.save({"model": src.state_dict()}, tmp_path / "w.pth")
+    dst = create_vit((64, 96), 16, 64, 2, 2)
+    load_pretrained_vit(dst, str(tmp_path / "w.pth"))
+    assert torch.equal(dst.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    grid = src.pos_embed[:, 1:].reshape(1, 3, 3, 64).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(4, 6), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(dst.pos_embed[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 24, 64))
+    assert torch.equal(dst.pos_embed[:, :1], src.pos_embed[:, :1])
+    from safetensors.torch import save_file
+
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    dst2 = create_vit((64, 96), 16, 64, 2, 2)
+    load_pretrained_vit(dst2, str(tmp_path / "w.safetensors"))
+    assert torch.equal(dst2.pos_embed, dst.pos_embed)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_pretrained_vit(dst2, str(tmp_path / "missing.npz"))
