@@ -1,0 +1,83 @@
+"""Prepare ADE20K (SceneParsing / ADEChallengeData2016) under `$DATASET/ade20k`.
+
+    python -m segm.scripts.prepare_ade20k $DATASET [--download-dir DIR | --archive PATH ...]
+
+Result:
+    ade20k/ADEChallengeData2016/{images,annotations}/{training,validation}/*.{jpg,png}
+    ade20k/release_test/testing/*.jpg
+    ade20k/downloads/            (downloaded archives, kept)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import click
+
+from segm.scripts._prepare_common import (
+    Fetch,
+    PrepareError,
+    Resource,
+    extract,
+    is_downloaded,
+    require_layout,
+    run_prepare,
+)
+from segm.utils.download import Checksum, DownloadError
+
+_URL = "http://data.csail.mit.edu/places/ADEchallenge"
+# Only SHA-1 prefixes are known (the full digests were not available): the prefix of
+# the computed digest is compared.
+RESOURCES = (
+    Resource("ADEChallengeData2016.zip", f"{_URL}/ADEChallengeData2016.zip", Checksum("sha1", "219e1696"),
+             "see http://sceneparsing.csail.mit.edu/"),
+    Resource("release_test.zip", f"{_URL}/release_test.zip", Checksum("sha1", "e0574789"),
+             "see http://sceneparsing.csail.mit.edu/"),
+)
+
+LAYOUT = [
+    f"ADEChallengeData2016/{kind}/{split}"
+    for kind in ("images", "annotations")
+    for split in ("training", "validation")
+] + ["release_test/testing"]
+
+
+def prepare_ade20k(
+    dataset_dir,
+    *,
+    download_dir=None,
+    archives: Iterable = (),
+    force: bool = False,
+    fetch: Fetch | None = None,
+    resources: Sequence[Resource] | None = None,
+) -> bool:
+    """Prepare `<dataset_dir>/ade20k`; False if it was already prepared (nothing done)."""
+    root = Path(dataset_dir) / "ade20k"
+
+    def build(files, tmp):
+        for r in resources or RESOURCES:
+            extract(files[r.filename], tmp, quarantine=is_downloaded(files[r.filename], root))
+        require_layout(tmp, LAYOUT, "ADEChallengeData2016.zip / release_test.zip")
+
+    return run_prepare(
+        root, name="ade20k", resources=resources or RESOURCES, build=build, force=force,
+        download_dir=download_dir, archives=archives, fetch=fetch,
+    )
+
+
+@click.command(help="Download (or take local archives of) ADE20K and unpack it into DATASET/ade20k.")
+@click.argument("dataset", type=click.Path(file_okay=False))
+@click.option("--download-dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder holding already-downloaded archives (no download is attempted).")
+@click.option("--archive", "archives", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="An already-downloaded archive, matched by file name (repeatable; no download is attempted).")
+@click.option("--force", is_flag=True, help="Prepare again even if a completion marker exists.")
+def main(dataset, download_dir, archives, force):
+    try:
+        prepare_ade20k(dataset, download_dir=download_dir, archives=archives, force=force)
+    except (PrepareError, DownloadError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()
