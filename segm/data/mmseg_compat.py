@@ -1,0 +1,30 @@
+"""The single import point of mmcv 1.7 / mmsegmentation 0.30 (quiet, and shimmed if needed).
+
+mmcv warns about its 2.0 rename at import; the warning says nothing actionable for us.
+mmseg logs "Loaded N images" through its root logger at INFO for every dataset it builds;
+we raise that logger to WARNING.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    import mmcv  # noqa: F401
+    from mmseg.datasets import ADE20KDataset, CityscapesDataset, CustomDataset, PascalContextDataset
+    from mmseg.datasets.builder import PIPELINES
+    from mmseg.datasets.pipelines import Compose
+    from mmseg.utils import get_root_logger
+
+get_root_logger()  # initialise it first: mmcv sets the level when a logger is first created
+logging.getLogger("mmseg").setLevel(logging.WARNING)
+
+__all__ = [
+    "ADE20KDataset",
+    "CityscapesDataset",
+    "CustomDataset",
+    "PascalContextDataset",
+    "PIPELINES",
+    "Compose",
+]

@@ -1,0 +1,29 @@
+"""Shared fixtures.
+
+`synthetic_root`: a small synthetic dataset generated once per session (24 train / 8 val
+images, height 128, seed 0), i.e. the folder to pass as `data_root=` for dataset
+`synthetic`. `dataset_env` additionally points $DATASET at its parent, so the default
+roots (`$DATASET/synthetic`) work.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+SYNTHETIC_ARGS = dict(num_train=24, num_val=8, size=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    from segm.scripts.prepare_synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("datasets")
+    out = generate_synthetic(root, workers=1, log=lambda *a: None, **SYNTHETIC_ARGS)
+    return out["path"]
+
+
+@pytest.fixture
+def dataset_env(synthetic_root, monkeypatch):
+    monkeypatch.setenv("DATASET", str(synthetic_root.parent))
+    return synthetic_root.parent
