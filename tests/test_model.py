@@ -87,6 +87,23 @@ def test_frozen_policy_gets_no_gradient_and_keeps_bn_stats():
     assert model.encoder.blocks[0].attn.qkv.weight.grad is not None
 
 
+def test_folded_policy_follows_loaded_weights():
+    """The BN-folded inference copy of the policy is rebuilt when its weights change."""
+    a, b = make(tiny_cfg("policy_net", s=5), seed=0).eval(), make(tiny_cfg("policy_net", s=5), seed=1).eval()
+    for m in b.policy_net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    im = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        a(im)  # builds a's folded copy
+        a.load_state_dict(b.state_dict())
+        out_a, out_b = a.forward_all(im), b.forward_all(im)
+        unfused = b.policy_net(im)["logits"]
+    torch.testing.assert_close(out_a.policy_logits, unfused, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out_a.logits, out_b.logits)
+
+
 def test_random_policy_is_seeded_and_per_sample():
     cfg = tiny_cfg("random", s=4, random_seed=3)
     m1, m2 = make(cfg), make(cfg)

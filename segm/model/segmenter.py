@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segm.model import cts
-from segm.model.policy_net import PolicyNet
+from segm.model.policy_net import PolicyNet, fuse_batchnorm
 from segm.model.vit import resize_pos_embed
 
 POLICY_METHODS = ("no_sharing", "policy_net", "random", "oracle")
@@ -64,6 +64,7 @@ class Segmenter(nn.Module):
             self.policy_net.to(memory_format=torch.channels_last)
             self.policy_net.requires_grad_(False)
             self.policy_net.eval()
+        self._fused_policy = None  # (key, BN-folded copy of policy_net); not part of the state
         self.random_seed = random_seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self.oracle_dataset = oracle_dataset
@@ -84,6 +85,18 @@ class Segmenter(nn.Module):
         return self.grid[0] * self.patch_size, self.grid[1] * self.patch_size
 
     # ---------------------------------------------------------------- policy
+    def _policy_for_inference(self) -> nn.Module:
+        """The frozen policy with BatchNorm folded in, rebuilt when its weights or device change."""
+        if torch.compiler.is_compiling():
+            return self.policy_net  # inductor folds BN itself
+        tensors = list(self.policy_net.parameters()) + list(self.policy_net.buffers())
+        first = tensors[0]
+        key = (first.device, first.dtype, first.data_ptr(), sum(t._version for t in tensors))
+        if self._fused_policy is None or self._fused_policy[0] != key:
+            fused = fuse_batchnorm(self.policy_net).to(memory_format=torch.channels_last)
+            self._fused_policy = (key, fused)
+        return self._fused_policy[1]
+
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.random_seed)
@@ -100,7 +113,8 @@ class Segmenter(nn.Module):
         n2 = (self.grid[0] // 2) * (self.grid[1] // 2)
         if self.policy_method == "policy_net":
             with torch.no_grad():
-                logits = self.policy_net(im.contiguous(memory_format=torch.channels_last))["logits"]
+                policy = self._policy_for_inference()
+                logits = policy(im.contiguous(memory_format=torch.channels_last))["logits"]
             return torch.softmax(logits.float(), dim=1)[:, 1].reshape(b, -1), logits
         if self.policy_method == "random":
             return torch.rand(b, n2, device=im.device, generator=self._generator(im.device)), None
