@@ -229,3 +229,17 @@ def test_pretrained_pth_is_loaded_with_bilinear_pos_resize(tmp_path):
     assert torch.equal(dst2.pos_embed, dst.pos_embed)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_pretrained_vit(dst2, str(tmp_path / "missing.npz"))
+
+
+def test_oracle_policy_shares_single_class_superpatches():
+    model = make(tiny_cfg("oracle", s=3, oracle_dataset="cityscapes")).eval()
+    gt = torch.zeros(2, 64, 96, dtype=torch.long)
+    gt[:, :, 64:] = torch.randint(0, 5, (2, 64, 32))  # last superpatch column: mixed
+    gt[1, 32:, :32] = 3  # still single-class
+    gt[0, 0, 0] = 1  # block 0 of image 0 becomes mixed
+    with torch.no_grad():
+        out = model.forward_all(torch.randn(2, 3, 64, 96), seg_gt=gt)
+    # superpatch grid 2×3; single-class blocks: columns 0 and 1 (x < 64); raster-first ties
+    assert out.layout.shared_idx.tolist() == [[1, 3, 4], [0, 1, 3]]
+    with pytest.raises(ValueError, match="ground-truth"):
+        model(torch.randn(1, 3, 64, 96))
