@@ -1,0 +1,259 @@
+"""Dataset evaluation with sliding windows (SPEC §6.2, §6.3), shared by `segm.eval.miou`
+and the in-training evaluation.
+
+Per image: every test view goes through `inference_views` (resize-up guard, ws×ws windows,
+logit averaging, resize to the original shape, un-flip, softmax, mean over views); the
+argmax at the original resolution is scored against the original-size label. Per-class
+areas are accumulated over the dataset and summed over processes at the end.
+
+Under a `DistributedSampler` the padding items it adds to even out the ranks are skipped, so
+every image is scored exactly once (the reference deduplicated by file name). A DDP-wrapped
+model is unwrapped first: ranks run different numbers of forwards, and DDP's per-forward
+buffer broadcast would then hang.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from segm.eval.window import inference_views, resize_to_window
+from segm.metrics import IoUAccumulator
+from segm.utils.distributed import all_reduce_sum, is_main_process
+
+__all__ = ["evaluate_dataset", "predict_views", "make_window_forward", "colorize", "blend_images", "save_png"]
+
+
+def _unwrap(model):
+    """The bare model behind DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def _policy_method(model):
+    return getattr(_unwrap(model), "policy_method", None)
+
+
+def make_window_forward(model, amp_dtype=None, label_view: torch.Tensor | None = None):
+    """`forward(windows, boxes)` for `inference_views`: float32 logits (n, K, ws, ws).
+
+    `label_view` (h, w) long, the label at the view's (guarded) size and orientation, is cut
+    like the windows and passed as `seg_gt` (oracle policy).
+    """
+    def forward(windows: torch.Tensor, boxes: list) -> torch.Tensor:
+        seg_gt = None
+        if label_view is not None:
+            ws = windows.shape[-1]
+            seg_gt = torch.stack([label_view[y : y + ws, x : x + ws] for y, x in boxes])
+        amp = (
+            torch.autocast(device_type=windows.device.type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with amp:
+            logits = model(windows, seg_gt) if seg_gt is not None else model(windows)
+        return logits.float()
+
+    return forward
+
+
+def _label_for_view(label: torch.Tensor, view_shape, flip: bool) -> torch.Tensor:
+    """The original-size label resized (nearest) to a view and flipped like it."""
+    h, w = view_shape
+    if tuple(label.shape) != (h, w):
+        label = F.interpolate(label[None, None].float(), (h, w), mode="nearest")[0, 0].long()
+    return label.flip(-1) if flip else label
+
+
+def predict_views(model, views, metas, ori_shape, *, window_size, window_stride, window_batch_size=4,
+                  n_cls=None, amp_dtype=None, label=None) -> torch.Tensor:
+    """Class probabilities (K, H, W) at `ori_shape` of one image's test views.
+
+    For the oracle policy, `label` (H, W) is the original-size ground truth; each view then
+    runs alone so its windows can be paired with the label cut the same way.
+    """
+    if _policy_method(model) != "oracle":
+        forward = make_window_forward(model, amp_dtype)
+        return inference_views(forward, views, metas, ori_shape, window_size, window_stride,
+                               window_batch_size, n_cls)
+    if label is None:
+        raise ValueError("the oracle policy needs the ground-truth label of each image")
+    probs = None
+    for view, meta in zip(views, metas):
+        view = view[0] if view.dim() == 4 else view
+        view = resize_to_window(view, window_size)
+        lab = _label_for_view(label.to(view.device), view.shape[-2:], bool(meta.get("flip", False)))
+        forward = make_window_forward(model, amp_dtype, label_view=lab)
+        p = inference_views(forward, [view], [meta], ori_shape, window_size, window_stride,
+                            window_batch_size, n_cls)
+        probs = p if probs is None else probs + p
+    return probs / len(views)
+
+
+def _real_items_on_rank(loader) -> int:
+    """How many of this rank's items are not DistributedSampler padding."""
+    sampler = getattr(loader, "sampler", None)
+    n = len(loader.dataset)
+    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+        # Rank r gets positions r, r + world, ... of the padded index list; positions >= n are
+        # the repeated padding (with or without shuffling).
+        return max(0, min(len(sampler), math.ceil((n - sampler.rank) / sampler.num_replicas)))
+    return len(loader)
+
+
+def _as_item(batch: dict):
+    """Tolerate a default-collated batch of size 1 besides `val_collate` items."""
+    label = batch.get("segmentation")
+    if label is not None and label.dim() == 3:
+        label = label[0]
+    name = batch.get("ori_filename")
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    return batch["im"], batch["im_metas"], label, name
+
+
+# ----------------------------------------------------------------------------- images
+def colorize(label: np.ndarray, palette) -> np.ndarray:
+    """(H, W) class map -> (H, W, 3) uint8 RGB; labels outside the palette (255) are black."""
+    palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: min(len(palette), 256)] = palette[:256]
+    return lut[np.asarray(label).astype(np.int64).clip(0, 255)]
+
+
+def blend_images(im: np.ndarray, seg_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """50/50 blend as the reference (`PIL.Image.blend`)."""
+    return np.asarray(Image.blend(Image.fromarray(im), Image.fromarray(seg_rgb), alpha).convert("RGB"))
+
+
+def save_png(array: np.ndarray, path) -> None:
+    """Writes a PNG atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _original_image(meta: dict, view: torch.Tensor, ori_shape, norm_cfg=None) -> np.ndarray:
+    """The input image (H, W, 3) uint8: read from disk, else the de-normalised first view."""
+    filename = meta.get("filename")
+    if filename and os.path.isfile(filename):
+        with Image.open(filename) as im:
+            return np.asarray(im.convert("RGB"))
+    cfg = meta.get("img_norm_cfg") or norm_cfg or {"mean": [0.0] * 3, "std": [1.0] * 3}
+    view = view[0] if view.dim() == 4 else view
+    mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=view.device)[:, None, None]
+    std = torch.tensor(cfg["std"], dtype=torch.float32, device=view.device)[:, None, None]
+    im = F.interpolate((view.float() * std + mean)[None], ori_shape, mode="bilinear", align_corners=False)[0]
+    return im.clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _save_triplet(save_dir: Path, name: str, image, pred, label, palette, blend: bool) -> None:
+    rel = Path(name).with_suffix(".png")
+    pred_rgb = colorize(pred, palette)
+    gt_rgb = colorize(label, palette) if label is not None else None
+    if blend:
+        pred_rgb = blend_images(image, pred_rgb)
+        gt_rgb = blend_images(image, gt_rgb) if gt_rgb is not None else None
+    save_png(image, save_dir / "input" / rel)
+    save_png(pred_rgb, save_dir / "pred" / rel)
+    if gt_rgb is not None:
+        save_png(gt_rgb, save_dir / "gt" / rel)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()  # not inference_mode: the training loop reuses the model afterwards
+def evaluate_dataset(
+    model,
+    loader,
+    *,
+    n_cls: int,
+    window_size: int,
+    window_stride: int,
+    window_batch_size: int = 4,
+    device,
+    amp_dtype=None,
+    frac_dataset: float = 1.0,
+    progress: bool = True,
+    save_dir=None,
+    palette=None,
+    blend: bool = True,
+) -> dict:
+    """Scores a model on a val loader (batch size 1, `val_collate` items, possibly a
+    DistributedSampler). The model must already be on `device`; it is put in eval mode
+    and left there.
+
+    Returns {pixel_accuracy, mean_accuracy, mean_iou, cat_iou (list, % per class),
+    inference_time (seconds, this rank), num_images (scored, all ranks)}, identical on
+    every rank. `frac_dataset` in (0, 1] evaluates the first ceil(frac·len(loader)) items
+    of each rank. With `save_dir`, writes `{input,pred,gt}/<name>.png` coloured with
+    `palette` (default: the dataset's), blended 50/50 with the input when `blend`.
+    """
+    if not 0.0 < frac_dataset <= 1.0:
+        raise ValueError(f"frac_dataset must be in (0, 1], got {frac_dataset}")
+    if window_stride < 1 or window_stride > window_size:
+        raise ValueError(
+            f"window stride {window_stride} must be in 1..{window_size} (the window size): a larger "
+            "stride leaves pixels between windows unpredicted"
+        )
+    device = torch.device(device)
+    model = getattr(model, "module", model)  # DDP / DataParallel: forward the bare module
+    model.eval()
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        if palette is None:
+            info = getattr(loader.dataset, "info", None)
+            if info is None:
+                raise ValueError("saving images needs a palette: pass palette=[(r, g, b), ...]")
+            palette = info.palette
+
+    n_items = min(_real_items_on_rank(loader), math.ceil(len(loader) * frac_dataset))
+    acc = IoUAccumulator(n_cls, device=device)
+    n_scored = torch.zeros((), dtype=torch.int64, device=device)
+    main = is_main_process()
+    start = time.perf_counter()
+    bar = tqdm(total=n_items, desc="eval", disable=not (progress and main), dynamic_ncols=True)
+    for batch in itertools.islice(loader, n_items):
+        views, metas, label, name = _as_item(batch)
+        if label is None:
+            raise ValueError(f"image {name} has no ground-truth label: evaluation needs a labelled split")
+        ori_shape = tuple(int(s) for s in metas[0]["ori_shape"][:2])
+        views = [v.to(device, non_blocking=True) for v in views]
+        label = label.to(device, non_blocking=True)
+        probs = predict_views(
+            model, views, metas, ori_shape, window_size=window_size, window_stride=window_stride,
+            window_batch_size=window_batch_size, n_cls=n_cls, amp_dtype=amp_dtype, label=label,
+        )
+        pred = probs.argmax(0)
+        acc.update(pred, label)
+        n_scored += 1
+        if save_dir is not None:
+            image = _original_image(metas[0], views[0], ori_shape)
+            _save_triplet(save_dir, name, image, pred.cpu().numpy(), label.cpu().numpy(), palette, blend)
+        bar.update(1)
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+
+    acc.all_reduce()
+    all_reduce_sum(n_scored)
+    scores = acc.compute()
+    scores["inference_time"] = round(elapsed, 3)
+    scores["num_images"] = int(n_scored.item())
+    return scores

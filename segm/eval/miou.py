@@ -1,0 +1,211 @@
+"""Sliding-window mIoU of a checkpoint on a validation set (SPEC §6).
+
+    python -m segm.eval.miou runs/NAME/checkpoint.pth ade20k [--singlescale|--multiscale]
+    torchrun --nproc_per_node 4 -m segm.eval.miou runs/NAME/checkpoint.pth cityscapes
+
+Works on this project's checkpoints and on reference ones (`checkpoint.pth` with the run's
+`variant.yml` beside it). Prints the scores and writes `scores_ss.yml` / `scores_ms.yml`
+next to the checkpoint, in the reference's format (keys sorted as its `yaml.dump` does).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from segm.config import dataset_dir, dump_yaml, load_config
+from segm.data import canonical_name
+from segm.utils.checkpoint import CheckpointError
+from segm.utils.distributed import barrier, cleanup, init_distributed, is_main_process
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Errors that are the user's to fix: reported as one line, without a traceback.
+USER_ERRORS = (FileNotFoundError, ValueError, CheckpointError)
+
+
+def _dataset_defaults(name: str) -> dict:
+    return load_config()["dataset"].get(name, {})
+
+
+def resolve_settings(variant: dict, model, dataset: str, *, im_size=None, window_size=None, window_stride=None,
+                     data_root=None, classes_file=None) -> dict:
+    """Fills the CLI defaults (SPEC §6.1) from config.yml and the checkpoint's variant."""
+    dkw = variant.get("dataset_kwargs") or {}
+    ikw = variant.get("inference_kwargs") or {}
+    preset = _dataset_defaults(dataset)
+    crop = tuple(model.crop_size)
+    sharing = model.policy_method != "no_sharing"
+
+    if window_size is None:
+        window_size = int(dkw.get("crop_size") or crop[0])
+    if sharing and (window_size, window_size) != crop:
+        raise ValueError(
+            f"this CTS model only runs on its training crop {crop[0]}×{crop[1]}: "
+            f"use --window-size {crop[0]}" if crop[0] == crop[1] else
+            f"this CTS model's crop {crop[0]}×{crop[1]} is not square; sliding windows are square"
+        )
+    if window_stride is None:
+        # Reference: a fixed stride per dataset (config.yml); never larger than the window.
+        candidates = [preset.get("window_stride"), ikw.get("window_stride"), window_size]
+        window_stride = next(int(s) for s in candidates if s is not None and int(s) <= window_size)
+    if not 1 <= window_stride <= window_size:
+        raise ValueError(
+            f"--window-stride {window_stride} must be in 1..{window_size} (the window size), "
+            "or pixels between windows get no prediction"
+        )
+    if im_size is None:
+        im_size = preset.get("im_size") or dkw.get("image_size")
+    if im_size is None:
+        raise ValueError(f"no default image size for dataset {dataset!r}: pass --im-size")
+    normalization = dkw.get("normalization") or variant.get("net_kwargs", {}).get("normalization")
+    if normalization is None:
+        raise ValueError("the checkpoint's variant names no normalization (dataset_kwargs.normalization)")
+    # The training run's own data folder, when evaluating on the dataset it was trained on.
+    same_dataset = dkw.get("dataset") is not None and _same_name(dkw["dataset"], dataset)
+    if data_root is None and same_dataset:
+        data_root = dkw.get("data_root")
+    if classes_file is None and same_dataset:
+        classes_file = dkw.get("classes_file")
+    return dict(im_size=int(im_size), window_size=int(window_size), window_stride=int(window_stride),
+                normalization=normalization, data_root=data_root, classes_file=classes_file)
+
+
+def _same_name(a: str, b: str) -> bool:
+    try:
+        return canonical_name(a) == canonical_name(b)
+    except ValueError:
+        return False
+
+
+def scores_for_yaml(scores: dict, multiscale: bool) -> dict:
+    """The reference's scores file: sorted keys, `inference` = single_scale | multi_scale."""
+    out = {
+        "cat_iou": list(scores["cat_iou"]),
+        "inference": "multi_scale" if multiscale else "single_scale",
+        "mean_accuracy": scores["mean_accuracy"],
+        "mean_iou": scores["mean_iou"],
+        "pixel_accuracy": scores["pixel_accuracy"],
+    }
+    return out
+
+
+def _zip_images(images_dir: Path) -> Path:
+    """`images.zip` beside the images folder, written atomically."""
+    target = images_dir.with_suffix(".zip")
+    with tempfile.TemporaryDirectory(dir=images_dir.parent) as tmp:
+        archive = shutil.make_archive(str(Path(tmp) / "images"), "zip", root_dir=images_dir)
+        Path(archive).replace(target)
+    return target
+
+
+def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, window_size=None,
+                        window_stride=None, window_batch_size=4, save_images=False, blend=True,
+                        frac_dataset=1.0, data_root=None, classes_file=None, device=None,
+                        amp_dtype=None, num_workers=2, progress=True) -> dict:
+    """Library form of the command: evaluates, writes the scores file (rank 0), returns the
+    scores (with `inference_time` and the resolved settings under `settings`)."""
+    from segm.data import build_dataset, dataset_info, val_collate
+    from segm.eval.evaluate import evaluate_dataset
+    from segm.model.factory import load_model
+
+    dataset = canonical_name(dataset)
+    if window_batch_size < 1:
+        raise ValueError(f"--window-batch-size must be >= 1, got {window_batch_size}")
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        model_path = model_path / "checkpoint.pth"
+    dist_info = init_distributed()
+    device = torch.device(device) if device is not None else dist_info.device
+
+    model, variant = load_model(model_path)
+    settings = resolve_settings(variant, model, dataset, im_size=im_size, window_size=window_size,
+                                window_stride=window_stride, data_root=data_root, classes_file=classes_file)
+    if settings["data_root"] is None and dataset != "custom":
+        try:
+            dataset_dir()
+        except RuntimeError as e:  # $DATASET unset: a usage error, not a crash
+            raise ValueError(str(e)) from None
+    info = dataset_info(dataset, data_root=settings["data_root"], classes_file=settings["classes_file"])
+    if info.n_cls != model.n_cls:
+        raise ValueError(
+            f"the model predicts {model.n_cls} classes but dataset {dataset} has {info.n_cls}: "
+            "evaluate on the dataset it was trained on (or pass the right --classes)"
+        )
+    if model.policy_method == "oracle" and getattr(model, "oracle_dataset", None) is None:
+        model.oracle_dataset = dataset
+    db = build_dataset(dataset, "val", im_size=settings["im_size"], crop_size=settings["window_size"],
+                       normalization=settings["normalization"], data_root=settings["data_root"],
+                       classes_file=settings["classes_file"], multiscale=multiscale)
+    sampler = DistributedSampler(db, shuffle=False) if dist_info.distributed else None
+    loader = DataLoader(db, batch_size=1, shuffle=False, sampler=sampler, num_workers=num_workers,
+                        collate_fn=val_collate, pin_memory=device.type == "cuda")
+    model.to(device)
+
+    model_dir = model_path.parent
+    images_dir = model_dir / "images" if save_images else None
+    scores = evaluate_dataset(
+        model, loader, n_cls=model.n_cls, window_size=settings["window_size"],
+        window_stride=settings["window_stride"], window_batch_size=window_batch_size, device=device,
+        amp_dtype=amp_dtype, frac_dataset=frac_dataset, progress=progress, save_dir=images_dir,
+        palette=info.palette, blend=blend,
+    )
+    barrier()
+    if is_main_process():
+        dump_yaml(scores_for_yaml(scores, multiscale), model_dir / f"scores_{'ms' if multiscale else 'ss'}.yml")
+        if images_dir is not None and images_dir.is_dir():
+            _zip_images(images_dir)
+    scores["settings"] = settings
+    return scores
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model_path", type=str)
+@click.argument("dataset_name", type=str)
+@click.option("--im-size", default=None, type=int, help="Test short side (default: config.yml, else the variant's).")
+@click.option("--multiscale/--singlescale", default=False, show_default=True)
+@click.option("--blend/--no-blend", default=True, show_default=True, help="Blend saved images with the input.")
+@click.option("--window-size", default=None, type=int, help="Default: the checkpoint's crop size.")
+@click.option("--window-stride", default=None, type=int,
+              help="Default: config.yml per dataset (ade20k 512, cityscapes 512, pascal_context 320).")
+@click.option("--window-batch-size", default=4, show_default=True, type=int)
+@click.option("--save-images/--no-save-images", default=False, show_default=True,
+              help="Write MODEL_DIR/images/{input,pred,gt} and images.zip.")
+@click.option("-frac-dataset", "--frac-dataset", default=1.0, show_default=True, type=float,
+              help="Fraction of the dataset to evaluate, in (0, 1].")
+@click.option("--data-root", default=None, type=str, help="The dataset's folder (default: $DATASET/<name>).")
+@click.option("--classes", "classes_file", default=None, type=str, help="Classes file (custom datasets).")
+@click.option("--device", default=None, type=str, help="Default: cuda:LOCAL_RANK if available, else cpu.")
+@click.option("--amp-dtype", type=click.Choice(list(AMP_DTYPES)), default="none", show_default=True)
+@click.option("--num-workers", default=2, show_default=True, type=int, help="Data loading processes.")
+def main(model_path, dataset_name, im_size, multiscale, blend, window_size, window_stride, window_batch_size,
+         save_images, frac_dataset, data_root, classes_file, device, amp_dtype, num_workers):
+    """Evaluate MODEL_PATH (checkpoint.pth, variant.yml beside it) on DATASET_NAME
+    (ade20k, pascal_context, cityscapes, synthetic, custom)."""
+    try:
+        scores = evaluate_checkpoint(
+            model_path, dataset_name, multiscale=multiscale, im_size=im_size, window_size=window_size,
+            window_stride=window_stride, window_batch_size=window_batch_size, save_images=save_images,
+            blend=blend, frac_dataset=frac_dataset, data_root=data_root, classes_file=classes_file,
+            device=device, amp_dtype=AMP_DTYPES[amp_dtype], num_workers=num_workers,
+        )
+        main_process = is_main_process()
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    finally:
+        cleanup()
+    if main_process:
+        s = scores["settings"]
+        print(f"window {s['window_size']}, stride {s['window_stride']}, im_size {s['im_size']}, "
+              f"{scores['num_images']} images")
+        for key in ("pixel_accuracy", "mean_accuracy", "mean_iou"):
+            print(f"{key}: {scores[key]}")
+        print(f"inference: {'multi_scale' if multiscale else 'single_scale'}")
+        print(f"inference_time: {scores['inference_time']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

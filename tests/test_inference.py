@@ -1,0 +1,164 @@
+"""Image inference (SPEC §8.1): `segm.predict`, the sharing maps, the dataset palette and the
+`segm.inference` command on grey, RGBA and odd-sized images. Tiny models, CPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import segm
+from segm.data import dataset_info
+from segm.eval.evaluate import colorize
+from segm.inference import checkpoint_palette, main, predict_image
+from tests.test_eval import CROP, K, make_model_dir, one_thread  # noqa: F401 (autouse fixture)
+
+
+def _normalised(image: np.ndarray) -> torch.Tensor:
+    return ((torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255 - 0.5) / 0.5)[None]
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(rng.integers(0, 256, (70, 50), dtype=np.uint8), "L").save(d / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA").save(d / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)).save(d / "odd.jpg")
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+def _check_outputs(out, names):
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(names), files
+    assert not list(out.glob("*.tmp"))
+
+
+def test_cli_folder_grey_rgba_odd_sizes(synthetic_root, tmp_path, images):
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
+    out_blend, out_plain = tmp_path / "blend", tmp_path / "plain"
+    runner = CliRunner()
+    r = runner.invoke(main, ["--model-path", str(ckpt), "-i", str(images), "-o", str(out_blend), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["--model-path", str(ckpt), "-i", str(images), "-o", str(out_plain), "--no-blend"])
+    assert r.exit_code == 0, r.output
+    _check_outputs(out_blend, ["grey.png", "odd.png", "rgba.png"])
+
+    model, variant = segm.load_model(ckpt)
+    palette = np.array(dataset_info("synthetic", data_root=synthetic_root).palette, dtype=np.uint8)
+    for name, src in [("grey", "grey.png"), ("rgba", "rgba.png"), ("odd", "odd.jpg")]:
+        rgb = Image.open(images / src).convert("RGB")
+        expected = colorize(segm.predict(model, rgb, variant=variant), palette)
+        plain = Image.open(out_plain / f"{name}.png")
+        assert plain.mode == "RGB" and plain.size == rgb.size
+        assert np.array_equal(np.asarray(plain), expected)  # the checkpoint dataset's palette
+        blended = np.asarray(Image.open(out_blend / f"{name}.png"))
+        assert np.array_equal(blended, np.asarray(Image.blend(rgb, Image.fromarray(expected), 0.5)))
+
+
+def test_cli_show_sharing_single_file(synthetic_root, tmp_path, images):
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root, policy_method="random")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["--model-path", str(ckpt), "-i", str(images / "odd.jpg"), "-o", str(out),
+                                  "--show-sharing", "--cpu"])
+    assert r.exit_code == 0, r.output
+    _check_outputs(out, ["odd.png", "odd_sharing.png"])
+    sharing = np.asarray(Image.open(out / "odd_sharing.png"))
+    src = np.asarray(Image.open(images / "odd.jpg").convert("RGB"))
+    assert sharing.shape == src.shape
+    changed = (sharing != src).any(-1).mean()
+    assert 0.1 < changed < 0.9  # shared superpatches tinted, the rest untouched
+
+
+def test_predict_equals_one_window_forward(synthetic_root, tmp_path):
+    # A window-sized image is one window: predict = argmax of the model on the normalised image.
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (CROP, CROP, 3), dtype=np.uint8)
+    for policy in ("no_sharing", "random"):
+        _, model, variant = make_model_dir(tmp_path / policy, synthetic_root, policy_method=policy)
+        model.reset_random_policy()
+        label = segm.predict(model, image, variant=variant)
+        model.reset_random_policy()
+        with torch.no_grad():
+            expected = model(_normalised(image))[0].argmax(0).numpy()
+        assert label.dtype == np.int64 and label.shape == (CROP, CROP)
+        assert np.array_equal(label, expected)
+
+
+def test_predict_input_kinds(synthetic_root, tmp_path):
+    _, model, variant = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (37, 91, 3), dtype=np.uint8)  # shorter than a window: guard
+    a = segm.predict(model, rgb, variant=variant)
+    assert a.shape == (37, 91) and a.dtype == np.int64 and a.min() >= 0 and a.max() < K
+    rgba = np.concatenate([rgb, np.full((37, 91, 1), 7, np.uint8)], axis=2)
+    assert np.array_equal(segm.predict(model, rgba, variant=variant), a)
+    assert np.array_equal(segm.predict(model, Image.fromarray(rgba, "RGBA"), variant=variant), a)
+    grey = rgb[..., 0]
+    g = segm.predict(model, grey, variant=variant)
+    assert np.array_equal(g, segm.predict(model, Image.fromarray(grey, "L"), variant=variant))
+    model.variant = variant  # set by the command's loader; predict then needs no variant
+    assert np.array_equal(segm.predict(model, rgb), a)
+
+
+def test_predict_errors(synthetic_root, tmp_path):
+    _, model, variant = make_model_dir(tmp_path, synthetic_root, policy_method="random")
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="variant"):
+        segm.predict(model, image)
+    with pytest.raises(TypeError, match="uint8"):
+        segm.predict(model, image.astype(np.float32), variant=variant)
+    with pytest.raises(ValueError, match="window_size=64"):
+        segm.predict(model, image, variant=variant, window_size=96)
+    model.policy_method = "oracle"
+    with pytest.raises(ValueError, match="oracle"):
+        segm.predict(model, image, variant=variant)
+
+
+def test_sharing_maps_follow_the_layout(synthetic_root, tmp_path):
+    _, model, variant = make_model_dir(tmp_path, synthetic_root, policy_method="random")
+    image = np.random.default_rng(3).integers(0, 256, (CROP, 2 * CROP, 3), dtype=np.uint8)
+    model.reset_random_policy()
+    label, (shared, block) = predict_image(model, image, variant=variant, window_stride=CROP, return_sharing=True)
+    model.reset_random_policy()
+    with torch.no_grad():
+        windows = torch.cat([_normalised(image[:, :CROP]), _normalised(image[:, CROP:])])
+        mask2 = model.forward_all(windows).layout.masks()[1]  # (2, 2, 2): S = 2 per window
+    expected = mask2.repeat_interleave(32, 1).repeat_interleave(32, 2)
+    assert np.array_equal(shared, torch.cat(list(expected), dim=1).numpy())
+    assert shared.sum() == 2 * 2 * 32 * 32
+    assert len(np.unique(block)) == 8  # 4 superpatches per window, numbered per window
+
+
+def test_checkpoint_palette(synthetic_root, tmp_path):
+    variant = {"dataset_kwargs": {"dataset": "synthetic", "data_root": str(synthetic_root)}}
+    palette, note = checkpoint_palette(variant, K)
+    assert note is None and palette == [list(c) for c in dataset_info("synthetic", data_root=synthetic_root).palette]
+    variant["dataset_kwargs"]["data_root"] = str(tmp_path / "gone")
+    palette, note = checkpoint_palette(variant, K)
+    assert "generated palette" in note and len(palette) == K
+    assert checkpoint_palette(variant, K)[0] == palette  # deterministic
+    assert "150 classes" in checkpoint_palette({"dataset_kwargs": {"dataset": "ade20k"}}, K)[1]
+    assert len(checkpoint_palette({"dataset_kwargs": {"dataset": "ade20k"}}, 150)[0]) == 150
+
+
+def test_cli_errors(synthetic_root, tmp_path, images):
+    runner = CliRunner()
+
+    def one_line_error(args, fragment):
+        r = runner.invoke(main, args)
+        assert r.exit_code != 0 and "Traceback" not in r.output
+        lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error:") and fragment in lines[0], r.output
+
+    missing = str(tmp_path / "none" / "checkpoint.pth")
+    one_line_error(["--model-path", missing, "-i", str(images), "-o", str(tmp_path / "o")], "checkpoint not found")
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(["--model-path", str(ckpt), "-i", str(empty), "-o", str(tmp_path / "o")], "no images")
+    one_line_error(["--model-path", str(ckpt), "-i", str(images), "-o", str(images)], "overwrite its input")
+    assert not (tmp_path / "o").exists()
