@@ -1,0 +1,110 @@
+"""Loss, token budget and metrics of the policy network.
+
+Labels are policy labels (B, h, w) in {0, 1, 255}: 1 = the superpatch holds one class
+("shareable"), 0 = several classes, 255 = ignored. Every count skips ignored cells.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from segm.data import IGNORE_LABEL
+
+# Reference budgets S (SPEC §3.8) at the reference crops; elsewhere S = round(ρ·N/3).
+_REFERENCE_S = {("ade20k", 512): 103, ("pascal_context", 480): 90, ("cityscapes", 768): 336}
+_REDUCTION = {"cityscapes": 0.4375}  # 3·336/2304; 30 % for every other dataset
+SELECTORS = ("policy", "random", "oracle")
+
+
+def num_shared(dataset: str, crop: int, patch_size: int = 16) -> int:
+    """The dataset's token budget S (shared superpatches per crop) for the top-S report."""
+    if (dataset, crop) in _REFERENCE_S:
+        return _REFERENCE_S[(dataset, crop)]
+    n = (crop // patch_size) ** 2
+    return round(_REDUCTION.get(dataset, 0.3) * n / 3)
+
+
+def check_budget(s: int, crop: int) -> int:
+    cells = (crop // 32) ** 2
+    if not 0 <= s <= cells:
+        raise ValueError(f"--num-shared {s} does not fit the {cells} superpatches of a {crop}×{crop} crop")
+    return s
+
+
+def policy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over non-ignored cells (`CrossEntropyLoss(ignore_index=255)`), but 0, not
+    NaN, for a batch whose cells are all ignored."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_LABEL, reduction="sum")
+    return total / (labels != IGNORE_LABEL).sum().clamp(min=1)
+
+
+def top_s(scores: torch.Tensor, s: int) -> torch.Tensor:
+    """(B, h, w) scores → bool (B, h, w), true at each image's top-s cells."""
+    flat = scores.flatten(1)
+    if not 0 <= s <= flat.shape[1]:
+        raise ValueError(f"token budget S={s} does not fit a policy grid of {flat.shape[1]} cells")
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    chosen.scatter_(1, flat.topk(s, dim=1).indices, True)
+    return chosen.view_as(scores)
+
+
+class PolicyMeter:
+    """Accumulates, on the device, the counts behind accuracy, precision/recall of class 1 and
+    the purity of the top-S choice for the policy, a seeded random choice and the oracle.
+
+    Purity = selected cells with label 1 / selected cells not ignored. The oracle ranks cells
+    by label (1, then ignored, then 0), the best purity any choice of S cells can reach.
+    """
+
+    def __init__(self, s: int, seed: int = 0):
+        self.s = s
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        value = value.sum()
+        self.counts[key] = self.counts[key] + value if key in self.counts else value
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        valid = labels != IGNORE_LABEL
+        pos = labels == 1
+        pred = logits.argmax(1) == 1
+        self._add("cells", valid)
+        self._add("correct", valid & (pred == pos))
+        self._add("tp", valid & pred & pos)
+        self._add("pred_pos", valid & pred)
+        self._add("pos", pos)
+        # Random draws on the CPU generator so the baseline is the same on every device.
+        noise = torch.rand(labels.shape, generator=self.generator).to(labels.device)
+        scores = {
+            "policy": logits.float().softmax(1)[:, 1],
+            "random": noise,
+            "oracle": torch.where(pos, 2, valid.logical_not().long()).float(),
+        }
+        for name, score in scores.items():
+            chosen = top_s(score, self.s)
+            self._add(f"{name}_pure", chosen & pos)
+            self._add(f"{name}_counted", chosen & valid)
+        self._add("images", torch.tensor(labels.shape[0], device=labels.device))
+
+    def compute(self) -> dict:
+        c = {k: int(v) for k, v in self.counts.items()}
+        if not c:
+            raise ValueError("no batches were evaluated")
+
+        def ratio(a, b):
+            return c[a] / c[b] if c[b] else float("nan")
+
+        out = {
+            "images": c["images"],
+            "cells": c["cells"],
+            "accuracy": ratio("correct", "cells"),
+            "precision": ratio("tp", "pred_pos"),
+            "recall": ratio("tp", "pos"),
+            "shareable_fraction": ratio("pos", "cells"),
+            "num_shared": self.s,
+        }
+        for name in SELECTORS:
+            out[f"top_s_{name}"] = ratio(f"{name}_pure", f"{name}_counted")
+        return out
