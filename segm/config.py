@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -59,10 +58,13 @@ def dump_yaml(data, path) -> None:
 
 
 def _config_path() -> Path:
-    repo_copy = Path(__file__).resolve().parent.parent / "configs" / "config.yml"
-    if repo_copy.is_file():
-        return repo_copy
-    return Path(str(resources.files("segm.configs").joinpath("config.yml")))
+    here = Path(__file__).resolve().parent
+    # a checkout / editable install reads configs/ at the repository root; a wheel install
+    # carries the same file as segm/configs/config.yml (setup.py package_dir)
+    for path in (here.parent / "configs" / "config.yml", here / "configs" / "config.yml"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError("configs/config.yml not found: reinstall the package (make install)")
 
 
 @functools.lru_cache(maxsize=1)
