@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import torch
 
 from segm.config import dump_yaml, load_config, load_yaml
 from segm.model import cts
