@@ -9,7 +9,8 @@ Geometry per dataset:
 - ade20k: image (bilinear) and label (nearest) resized to 512×512, aspect ignored;
 - cityscapes: one 768×768 crop at full resolution;
 - pcontext: short side → 512, then one 480×480 crop;
-- synthetic / custom: short side → crop, then one crop×crop crop (crop from `configs/config.yml`).
+- synthetic / custom: short side → the dataset's `im_size`, then one crop×crop crop (both from
+  `configs/config.yml`): the scale at which the segmenter sees its windows.
 Training crops are random and flipped with p = 0.5; validation crops are centred and never
 flipped (the reference drew random crops in validation too, SPEC §10).
 
@@ -64,7 +65,8 @@ def geometry_for(name: str, crop_size: int | None = None) -> Geometry:
     size = default_crop_size(name) if crop_size is None else int(crop_size)
     if size <= 0 or size % 32:
         raise ValueError(f"crop size must be a positive multiple of 32 (the superpatch size), got {size}")
-    return Geometry("short_side", size, short_side=size)
+    im_size = int(load_config()["dataset"][name]["im_size"])
+    return Geometry("short_side", size, short_side=max(size, im_size))
 
 
 def resolve_root(name: str, data_root=None) -> Path:

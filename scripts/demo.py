@@ -52,10 +52,13 @@ def main(out, quick, fresh):
     t_start = time.perf_counter()
 
     n_train, n_val = (40, 12) if quick else (400, 100)
-    policy_iters = 20 if quick else 600
-    seg_iters = 20 if quick else 450
-    crop = 128
-    s = round(0.3 * (crop // 16) ** 2 / 3)  # 30 % reduction: S = 6, U = 40 of N = 64
+    policy_iters = 20 if quick else 500
+    seg_iters = 20 if quick else 600
+    crop = 128  # windows of 128 px on images of 256 px (configs/config.yml: synthetic)
+    # N = 64 patches, 16 superpatches per window. S = 4 shared (U = 48, T = 52, 19 % fewer tokens):
+    # only ~42 % of the superpatches hold one class here, and the 30 % budget of the paper (S = 6,
+    # 37.5 % of the superpatches) would leave no room to choose (BENCHMARKS.md, "demo").
+    s = 4
     data_root = out / "datasets" / "synthetic"
 
     print(f"== 1. synthetic dataset ({n_train} train / {n_val} val)")
@@ -68,7 +71,9 @@ def main(out, quick, fresh):
         run([PY, "-m", "policynet.train", "--dataset", "synthetic", "--data-root", data_root,
              "--exp_name", "synthetic", "--logdir", out / "policynet", "--backbone", "tf_efficientnet_lite0",
              "--pretrained", "lite0", "--num_iterations", policy_iters, "--eval_iterations", policy_iters,
-             "--batch_size_train", 8, "--lr", "1e-3", "--num-workers", 2, "--device", "cpu",
+             "--batch_size_train", 8, "--num-workers", 2, "--device", "cpu", "--num-shared", s,
+             # the reference lr 5e-5 is tuned for 50 000 iterations; 500 need a larger step
+             "--lr", "2e-4",
              "--no-progress"], logs / "policynet.log")
 
     runs = {
@@ -101,6 +106,12 @@ def main(out, quick, fresh):
          "--warmup", 2, "--repeats", 3 if quick else 10, "--json", bench_json, "--quiet"],
         logs / "bench.log")
     bench = json.loads(bench_json.read_text())
+    print("== 5b. where CTS pays: ViT-S/16 at 512 (150 classes, batch 2, random weights, timing only)")
+    big_json = out / "bench_vit_s_512.json"
+    run([PY, "-m", "segm.bench", "--backbone", "vit_small_patch16_384", "--crop", 512, "--n-cls", 150,
+         "--batch-size", 2, "--warmup", 1, "--repeats", 2 if quick else 5, "--no-memory",
+         "--json", big_json, "--quiet"], logs / "bench_vit_s_512.log")
+    big = json.loads(big_json.read_text())
 
     print("== 6. inference overlays and sharing maps")
     images = sorted((data_root / "images" / "validation").iterdir())[:4]
@@ -113,6 +124,8 @@ def main(out, quick, fresh):
 
     print()
     print(summary_table(scores, bench))
+    print()
+    print(speed_table(big))
     elapsed = time.perf_counter() - t_start
     print(f"\ntotal demo time: {elapsed / 60:.1f} min; everything is in {out}")
     check(scores, quick)
@@ -141,9 +154,20 @@ def summary_table(scores: dict, bench: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_table(bench: dict) -> str:
+    lines = ["| model (random weights) | policy | tokens | GFLOPs/img | images/s (median) | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for policy in ("no_sharing", "policy_net"):
+        row = _bench_row(bench, policy)
+        inf = row["inference"]
+        lines.append(f"| Segmenter ViT-S/16 @512 | {policy} | {row['tokens']} | {row['gflops']:.1f} | "
+                     f"{inf['img_s']['median']:.2f} | {inf['speedup']:.2f}× |")
+    return "\n".join(lines)
+
+
 def check(scores: dict, quick: bool) -> None:
     cts, nos, rnd = (scores[k]["mean_iou"] for k in ("cts", "no_sharing", "random"))
-    ok_gap = cts >= nos - 1.0
+    ok_gap = round(nos - cts, 2) <= 1.0  # scores are rounded to 2 decimals
     ok_random = rnd < cts
     print(f"CTS within 1.0 mIoU of no sharing: {'yes' if ok_gap else 'NO'} ({cts:.2f} vs {nos:.2f})")
     print(f"random policy below the learned policy: {'yes' if ok_random else 'NO'} ({rnd:.2f} vs {cts:.2f})")
