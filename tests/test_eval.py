@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import segm
-from segm.config import load_yaml
+from segm.config import load_config, load_yaml
 from segm.data import build_dataset, val_collate
 from segm.eval.evaluate import evaluate_dataset
 from segm.eval.miou import main as miou_main
@@ -69,8 +69,8 @@ def make_model_dir(tmp_path, data_root, policy_method="random", seed=0):
     return d / "checkpoint.pth", model.eval(), variant
 
 
-def val_loader(root, multiscale=False, **kw):
-    db = build_dataset("synthetic", "val", im_size=128, crop_size=CROP, normalization="vit",
+def val_loader(root, multiscale=False, im_size=128, **kw):
+    db = build_dataset("synthetic", "val", im_size=im_size, crop_size=CROP, normalization="vit",
                        data_root=root, multiscale=multiscale)
     return DataLoader(db, batch_size=1, shuffle=False, collate_fn=val_collate, num_workers=0, **kw)
 
@@ -250,7 +250,8 @@ def test_cli_writes_reference_scores_file(synthetic_root, tmp_path):
 
     # Defaults: window = the crop, stride = the variant's 32 (config's synthetic 128 > window).
     model.reset_random_policy()
-    direct = evaluate_dataset(model, val_loader(synthetic_root), n_cls=K, window_size=CROP, window_stride=32,
+    preset_im_size = load_config()["dataset"]["synthetic"]["im_size"]  # the CLI's default
+    direct = evaluate_dataset(model, val_loader(synthetic_root, im_size=preset_im_size), n_cls=K, window_size=CROP, window_stride=32,
                               window_batch_size=4, device="cpu", frac_dataset=0.25, progress=False)
     assert {k: scores[k] for k in ("mean_iou", "pixel_accuracy", "mean_accuracy")} == {
         k: direct[k] for k in ("mean_iou", "pixel_accuracy", "mean_accuracy")}
