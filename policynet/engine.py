@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +10,7 @@ from torch.utils.data import DataLoader, Subset
 
 from segm.data.policy_labels import policy_labels, rules_for
 from segm.model.policy_net import PolicyNet, default_lite0_weights, load_lite0_imagenet
+from segm.utils.checkpoint import atomic_write_text
 
 from .data import PolicyDataset
 from .metrics import PolicyMeter
@@ -97,20 +96,6 @@ def evaluate(model, loader, dataset_name: str, num_shared: int, device: torch.de
 def build_eval_set(dataset: str, split: str, *, data_root=None, classes_file=None, crop_size=None) -> PolicyDataset:
     return PolicyDataset(dataset, split, data_root=data_root, classes_file=classes_file,
                          crop_size=crop_size, train=False)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def json_safe(data):

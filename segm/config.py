@@ -50,11 +50,9 @@ def load_yaml(path) -> dict:
 
 def dump_yaml(data, path) -> None:
     """Atomic write: temporary file, then rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        yaml.dump(data, f, Dumper=_TupleDumper, sort_keys=False)
-    os.replace(tmp, path)
+    from segm.utils.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.dump(data, Dumper=_TupleDumper, sort_keys=False))
 
 
 def _config_path() -> Path:

@@ -290,3 +290,18 @@ def _run_locked(root, name, resources, build, download_dir, archives, fetch) -> 
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{name} prepared in {root}")
     return True
+
+
+def local_file_options(what: str = "archive"):
+    """The `--download-dir`, `--archive` and `--force` options every prepare CLI shares."""
+    import click
+
+    def decorate(f):
+        f = click.option("--force", is_flag=True, help="Prepare again even if a completion marker exists.")(f)
+        f = click.option("--archive", "archives", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                         help=f"An already-downloaded {what}, matched by file name (repeatable; "
+                         "no download is attempted).")(f)
+        return click.option("--download-dir", type=click.Path(exists=True, file_okay=False),
+                            help=f"Folder holding already-downloaded {what}s (no download is attempted).")(f)
+
+    return decorate

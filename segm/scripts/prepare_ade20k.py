@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import click
 
 from segm.scripts._prepare_common import (
+    local_file_options,
     Fetch,
     PrepareError,
     Resource,
@@ -67,11 +68,7 @@ def prepare_ade20k(
 
 @click.command(help="Download (or take local archives of) ADE20K and unpack it into DATASET/ade20k.")
 @click.argument("dataset", type=click.Path(file_okay=False))
-@click.option("--download-dir", type=click.Path(exists=True, file_okay=False),
-              help="Folder holding already-downloaded archives (no download is attempted).")
-@click.option("--archive", "archives", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="An already-downloaded archive, matched by file name (repeatable; no download is attempted).")
-@click.option("--force", is_flag=True, help="Prepare again even if a completion marker exists.")
+@local_file_options("archive")
 def main(dataset, download_dir, archives, force):
     try:
         prepare_ade20k(dataset, download_dir=download_dir, archives=archives, force=force)

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from segm.scripts._prepare_common import (
+    local_file_options,
     PrepareError,
     Resource,
     extract,
@@ -199,11 +200,7 @@ def prepare_cityscapes(
 @click.option("--password", envvar="CITYSCAPES_PASSWORD", help="Cityscapes password (or $CITYSCAPES_PASSWORD).")
 @click.option("--nproc", type=click.IntRange(min=1), default=min(10, os.cpu_count() or 1), show_default=True,
               help="Processes for the label conversion.")
-@click.option("--download-dir", type=click.Path(exists=True, file_okay=False),
-              help="Folder holding already-downloaded archives (no download is attempted).")
-@click.option("--archive", "archives", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="An already-downloaded archive, matched by file name (repeatable; no download is attempted).")
-@click.option("--force", is_flag=True, help="Prepare again even if a completion marker exists.")
+@local_file_options("archive")
 def main(dataset, username, password, nproc, download_dir, archives, force):
     try:
         prepare_cityscapes(dataset, username=username, password=password, nproc=nproc,

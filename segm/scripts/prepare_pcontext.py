@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from segm.scripts._prepare_common import (
+    local_file_options,
     Fetch,
     PrepareError,
     Resource,
@@ -147,11 +148,7 @@ def prepare_pcontext(
     "(their SHA-1 prefix is checked)."
 ))
 @click.argument("dataset", type=click.Path(file_okay=False))
-@click.option("--download-dir", type=click.Path(exists=True, file_okay=False),
-              help="Folder holding already-downloaded files (no download is attempted).")
-@click.option("--archive", "archives", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="An already-downloaded file, matched by file name (repeatable; no download is attempted).")
-@click.option("--force", is_flag=True, help="Prepare again even if a completion marker exists.")
+@local_file_options("file")
 def main(dataset, download_dir, archives, force):
     try:
         prepare_pcontext(dataset, download_dir=download_dir, archives=archives, force=force)

@@ -9,23 +9,24 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointError", "atomic_torch_save", "safe_torch_load"]
+__all__ = ["CheckpointError", "atomic_write", "atomic_write_text", "atomic_torch_save", "safe_torch_load"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read safely."""
 
 
-def atomic_torch_save(obj, path) -> None:
-    """`torch.save` to a temporary file in the target folder, fsync, then rename over
-    `path`: readers see the old file or the complete new one, never a partial one."""
+def atomic_write(path, write, *, binary: bool = True) -> None:
+    """Calls `write(file)` on a temporary file in the target folder, fsyncs it, then renames it
+    over `path`: readers see the old file or the complete new one, never a partial one, and a
+    failure leaves nothing behind."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot save {path}: folder {path.parent} does not exist")
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -46,6 +47,15 @@ def atomic_torch_save(obj, path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def atomic_torch_save(obj, path) -> None:
+    """`torch.save` through `atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_torch_load(path, map_location="cpu"):
