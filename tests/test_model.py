@@ -243,3 +243,54 @@ def test_oracle_policy_shares_single_class_superpatches():
     assert out.layout.shared_idx.tolist() == [[1, 3, 4], [0, 1, 3]]
     with pytest.raises(ValueError, match="ground-truth"):
         model(torch.randn(1, 3, 64, 96))
+
+
+def _to_augreg_npz(vit, path):
+    """Writes a timm ViT's weights in the AugReg (JAX) .npz layout that timm's npz loader reads."""
+    import numpy as np
+
+    sd = {k: v.detach().numpy() for k, v in vit.state_dict().items()}
+    d = sd["cls_token"].shape[-1]
+    heads = vit.blocks[0].attn.num_heads
+    w = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        "cls": sd["cls_token"],
+        "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+        "Transformer/encoder_norm/scale": sd["norm.weight"],
+        "Transformer/encoder_norm/bias": sd["norm.bias"],
+        "head/kernel": sd["head.weight"].T,
+        "head/bias": sd["head.bias"],
+    }
+    for i in range(len(vit.blocks)):
+        p, b = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = sd[b + "norm1.weight"], sd[b + "norm1.bias"]
+        w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
+        qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
+        for j, n in enumerate(("query", "key", "value")):
+            w[p + f"MultiHeadDotProductAttention_1/{n}/kernel"] = qkv_w[j * d:(j + 1) * d].T.reshape(d, heads, -1)
+            w[p + f"MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j * d:(j + 1) * d].reshape(heads, -1)
+        w[p + "MultiHeadDotProductAttention_1/out/kernel"] = sd[b + "attn.proj.weight"].T.reshape(heads, -1, d)
+        w[p + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
+        for r in range(2):
+            w[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
+            w[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+    np.savez(path, **w)
+
+
+def test_pretrained_augreg_npz_is_loaded_with_bilinear_pos_resize(tmp_path):
+    from segm.model.vit import create_vit, load_pretrained_vit
+
+    torch.manual_seed(0)
+    src = create_vit(48, 16, 64, 2, 2)  # "pretraining" grid 3×3
+    _to_augreg_npz(src, tmp_path / "augreg.npz")
+    dst = create_vit((64, 96), 16, 64, 2, 2)
+    load_pretrained_vit(dst, str(tmp_path / "augreg.npz"))
+    want, got = src.state_dict(), dst.state_dict()
+    for k in want:
+        if k != "pos_embed":
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    grid = src.pos_embed[:, 1:].reshape(1, 3, 3, 64).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(4, 6), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(dst.pos_embed[:, 1:], resized.permute(0, 2, 3, 1).reshape(1, 24, 64))
+    torch.testing.assert_close(dst.pos_embed[:, :1], src.pos_embed[:, :1])
