@@ -365,3 +365,35 @@ def test_restore_log_keeps_covered_epochs_and_the_pending_record(tmp_path):
     assert read_log(path) == [{"epoch": 0}, {"epoch": 1, "x": 9}]
     restore_log(path, before_epoch=1, pending={"epoch": 1, "x": 9})  # record of an epoch to be redone
     assert read_log(path) == [{"epoch": 0}]
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("policy", ["policy_net", "no_sharing"])
+def test_train_then_eval_then_inference(policy, cts_run, synthetic_root, tmp_path):
+    """The three daily commands chained on one tiny run, with CTS and without."""
+    from segm.config import load_yaml
+    from segm.eval.miou import main as miou_main
+    from segm.inference import main as inference_main
+
+    if policy == "policy_net":
+        log_dir = cts_run["log_dir"]
+        assert cts_run["result"].exit_code == 0, cts_run["result"].output
+    else:
+        log_dir = tmp_path / "run"
+        result = run_cli(tiny_args(log_dir, synthetic_root, "--policy-method", "no_sharing",
+                                   "--batch-size", "8", "--iterations", "2", "--eval-freq", "0"))
+        assert result.exit_code == 0, result.output
+    ckpt = log_dir / "checkpoint.pth"
+    result = CliRunner().invoke(miou_main, [str(ckpt), "synthetic", "--data-root", str(synthetic_root),
+                                            "--im-size", "64", "--num-workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    scores = load_yaml(log_dir / "scores_ss.yml")
+    assert 0 <= scores["mean_iou"] <= 100 and scores["inference"] == "single_scale"
+    images = sorted((synthetic_root / "images" / "validation").iterdir())[:2]
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(inference_main, ["--model-path", str(ckpt), "-i", str(images[0].parent),
+                                                 "-o", str(out), "--cpu", "--show-sharing"])
+    assert result.exit_code == 0, result.output
+    preds = {p.name for p in out.iterdir()}
+    assert f"{images[0].stem}.png" in preds
+    assert (f"{images[0].stem}_sharing.png" in preds) == (policy == "policy_net")
