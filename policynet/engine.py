@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Subset
 
 from segm.data.policy_labels import policy_labels, rules_for
 from segm.model.policy_net import PolicyNet, default_lite0_weights, load_lite0_imagenet
-from segm.utils.checkpoint import atomic_write_text
+from segm.utils.atomic import atomic_write_text
 
 from .data import PolicyDataset
 from .metrics import PolicyMeter

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from segm.data import IGNORE_LABEL
+from segm.model.cts import select_shared
 
 # Reference budgets S (SPEC §3.8) at the reference crops; elsewhere S = round(ρ·N/3).
 _REFERENCE_S = {("ade20k", 512): 103, ("pascal_context", 480): 90, ("cityscapes", 768): 336}
@@ -44,7 +45,7 @@ def top_s(scores: torch.Tensor, s: int) -> torch.Tensor:
     if not 0 <= s <= flat.shape[1]:
         raise ValueError(f"token budget S={s} does not fit a policy grid of {flat.shape[1]} cells")
     chosen = torch.zeros_like(flat, dtype=torch.bool)
-    chosen.scatter_(1, flat.topk(s, dim=1).indices, True)
+    chosen.scatter_(1, select_shared(flat, s), True)  # exactly the segmenter's selection
     return chosen.view_as(scores)
 
 

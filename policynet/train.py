@@ -13,19 +13,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segm.data.base import canonical_name
 from segm.data.policy_labels import policy_labels, rules_for
+from segm.engine import get_rng_state, seed_everything, set_rng_state
 from segm.utils.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 
 from .data import PolicyDataset, TrainBatchSampler, eval_subset
@@ -83,35 +82,6 @@ class TrainConfig:
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class _Log:
@@ -184,14 +154,14 @@ def train(cfg: TrainConfig) -> dict:
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --exp_name"
         )
 
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model = build_policy(cfg.backbone, None if state else cfg.pretrained).to(device)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"], device)
         start = int(state["iteration"])
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "crop": crop, "num_shared_eval": s})
@@ -214,7 +184,7 @@ def train(cfg: TrainConfig) -> dict:
             "model": weights,
             "optimizer": optimizer.state_dict(),
             "iteration": iteration,
-            "rng": _rng_state(),
+            "rng": get_rng_state(device),
             "data": {"seed": cfg.seed, "batch_size": cfg.batch_size_train, "dataset_len": len(train_set),
                      "position": iteration},
             "config": settings,

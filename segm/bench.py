@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from segm.model import cts
 from segm.model.factory import build_net_kwargs, create_segmenter, load_model
 from segm.model.segmenter import Segmenter
+from segm.utils.atomic import atomic_write, atomic_write_text
 
 DEFAULT_REDUCTION = 0.30
 # The reference ADE20K 512 schedule is 612/103 (SPEC §3.8), one more than round(0.3·1024/3).
@@ -726,27 +726,8 @@ def _fmt_load(load) -> str:
     return "n/a" if load is None else " ".join(f"{x:.2f}" for x in load)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(result: dict, path) -> None:
-    path = Path(path)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-
-    _atomic_write(path, write)
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
 
 def plot_sweep(result: dict, path) -> None:
@@ -783,7 +764,7 @@ def plot_sweep(result: dict, path) -> None:
     fig.tight_layout()
     path = Path(path)
     try:
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format=path.suffix.lstrip(".") or "png"))
     finally:
         plt.close(fig)
 

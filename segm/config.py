@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from segm.utils.atomic import atomic_write_text
+
 
 class _TupleSafeLoader(yaml.SafeLoader):
     """SafeLoader that also accepts PyYAML's `!!python/tuple` tag (reference variant.yml)."""
@@ -50,8 +52,6 @@ def load_yaml(path) -> dict:
 
 def dump_yaml(data, path) -> None:
     """Atomic write: temporary file, then rename."""
-    from segm.utils.checkpoint import atomic_write_text
-
     atomic_write_text(path, yaml.dump(data, Dumper=_TupleDumper, sort_keys=False))
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "check_finite_parameters",
     "gather_rng_states",
     "get_rng_state",
+    "seed_everything",
     "segmentation_loss",
     "set_rng_state",
 ]
@@ -152,6 +153,12 @@ def check_finite_parameters(model: torch.nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- RNG state
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def get_rng_state(device: torch.device | None = None, model: torch.nn.Module | None = None) -> dict:
     """Python, numpy, torch CPU (and the device's CUDA) RNG states, and the generators of a
     Segmenter's `random` policy, as plain tensors and containers (`weights_only=True` loads

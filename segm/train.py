@@ -45,6 +45,7 @@ from segm.engine import (
     SeededDataset,
     check_finite_parameters,
     gather_rng_states,
+    seed_everything,
     segmentation_loss,
     set_rng_state,
 )
@@ -311,16 +312,6 @@ def init_device(o) -> DistInfo:
                                     rank=env.rank, world_size=env.world_size)
         return DistInfo(env.rank, env.world_size, env.local_rank, torch.device("cpu"), env.world_size > 1)
     return init_distributed()
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def load_pretrained(model, o) -> None:

@@ -27,13 +27,7 @@ K = 10  # synthetic classes
 CROP = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tensors are tiny; on a shared 2-core machine intra-op threads only contend (20x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net_kwargs(policy_method="random", n_cls=K):

@@ -12,7 +12,9 @@ import segm
 from segm.data import dataset_info
 from segm.eval.evaluate import colorize
 from segm.inference import checkpoint_palette, main, predict_image
-from tests.test_eval import CROP, K, make_model_dir, one_thread  # noqa: F401 (autouse fixture)
+from tests.test_eval import CROP, K, make_model_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _normalised(image: np.ndarray) -> torch.Tensor:

@@ -22,13 +22,7 @@ REFERENCE_VARIANT_KEYS = {"world_batch_size", "version", "resume", "amp", "log_d
                           "algorithm_kwargs", "optimizer_kwargs", "net_kwargs", "inference_kwargs"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: extra threads only spin against the other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(log_dir, root, *extra):

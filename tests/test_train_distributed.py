@@ -18,12 +18,7 @@ from tests.test_train import load_ckpt, make_policy_ckpt, run_cli, tiny_args
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def free_port() -> int:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from segm.eval.window import inference_views, resize_to_window
 from segm.metrics import IoUAccumulator
+from segm.utils.atomic import atomic_write
 from segm.utils.distributed import all_reduce_sum, is_main_process
 
 __all__ = ["evaluate_dataset", "predict_views", "make_window_forward", "colorize", "blend_images", "save_png"]
@@ -137,16 +138,10 @@ def blend_images(im: np.ndarray, seg_rgb: np.ndarray, alpha: float = 0.5) -> np.
 
 
 def save_png(array: np.ndarray, path) -> None:
-    """Writes a PNG atomically (temporary file in the same folder, then rename)."""
+    """Writes a PNG atomically (`segm.utils.checkpoint.atomic_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def _original_image(meta: dict, view: torch.Tensor, ori_shape, norm_cfg=None) -> np.ndarray:

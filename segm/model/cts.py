@@ -122,6 +122,13 @@ def no_sharing_layout(batch: int, grid: tuple[int, int], device) -> TokenLayout:
     return TokenLayout(idx, idx[:, :0], idx, grid)
 
 
+def select_shared(scores: torch.Tensor, num_shared: int) -> torch.Tensor:
+    """The S best-scored superpatches per image: scores (B, n2) → indices (B, S) in raster order.
+    Ties go to the lower raster index (stable sort)."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return order[:, :num_shared].sort(dim=1).values
+
+
 def layout_from_scores(scores: torch.Tensor, num_shared: int, grid: tuple[int, int]) -> TokenLayout:
     """Top-S superpatch selection (SPEC §3.2) and the resulting token layout.
 
@@ -138,8 +145,7 @@ def layout_from_scores(scores: torch.Tensor, num_shared: int, grid: tuple[int, i
     dev = scores.device
     if num_shared == 0:
         return no_sharing_layout(b, grid, dev)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    shared_idx = order[:, :num_shared].sort(dim=1).values  # raster order
+    shared_idx = select_shared(scores, num_shared)
 
     # Base cells covered by each shared superpatch: its top-left cell + {0, 1, Gw, Gw+1}.
     w2 = gw // 2

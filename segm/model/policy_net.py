@@ -27,13 +27,10 @@ class PolicyNet(nn.Module):
             raise ValueError(
                 f"policy backbone {backbone!r} must end at stride 32 (ends at {info.reduction()[-1]})"
             )
-        # Keep only the stride-32 map; the key set is unchanged (all stages are still needed).
-        self.backbone = timm.create_model(
-            backbone, features_only=True, out_indices=(len(info) - 1,), pretrained=False
-        )
         self.head = nn.Conv2d(info.channels()[-1], 2, kernel_size=1)
 
     def forward(self, im: torch.Tensor) -> dict:
+        # Only the stride-32 map is used; every stage is needed to compute it anyway.
         return {"logits": self.head(self.backbone(im)[-1])}
 
 

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 from tqdm import tqdm
 
+from segm.utils.atomic import atomic_write_text
 from segm.utils.download import Checksum, ChecksumError, DownloadError, download, move_aside, verify_checksum
 
 MARKER_NAME = ".prepared.json"
@@ -215,11 +216,7 @@ def _write_marker(root: Path, name: str, entries: list[str]) -> None:
         "entries": entries,
         "prepared_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = root / (MARKER_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, root / MARKER_NAME)
+    atomic_write_text(root / MARKER_NAME, json.dumps(data, indent=2) + "\n")
 
 
 def _remove(path: Path) -> None:

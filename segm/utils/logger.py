@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from segm.utils.atomic import atomic_write_text
+
 __all__ = ["append_log", "read_log", "restore_log"]
 
 
@@ -42,16 +44,7 @@ def append_log(path, record: dict) -> None:
 
 
 def _write_log(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def restore_log(path, *, before_epoch: int, pending: dict | None = None) -> None:
