@@ -68,6 +68,24 @@ def test_selection_and_order_match_reference():
     assert (layout.base_idx.diff(dim=1) > 0).all() and (layout.shared_idx.diff(dim=1) > 0).all()
 
 
+def test_mixed_patches_embedded_equal_conv_then_select():
+    """The segmenter embeds only the selected patches (a matrix product with the conv weight);
+    this equals the reference route: embed the image and its 2×2 pool, then select tokens."""
+    torch.manual_seed(0)
+    p, grid = 4, (6, 8)
+    im = torch.randn(2, 3, grid[0] * p, grid[1] * p)
+    layout = cts.layout_from_scores(torch.rand(2, 12), 5, grid)
+    pixels = cts.mixed_patches(im, layout, p)
+    mask1, mask2 = layout.masks()
+    ref_patches, _ = ref_images_to_patches(im, p, mask1, mask2)
+    torch.testing.assert_close(pixels, ref_patches.flatten(2), rtol=0, atol=1e-6)
+    conv = torch.nn.Conv2d(3, 7, p, p)
+    with torch.no_grad():
+        want = cts.mix_tokens(cts.grid_to_tokens(conv(im)), cts.grid_to_tokens(conv(F.avg_pool2d(im, 2))), layout)
+        got = F.linear(pixels, conv.weight.flatten(1), conv.bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_shared_token_is_avg_pool_of_block_and_pos_is_mean_of_four():
     torch.manual_seed(0)
     p, grid = 4, (6, 8)

@@ -294,3 +294,54 @@ def test_pretrained_augreg_npz_is_loaded_with_bilinear_pos_resize(tmp_path):
     resized = F.interpolate(grid, size=(4, 6), mode="bilinear", align_corners=False)
     torch.testing.assert_close(dst.pos_embed[:, 1:], resized.permute(0, 2, 3, 1).reshape(1, 24, 64))
     torch.testing.assert_close(dst.pos_embed[:, :1], src.pos_embed[:, :1])
+
+
+def test_policy_runs_in_chunks_on_cpu_and_matches_the_whole_batch(monkeypatch):
+    """On the CPU the policy runs on as many images at a time as keep its largest activation
+    under glibc's mmap threshold (re-faulting larger blocks on every call dominated its time)."""
+    from segm.model import policy_net as pn
+
+    policy = pn.PolicyNet().eval()
+    assert policy.peak_activation_ratio() == 8.0  # efficientnet_lite0: 96 channels at half size
+    im = torch.randn(5, 3, 64, 96)
+    monkeypatch.setattr(pn, "CPU_CHUNK_BYTES", 2 * 8 * im[0].numel() * 4)
+    sizes = []
+    policy.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        got = pn.policy_logits(policy, im)
+        chunked, sizes[:] = list(sizes), []
+        want = policy(im)["logits"]
+    assert chunked == [2, 2, 1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(pn, "CPU_CHUNK_BYTES", 32 << 20)
+    sizes.clear()
+    with torch.no_grad():
+        pn.policy_logits(policy, im)
+    assert sizes == [5]  # small images: one call
+
+
+def test_folded_policy_fuses_each_conv_with_its_activation():
+    """The BN-folded inference copy runs oneDNN's fused conv + ReLU6 with pre-packed weights on
+    the CPU, and matches the unfolded policy; under autocast it falls back to conv, then act."""
+    from segm.model.policy_net import FoldedConvAct, PolicyNet, fuse_batchnorm
+
+    torch.manual_seed(0)
+    policy = PolicyNet().eval()
+    for m in policy.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    fused = fuse_batchnorm(policy).to(memory_format=torch.channels_last)
+    convs = [m for m in fused.modules() if isinstance(m, FoldedConvAct)]
+    assert len(convs) == 48  # every conv of the efficientnet_lite0 features
+    im = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = policy(im)["logits"]
+        got = fused(im)["logits"]
+        assert all(m._packed is not None for m in convs)  # the oneDNN path ran
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for m in convs:
+            m._packed = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = fused(im)["logits"]
+        assert all(m._packed is None for m in convs) and low.dtype == torch.bfloat16

@@ -183,6 +183,26 @@ def mix_tokens(base: torch.Tensor, pooled: torch.Tensor, layout: TokenLayout) ->
     return torch.cat([_gather_tokens(base, layout.base_idx), _gather_tokens(pooled, layout.shared_idx)], 1)
 
 
+def patch_pixels(im: torch.Tensor, idx: torch.Tensor, patch: int) -> torch.Tensor:
+    """The pixels of the patches at raster indices idx (B, K) of the (H/p, W/p) grid of im
+    (B, C, H, W): (B, K, C·p·p), each flattened as (C, p, p), the order of a patch-embedding
+    conv's weight. Only the selected patches are copied."""
+    b, c, h, w = im.shape
+    gw = w // patch
+    cells = im.reshape(b, c, h // patch, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
+    rows = torch.arange(b, device=im.device).unsqueeze(1)
+    return cells[rows, idx // gw, idx % gw].flatten(2)
+
+
+def mixed_patches(im: torch.Tensor, layout: TokenLayout, patch: int) -> torch.Tensor:
+    """Pixels of the T = U + S mixed-scale tokens (SPEC §3.3): the U non-shared patches, then
+    per shared superpatch its 2p×2p block average-pooled to p×p. (B, T, C·p·p), token order.
+    Embedding these with the patch conv as a matrix product equals embedding the full and the
+    pooled image and selecting tokens (`mix_tokens`), without computing the unused 4S + N/4 − S."""
+    pooled = F.avg_pool2d(im, 2)  # == bilinear ×0.5, align_corners=False (SPEC §3.3)
+    return torch.cat([patch_pixels(im, layout.base_idx, patch), patch_pixels(pooled, layout.shared_idx, patch)], 1)
+
+
 def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, D, h, w) → (B, h·w, D), raster order."""
     return x.flatten(2).transpose(1, 2)

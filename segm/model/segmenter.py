@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segm.model import cts
-from segm.model.policy_net import PolicyNet, fuse_batchnorm
+from segm.model.policy_net import PolicyNet, fuse_batchnorm, policy_logits
 from segm.model.vit import resize_pos_embed
 
 POLICY_METHODS = ("no_sharing", "policy_net", "random", "oracle")
@@ -51,6 +51,13 @@ class Segmenter(nn.Module):
         self.n_cls = n_cls
         self.patch_size = encoder.patch_embed.patch_size[0]
         self.grid = tuple(encoder.patch_embed.grid_size)
+        proj = encoder.patch_embed.proj  # CTS embeds selected patches with its weight as a matrix
+        if not (
+            isinstance(proj, nn.Conv2d)
+            and proj.kernel_size == proj.stride == (self.patch_size, self.patch_size)
+            and proj.padding == (0, 0)
+        ):
+            raise ValueError(f"the encoder's patch embedding must be a {self.patch_size}×{self.patch_size} conv with stride {self.patch_size} and no padding")
         self.policy_method = policy_method
         self.num_shared = int(num_shared)
         cts.resolve_token_budget(self.grid, policy_method, num_shared=self.num_shared)
@@ -113,8 +120,7 @@ class Segmenter(nn.Module):
         n2 = (self.grid[0] // 2) * (self.grid[1] // 2)
         if self.policy_method == "policy_net":
             with torch.no_grad():
-                policy = self._policy_for_inference()
-                logits = policy(im.contiguous(memory_format=torch.channels_last))["logits"]
+                logits = policy_logits(self._policy_for_inference(), im)
             return torch.softmax(logits.float(), dim=1)[:, 1].reshape(b, -1), logits
         if self.policy_method == "random":
             return torch.rand(b, n2, device=im.device, generator=self._generator(im.device)), None
@@ -148,14 +154,14 @@ class Segmenter(nn.Module):
             pos = resize_pos_embed(pos, grid, npt)
         pos_prefix, pos_grid = pos[:, :npt], pos[:, npt:]
 
-        base = vit.patch_embed.norm(cts.grid_to_tokens(vit.patch_embed.proj(im)))
+        proj = vit.patch_embed.proj
         if layout.shared_idx.shape[1] > 0:
-            pooled_im = F.avg_pool2d(im, 2)  # == bilinear ×0.5, align_corners=False (SPEC §3.3)
-            pooled = vit.patch_embed.norm(cts.grid_to_tokens(vit.patch_embed.proj(pooled_im)))
-            pos_pooled = cts.pool_grid(pos_grid, grid)
+            # embed only the T selected patches: the patch conv as one matrix product
+            pixels = cts.mixed_patches(im, layout, self.patch_size)
+            x = vit.patch_embed.norm(F.linear(pixels, proj.weight.flatten(1), proj.bias))
+            x = x + cts.mix_tokens(pos_grid, cts.pool_grid(pos_grid, grid), layout)
         else:
-            pooled = pos_pooled = None
-        x = cts.mix_tokens(base, pooled, layout) + cts.mix_tokens(pos_grid, pos_pooled, layout)
+            x = vit.patch_embed.norm(cts.grid_to_tokens(proj(im))) + pos_grid
 
         prefix = [vit.cls_token]
         if getattr(vit, "dist_token", None) is not None:
