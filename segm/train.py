@@ -164,8 +164,20 @@ def resolve_options(o: SimpleNamespace, world_size: int) -> SimpleNamespace:
             )
         if not Path(o.policynet_ckpt).is_file():
             raise ConfigError(f"policy-network checkpoint not found: {o.policynet_ckpt} (--policynet-ckpt)")
-    elif o.policynet_ckpt:
-        raise ConfigError(f"--policynet-ckpt is only used with --policy-method policy_net, not {o.policy_method}")
+        from segm.model.policy_net import checkpoint_backbone
+
+        trained = checkpoint_backbone(o.policynet_ckpt)
+        given = getattr(o, "policy_backbone", None)
+        if given is not None and trained is not None and given != trained:
+            raise ConfigError(
+                f"--policy-backbone {given} does not match the backbone the policy checkpoint was "
+                f"trained with ({trained}, in its config.json); drop the option or pass {trained}"
+            )
+        o.policy_backbone = given or trained or "efficientnet_lite0"
+    elif o.policynet_ckpt or getattr(o, "policy_backbone", None):
+        raise ConfigError(
+            f"--policynet-ckpt and --policy-backbone are only used with --policy-method policy_net, not {o.policy_method}"
+        )
     if o.dataset == "custom" and not o.data_root:
         raise ConfigError("--dataset custom needs --data-root DIR (and --classes FILE)")
     if o.overwrite and o.resume:
@@ -179,6 +191,8 @@ def net_kwargs_for(o: SimpleNamespace, n_cls: int) -> dict:
     from segm.model import build_net_kwargs
 
     extra = {"layer_norm_eps": o.layer_norm_eps, "n_layers": o.encoder_layers}
+    if o.policy_method == "policy_net":
+        extra["policy_backbone"] = o.policy_backbone
     if o.policy_method == "random":
         extra["random_seed"] = o.seed
     if o.policy_method == "oracle":
@@ -697,6 +711,9 @@ _PRESET = " [default: the dataset preset in configs/config.yml]"
 @click.option("--num-tokens-shared", type=int, default=None, help="S, shared superpatches per image.")
 @click.option("--token-reduction", type=float, default=None, help="Reduction rho instead of S: S = round(rho*N/3).")
 @click.option("--policynet-ckpt", type=str, default=None, help="Policy-network model.pth (policy_net).")
+@click.option("--policy-backbone", type=str, default=None,
+              help="The policy network's timm backbone [default: as recorded in the config.json beside "
+                   "--policynet-ckpt, else efficientnet_lite0].")
 @click.option("--layer-norm-eps", type=float, default=None, help="LayerNorm eps [default: 1e-5, as the reference].")
 @click.option("--seed", type=int, default=0, help="Seeds weights, data order and augmentation.")
 @click.option("--num-workers", type=int, default=10, help="Data-loading processes per training process.")

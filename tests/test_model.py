@@ -320,20 +320,22 @@ def test_policy_runs_in_chunks_on_cpu_and_matches_the_whole_batch(monkeypatch):
     assert sizes == [5]  # small images: one call
 
 
-def test_folded_policy_fuses_each_conv_with_its_activation():
+@pytest.mark.parametrize("backbone, n_fused", [("efficientnet_lite0", 48), ("tf_efficientnet_lite0", 43)])
+def test_folded_policy_fuses_each_conv_with_its_activation(backbone, n_fused):
     """The BN-folded inference copy runs oneDNN's fused conv + ReLU6 with pre-packed weights on
-    the CPU, and matches the unfolded policy; under autocast it falls back to conv, then act."""
+    the CPU, and matches the unfolded policy; under autocast it falls back to conv, then act.
+    The tf_ variant's 5 stride-2 "same"-padded convs (timm Conv2dSame) stay unfused."""
     from segm.model.policy_net import FoldedConvAct, PolicyNet, fuse_batchnorm
 
     torch.manual_seed(0)
-    policy = PolicyNet().eval()
+    policy = PolicyNet(backbone).eval()
     for m in policy.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2.0)
     fused = fuse_batchnorm(policy).to(memory_format=torch.channels_last)
     convs = [m for m in fused.modules() if isinstance(m, FoldedConvAct)]
-    assert len(convs) == 48  # every conv of the efficientnet_lite0 features
+    assert len(convs) == n_fused
     im = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         want = policy(im)["logits"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from segm.config import dump_yaml, load_config, load_yaml
 from segm.model import cts
 from segm.model.decoder import create_decoder
-from segm.model.policy_net import load_policy_checkpoint
+from segm.model.policy_net import checkpoint_backbone, load_policy_checkpoint
 from segm.model.segmenter import POLICY_METHODS, Segmenter
 from segm.model.vit import _pair, create_vit, load_pretrained_vit
 from segm.utils.checkpoint import atomic_torch_save, safe_torch_load
@@ -72,6 +72,8 @@ def build_net_kwargs(
     net["policy_method"] = policy_method
     net["policy_schedule"] = (u, s)
     net["policynet_ckpt"] = policynet_ckpt
+    if policy_method == "policy_net" and extra.get("policy_backbone") is None and policynet_ckpt:
+        extra["policy_backbone"] = checkpoint_backbone(policynet_ckpt)  # as the policy was trained
     net.update({k: v for k, v in extra.items() if v is not None})
     return net
 

@@ -6,6 +6,7 @@ State-dict keys follow the reference: `backbone.*` (288 for efficientnet_lite0),
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import timm
@@ -28,6 +29,7 @@ class PolicyNet(nn.Module):
                 f"policy backbone {backbone!r} must end at stride 32 (ends at {info.reduction()[-1]})"
             )
         self.head = nn.Conv2d(info.channels()[-1], 2, kernel_size=1)
+        self.backbone_name = backbone
 
     def forward(self, im: torch.Tensor) -> dict:
         # Only the stride-32 map is used; every stage is needed to compute it anyway.
@@ -75,13 +77,37 @@ def policy_logits(policy: PolicyNet, im: torch.Tensor) -> torch.Tensor:
     return torch.cat([policy(part)["logits"] for part in im.split(chunk)])
 
 
+def checkpoint_backbone(path) -> str | None:
+    """The backbone a policy checkpoint was trained with, from the `config.json` that
+    `policynet.train` writes beside its model.pth; None when there is none (reference files)."""
+    config = Path(path).with_name("config.json")
+    if not config.is_file():
+        return None
+    try:
+        backbone = json.loads(config.read_text()).get("backbone")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return backbone if isinstance(backbone, str) else None
+
+
 def load_policy_checkpoint(policy: PolicyNet, path) -> None:
-    """Loads a policy checkpoint in the reference key format; fails loudly (SPEC §10)."""
+    """Loads a policy checkpoint in the reference key format; fails loudly (SPEC §10).
+
+    efficientnet_lite0 and tf_efficientnet_lite0 share every key but pad differently, so a
+    checkpoint loaded into the other one loads cleanly and scores superpatches almost at random;
+    the backbone recorded beside the checkpoint is therefore checked."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"policy-network checkpoint not found: {path}. Train one with "
             "`python -m policynet.train --dataset DATASET --exp_name NAME` and pass its model.pth"
+        )
+    trained = checkpoint_backbone(path)
+    if trained is not None and trained != policy.backbone_name:
+        raise ValueError(
+            f"policy-network checkpoint {path} was trained with backbone {trained!r} "
+            f"({path.with_name('config.json')}), but this policy network is {policy.backbone_name!r}: "
+            f"pass --policy-backbone {trained} (net_kwargs `policy_backbone`)"
         )
     state = safe_torch_load(path)
     if isinstance(state, dict) and "model" in state and "head.weight" not in state:
@@ -208,7 +234,8 @@ def fuse_batchnorm(policy: PolicyNet) -> PolicyNet:
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
             conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
-            if isinstance(bn.drop, nn.Identity) and type(bn.act) in (nn.ReLU6, nn.Identity):
+            # exact types only: timm's Conv2dSame (tf_ models) pads in its own forward
+            if type(conv) is nn.Conv2d and isinstance(bn.drop, nn.Identity) and type(bn.act) in (nn.ReLU6, nn.Identity):
                 setattr(module, conv_name, FoldedConvAct(conv, bn.act))
                 setattr(module, bn_name, nn.Identity())
             else:
