@@ -212,8 +212,9 @@ def fuse_batchnorm(policy: PolicyNet) -> PolicyNet:
 
     The policy is always used in eval mode (SPEC §10), where BN is an affine map per channel,
     so folding it is exact up to float rounding and removes a full pass over every feature map;
-    each folded conv then carries its activation (`FoldedConvAct`). Only timm EfficientNet-family blocks are folded (their child order is their forward order);
-    other backbones are returned as an unfused copy.
+    each folded conv then carries its activation (`FoldedConvAct`). Only timm EfficientNet-family
+    blocks are folded (their child order is their forward order); other backbones are returned
+    as an unfused copy.
     """
     import copy
 

@@ -57,7 +57,10 @@ class Segmenter(nn.Module):
             and proj.kernel_size == proj.stride == (self.patch_size, self.patch_size)
             and proj.padding == (0, 0)
         ):
-            raise ValueError(f"the encoder's patch embedding must be a {self.patch_size}×{self.patch_size} conv with stride {self.patch_size} and no padding")
+            raise ValueError(
+                f"the encoder's patch embedding must be a {self.patch_size}×{self.patch_size} conv "
+                f"with stride {self.patch_size} and no padding"
+            )
         self.policy_method = policy_method
         self.num_shared = int(num_shared)
         cts.resolve_token_budget(self.grid, policy_method, num_shared=self.num_shared)
