@@ -173,7 +173,7 @@ def resolve_options(o: SimpleNamespace, world_size: int) -> SimpleNamespace:
                 f"--policy-backbone {given} does not match the backbone the policy checkpoint was "
                 f"trained with ({trained}, in its config.json); drop the option or pass {trained}"
             )
-        o.policy_backbone = given or trained or "efficientnet_lite0"
+        o.policy_backbone = given  # None: build_net_kwargs takes the checkpoint's record
     elif o.policynet_ckpt or getattr(o, "policy_backbone", None):
         raise ConfigError(
             f"--policynet-ckpt and --policy-backbone are only used with --policy-method policy_net, not {o.policy_method}"
