@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from segm.data.base import canonical_name
 from segm.data.policy_labels import policy_labels, rules_for
-from segm.engine import get_rng_state, seed_everything, set_rng_state
+from segm.utils.determinism import get_rng_state, seed_everything, set_rng_state
 from segm.utils.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 
 from .data import PolicyDataset, TrainBatchSampler, eval_subset

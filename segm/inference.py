@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from segm.data.base import STATS, dataset_info, generated_palette
 from segm.eval.evaluate import blend_images, colorize, save_png
 from segm.eval.window import inference_views, resize_to_window
+from segm.model.spec import check_window
 
 __all__ = ["predict", "predict_image", "load_image", "checkpoint_palette", "sharing_overlay"]
 
@@ -80,11 +81,7 @@ def _window_settings(model, variant: dict, window_size=None, window_stride=None)
     crop = tuple(model.crop_size)
     if window_size is None:
         window_size = int(ikw.get("window_size") or crop[0])
-    if model.policy_method != "no_sharing" and (window_size, window_size) != crop:
-        raise ValueError(
-            f"this CTS model only runs on its {crop[0]}×{crop[1]} training crop; window size {window_size} "
-            f"does not fit (use window_size={crop[0]})"
-        )
+    check_window(model.policy_method, crop, (window_size, window_size))
     if window_stride is None:
         stride = ikw.get("window_stride")
         window_stride = int(stride) if stride is not None and int(stride) <= window_size else window_size

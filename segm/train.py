@@ -39,14 +39,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from segm.config import dataset_dir, dump_yaml, load_config, load_yaml
-from segm.engine import (
-    NonFiniteLossError,
+from segm.engine import NonFiniteLossError, check_finite_parameters, segmentation_loss
+from segm.utils.determinism import (
     ResumableSampler,
     SeededDataset,
-    check_finite_parameters,
     gather_rng_states,
     seed_everything,
-    segmentation_loss,
     set_rng_state,
 )
 from segm.utils.checkpoint import CheckpointError, safe_torch_load
@@ -151,33 +149,9 @@ def resolve_options(o: SimpleNamespace, world_size: int) -> SimpleNamespace:
         )
     if o.window_stride > o.window_size:
         raise ConfigError(f"--window-stride {o.window_stride} exceeds --window-size {o.window_size}")
-    if o.policy_method != "no_sharing" and o.window_size != o.crop_size:
-        raise ConfigError(
-            f"a token-sharing model works at its training crop only: --window-size must equal "
-            f"--crop-size ({o.crop_size}), got {o.window_size}"
-        )
-    if o.policy_method == "policy_net":
-        if not o.policynet_ckpt:
-            raise ConfigError(
-                "--policy-method policy_net needs --policynet-ckpt PATH/model.pth (train one with "
-                "`python -m policynet.train`), or use --policy-method no_sharing"
-            )
-        if not Path(o.policynet_ckpt).is_file():
-            raise ConfigError(f"policy-network checkpoint not found: {o.policynet_ckpt} (--policynet-ckpt)")
-        from segm.model.policy_net import checkpoint_backbone
+    from segm.model.spec import check_window
 
-        trained = checkpoint_backbone(o.policynet_ckpt)
-        given = getattr(o, "policy_backbone", None)
-        if given is not None and trained is not None and given != trained:
-            raise ConfigError(
-                f"--policy-backbone {given} does not match the backbone the policy checkpoint was "
-                f"trained with ({trained}, in its config.json); drop the option or pass {trained}"
-            )
-        o.policy_backbone = given  # None: build_net_kwargs takes the checkpoint's record
-    elif o.policynet_ckpt or getattr(o, "policy_backbone", None):
-        raise ConfigError(
-            f"--policynet-ckpt and --policy-backbone are only used with --policy-method policy_net, not {o.policy_method}"
-        )
+    check_window(o.policy_method, (o.crop_size, o.crop_size), (o.window_size, o.window_size))
     if o.dataset == "custom" and not o.data_root:
         raise ConfigError("--dataset custom needs --data-root DIR (and --classes FILE)")
     if o.overwrite and o.resume:
@@ -191,8 +165,6 @@ def net_kwargs_for(o: SimpleNamespace, n_cls: int) -> dict:
     from segm.model import build_net_kwargs
 
     extra = {"layer_norm_eps": o.layer_norm_eps, "n_layers": o.encoder_layers}
-    if o.policy_method == "policy_net":
-        extra["policy_backbone"] = o.policy_backbone
     if o.policy_method == "random":
         extra["random_seed"] = o.seed
     if o.policy_method == "oracle":
@@ -201,8 +173,8 @@ def net_kwargs_for(o: SimpleNamespace, n_cls: int) -> dict:
         o.backbone, o.decoder, n_cls, o.crop_size, dropout=o.dropout, drop_path_rate=o.drop_path,
         decoder_layers=o.decoder_layers, policy_method=o.policy_method,
         num_shared=o.num_tokens_shared, num_notshared=o.num_tokens_notshared,
-        token_reduction=o.token_reduction,
-        policynet_ckpt=o.policynet_ckpt if o.policy_method == "policy_net" else None, **extra,
+        token_reduction=o.token_reduction, policynet_ckpt=o.policynet_ckpt, policy_backbone=o.policy_backbone,
+        policy_ckpt_required=True, **extra,
     )
 
 

@@ -155,16 +155,16 @@ def test_bad_crop_and_input_size_errors():
     with pytest.raises(ValueError, match="unknown backbone"):
         build_net_kwargs("vit_huge", "linear", 5, 64)
     model = make(tiny_cfg("random", s=2))
-    with pytest.raises(ValueError, match="built for 64×96 inputs"):
+    with pytest.raises(ValueError, match="runs only on 64×96 inputs"):
         model(torch.randn(1, 3, 64, 64))
 
 
 def test_missing_policy_checkpoint_fails_loudly(tmp_path):
     cfg = tiny_cfg("policy_net", s=5, policynet_ckpt=str(tmp_path / "nope.pth"))
-    with pytest.raises(FileNotFoundError, match="policy-network checkpoint not found"):
+    with pytest.raises(ValueError, match="policy-network checkpoint not found"):
         segm.create_segmenter(cfg)
     cfg["policynet_ckpt"] = None
-    with pytest.raises(FileNotFoundError, match="--policynet-ckpt"):
+    with pytest.raises(ValueError, match="--policynet-ckpt"):
         segm.create_segmenter(cfg)
 
 

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from policynet import train as pn_train
 from segm import train as train_mod
 from segm.model import build_net_kwargs, create_segmenter
-from segm.model.policy_net import PolicyNet, checkpoint_backbone, load_policy_checkpoint
+from segm.model.policy_net import PolicyNet, load_policy_checkpoint
+from segm.model.spec import recorded_policy_backbone as checkpoint_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,8 +51,12 @@ def test_segmenter_runs_the_policy_exactly_as_trained(tf_policy):
 def test_policy_loaded_into_the_other_backbone_is_refused(tf_policy):
     with pytest.raises(ValueError, match="pass --policy-backbone tf_efficientnet_lite0"):
         load_policy_checkpoint(PolicyNet("efficientnet_lite0"), tf_policy)
+    with pytest.raises(ValueError, match="trained with backbone 'tf_efficientnet_lite0'"):
+        build_net_kwargs("vit_tiny_patch16_384", "linear", 5, 64, policy_method="policy_net",
+                         num_shared=2, policynet_ckpt=str(tf_policy), policy_backbone="efficientnet_lite0")
     net = build_net_kwargs("vit_tiny_patch16_384", "linear", 5, 64, policy_method="policy_net",
-                           num_shared=2, policynet_ckpt=str(tf_policy), policy_backbone="efficientnet_lite0")
+                           num_shared=2, policynet_ckpt=str(tf_policy))
+    net["policy_backbone"] = "efficientnet_lite0"  # a hand-edited variant.yml
     with pytest.raises(ValueError, match="trained with backbone 'tf_efficientnet_lite0'"):
         create_segmenter(net)
 
@@ -69,7 +74,7 @@ def test_train_records_the_policy_backbone_and_refuses_a_conflict(tf_policy, syn
 
     bad = CliRunner().invoke(train_mod.main, _train_args(tmp_path / "bad", synthetic_root, tf_policy,
                                                          "--policy-backbone", "efficientnet_lite0"))
-    assert bad.exit_code != 0 and "does not match the backbone the policy checkpoint was trained with" in bad.output
+    assert bad.exit_code != 0 and "trained with backbone 'tf_efficientnet_lite0'" in bad.output
     assert bad.output.strip().count("\n") == 0, bad.output
     assert not (tmp_path / "bad").exists()
 
@@ -87,3 +92,16 @@ def test_reference_checkpoint_without_config_keeps_the_default(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"lr": 1e-4}))
     assert checkpoint_backbone(path) is None
     load_policy_checkpoint(PolicyNet(), path)  # no record: nothing to check
+
+
+def test_unreadable_policy_record_is_an_error(tmp_path):
+    """A record that exists but cannot be read must not fall back to the default backbone."""
+    path = tmp_path / "model.pth"
+    torch.save(PolicyNet().state_dict(), path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read .*config.json"):
+        checkpoint_backbone(path)
+    net = {"backbone": "vit_tiny_patch16_384", "n_cls": 5, "image_size": (64, 64), "decoder": "linear",
+           "policy_method": "policy_net", "policy_schedule": (8, 2), "policynet_ckpt": str(path)}
+    with pytest.raises(ValueError, match="cannot read .*config.json"):
+        create_segmenter(net)

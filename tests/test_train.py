@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 import segm
 from segm import engine, train as train_mod
+from segm.utils import determinism
 from segm.optim import PolynomialLR
 from segm.utils.logger import read_log, restore_log
 
@@ -212,7 +213,7 @@ def test_custom_dataset(synthetic_root, tmp_path):
          "U must be N − 4S = 8"),
         (["--policy-method", "random", "--num-tokens-shared", "5"], "out of range"),
         (["--policy-method", "random", "--num-tokens-shared", "2", "--window-size", "128"],
-         "--window-size must equal --crop-size"),
+         "use windows of the crop (--window-size 64"),
         (["--policy-method", "no_sharing", "--batch-size", "0"], "--batch-size must be positive"),
         (["--policy-method", "no_sharing", "--pretrained", "missing/S_16.npz"],
          "pretrained weights not found: missing/S_16.npz"),
@@ -284,20 +285,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root
 
 # ----------------------------------------------------------------------------- engine
 def test_resumable_sampler_matches_distributed_layout_and_skips():
-    full = engine.ResumableSampler(10, seed=3)
+    full = determinism.ResumableSampler(10, seed=3)
     full.set_epoch(2)
     order = [i for _, i in full]
     assert sorted(order) == list(range(10))
     assert all(e == 2 for e, _ in full)
     ref = torch.utils.data.DistributedSampler(range(10), num_replicas=2, rank=1, shuffle=True, seed=3)
     ref.set_epoch(2)
-    r1 = engine.ResumableSampler(10, num_replicas=2, rank=1, seed=3)
+    r1 = determinism.ResumableSampler(10, num_replicas=2, rank=1, seed=3)
     r1.set_epoch(2)
     assert [i for _, i in r1] == list(ref)
     r1.set_epoch(2, start=2)
     assert [i for _, i in r1] == list(ref)[2:] and len(r1) == 3
     # A global batch of 4 over 2 ranks (2 each) holds the same samples as on one process.
-    ranks = [engine.ResumableSampler(10, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    ranks = [determinism.ResumableSampler(10, num_replicas=2, rank=r, seed=3) for r in range(2)]
     for s in ranks:
         s.set_epoch(2)
     per_rank = [[i for _, i in s] for s in ranks]
@@ -313,7 +314,7 @@ class _RandomItems(Dataset):
 
 
 def test_seeded_dataset_depends_only_on_seed_epoch_index():
-    ds = engine.SeededDataset(_RandomItems(), seed=7)
+    ds = determinism.SeededDataset(_RandomItems(), seed=7)
     a = ds[(1, 3)]
     np.random.seed(123)
     random.seed(5)
@@ -323,7 +324,7 @@ def test_seeded_dataset_depends_only_on_seed_epoch_index():
     assert random.getstate() == states[0]  # ... and is left untouched
     assert np.array_equal(np.random.get_state()[1], states[1]) and torch.equal(torch.get_rng_state(), states[2])
     assert ds[(2, 3)] != a and ds[(1, 4)] != a
-    assert engine.SeededDataset(_RandomItems(), seed=8)[(1, 3)] != a
+    assert determinism.SeededDataset(_RandomItems(), seed=8)[(1, 3)] != a
 
 
 def test_loss_is_the_global_mean_and_safe_on_empty_batches():
@@ -342,9 +343,9 @@ def test_loss_is_the_global_mean_and_safe_on_empty_batches():
 
 
 def test_rng_state_round_trip():
-    state = engine.get_rng_state(torch.device("cpu"))
+    state = determinism.get_rng_state(torch.device("cpu"))
     draws = random.random(), np.random.rand(), torch.rand(2)
-    engine.set_rng_state(state, torch.device("cpu"))
+    determinism.set_rng_state(state, torch.device("cpu"))
     again = random.random(), np.random.rand(), torch.rand(2)
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from segm.config import dataset_dir, dump_yaml, load_config
 from segm.data import canonical_name
+from segm.model.spec import check_window
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.distributed import barrier, cleanup, init_distributed, is_main_process
 
@@ -38,16 +39,10 @@ def resolve_settings(variant: dict, model, dataset: str, *, im_size=None, window
     ikw = variant.get("inference_kwargs") or {}
     preset = _dataset_defaults(dataset)
     crop = tuple(model.crop_size)
-    sharing = model.policy_method != "no_sharing"
 
     if window_size is None:
         window_size = int(dkw.get("crop_size") or crop[0])
-    if sharing and (window_size, window_size) != crop:
-        raise ValueError(
-            f"this CTS model only runs on its training crop {crop[0]}×{crop[1]}: "
-            f"use --window-size {crop[0]}" if crop[0] == crop[1] else
-            f"this CTS model's crop {crop[0]}×{crop[1]} is not square; sliding windows are square"
-        )
+    check_window(model.policy_method, crop, (window_size, window_size))
     if window_stride is None:
         # Reference: a fixed stride per dataset (config.yml); never larger than the window.
         candidates = [preset.get("window_stride"), ikw.get("window_stride"), window_size]

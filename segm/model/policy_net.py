@@ -6,18 +6,18 @@ State-dict keys follow the reference: `backbone.*` (288 for efficientnet_lite0),
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
+from segm.model.spec import DEFAULT_POLICY_BACKBONE, check_policy_backbone, check_policy_checkpoint
 from segm.utils.checkpoint import safe_torch_load
 
 
 class PolicyNet(nn.Module):
-    def __init__(self, backbone: str = "efficientnet_lite0"):
+    def __init__(self, backbone: str = DEFAULT_POLICY_BACKBONE):
         super().__init__()
         try:
             self.backbone = timm.create_model(backbone, features_only=True, pretrained=False)
@@ -80,38 +80,14 @@ def policy_logits(policy: PolicyNet, im: torch.Tensor) -> torch.Tensor:
     return torch.cat([policy(part)["logits"] for part in im.split(chunk)])
 
 
-def checkpoint_backbone(path) -> str | None:
-    """The backbone a policy checkpoint was trained with, from the `config.json` that
-    `policynet.train` writes beside its model.pth; None when there is none (reference files)."""
-    config = Path(path).with_name("config.json")
-    if not config.is_file():
-        return None
-    try:
-        backbone = json.loads(config.read_text()).get("backbone")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return backbone if isinstance(backbone, str) else None
-
-
 def load_policy_checkpoint(policy: PolicyNet, path) -> None:
     """Loads a policy checkpoint in the reference key format; fails loudly (SPEC §10).
 
     efficientnet_lite0 and tf_efficientnet_lite0 share every key but pad differently, so a
     checkpoint loaded into the other one loads cleanly and scores superpatches almost at random;
     the backbone recorded beside the checkpoint is therefore checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"policy-network checkpoint not found: {path}. Train one with "
-            "`python -m policynet.train --dataset DATASET --exp_name NAME` and pass its model.pth"
-        )
-    trained = checkpoint_backbone(path)
-    if trained is not None and trained != policy.backbone_name:
-        raise ValueError(
-            f"policy-network checkpoint {path} was trained with backbone {trained!r} "
-            f"({path.with_name('config.json')}), but this policy network is {policy.backbone_name!r}: "
-            f"pass --policy-backbone {trained} (net_kwargs `policy_backbone`)"
-        )
+    check_policy_checkpoint(path)
+    check_policy_backbone(path, policy.backbone_name)
     state = safe_torch_load(path)
     if isinstance(state, dict) and "model" in state and "head.weight" not in state:
         state = state["model"]

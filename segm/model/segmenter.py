@@ -15,9 +15,8 @@ from torch import nn
 
 from segm.model import cts
 from segm.model.policy_net import PolicyNet, fuse_batchnorm, policy_logits
+from segm.model.spec import DEFAULT_POLICY_BACKBONE, POLICY_METHODS, check_policy_method, check_window
 from segm.model.vit import resize_pos_embed
-
-POLICY_METHODS = ("no_sharing", "policy_net", "random", "oracle")
 
 
 class SegmenterOutput(NamedTuple):
@@ -39,13 +38,12 @@ class Segmenter(nn.Module):
         n_cls: int,
         policy_method: str = "no_sharing",
         num_shared: int = 0,
-        policy_backbone: str = "efficientnet_lite0",
+        policy_backbone: str = DEFAULT_POLICY_BACKBONE,
         random_seed: int = 0,
         oracle_dataset: str | None = None,
     ):
         super().__init__()
-        if policy_method not in POLICY_METHODS:
-            raise ValueError(f"unknown policy method {policy_method!r}: use one of {', '.join(POLICY_METHODS)}")
+        check_policy_method(policy_method)
         self.encoder = encoder
         self.decoder = decoder
         self.n_cls = n_cls
@@ -65,11 +63,6 @@ class Segmenter(nn.Module):
         self.num_shared = int(num_shared)
         cts.resolve_token_budget(self.grid, policy_method, num_shared=self.num_shared)
         if policy_method == "policy_net":
-            if self.patch_size != 16:
-                raise cts.TokenBudgetError(
-                    f"the policy network scores 32-px superpatches, which needs patch size 16 "
-                    f"(got {self.patch_size}); use --policy-method random/oracle or a /16 backbone"
-                )
             self.policy_net = PolicyNet(policy_backbone)
             self.policy_net.to(memory_format=torch.channels_last)
             self.policy_net.requires_grad_(False)
@@ -93,6 +86,15 @@ class Segmenter(nn.Module):
     @property
     def crop_size(self) -> tuple[int, int]:
         return self.grid[0] * self.patch_size, self.grid[1] * self.patch_size
+
+    @property
+    def shares_tokens(self) -> bool:
+        return self.policy_method != "no_sharing"
+
+    @property
+    def needs_labels(self) -> bool:
+        """The oracle policy selects from the ground truth: forward needs `seg_gt`."""
+        return self.policy_method == "oracle"
 
     # ---------------------------------------------------------------- policy
     def _policy_for_inference(self) -> nn.Module:
@@ -139,14 +141,6 @@ class Segmenter(nn.Module):
         return None, None
 
     # ---------------------------------------------------------------- encoder
-    def _check_input(self, h: int, w: int) -> None:
-        if self.policy_method != "no_sharing" and (h, w) != self.crop_size:
-            ch, cw = self.crop_size
-            raise ValueError(
-                f"this CTS model was built for {ch}×{cw} inputs (its token grid), got {h}×{w}; "
-                f"evaluate with sliding windows of {ch} (--window-size {ch})"
-            )
-
     def encode(self, im: torch.Tensor, layout: cts.TokenLayout) -> torch.Tensor:
         """ViT on the mixed-scale token set. Returns (B, T, D) patch features (prefix dropped)."""
         vit = self.encoder
@@ -180,7 +174,7 @@ class Segmenter(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward_all(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None) -> SegmenterOutput:
         b, _, h, w = im.shape
-        self._check_input(h, w)
+        check_window(self.policy_method, self.crop_size, (h, w))
         scores, policy_logits = self.policy_scores(im, seg_gt)
 
         p = self.patch_size

@@ -1,0 +1,250 @@
+"""The one path from options to a model: every rule about what a Segmenter may be.
+
+`build_net_kwargs` turns command-line choices into the model description that `variant.yml`
+records; `check_net_kwargs` validates such a description (ours, or a reference run's) and is
+what `create_segmenter` builds from. Nothing else validates the token budget, the crop, the
+policy method or the policy backbone, and nothing else reads the `config.json` that
+`policynet.train` writes beside a policy checkpoint. See docs/DESIGN.md, "Model description".
+
+This module imports no model code (no timm), so command-line tools can validate cheaply.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from segm.config import load_config
+from segm.model.cts import TokenBudgetError, resolve_token_budget
+
+POLICY_METHODS = ("policy_net", "no_sharing", "random", "oracle")
+# The policy network the reference builds; also what a policy checkpoint without a record is.
+DEFAULT_POLICY_BACKBONE = "efficientnet_lite0"
+# The policy network scores 2×2 groups of 16-px patches (its output stride is 32).
+POLICY_PATCH_SIZE = 16
+POLICY_RECORD = "config.json"
+
+
+class ModelConfigError(ValueError):
+    """A model description (or the options it came from) that cannot be built."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a validated model description means: its crop, token grid and budget."""
+
+    crop: tuple[int, int]
+    patch_size: int
+    policy_method: str
+    num_notshared: int  # U
+    num_shared: int  # S
+    policy_backbone: str | None  # policy_net only
+    policynet_ckpt: str | None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.crop[0] // self.patch_size, self.crop[1] // self.patch_size
+
+    @property
+    def shares_tokens(self) -> bool:
+        return self.policy_method != "no_sharing"
+
+
+def pair(x) -> tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+# --------------------------------------------------------------------------- policy record
+def read_policy_record(ckpt) -> dict | None:
+    """The `config.json` that `policynet.train` writes beside its model.pth, or None when there
+    is none (reference checkpoints). A record that exists but cannot be read is an error: a
+    silent fallback would run the policy as a backbone it was not trained as."""
+    record = Path(ckpt).with_name(POLICY_RECORD)
+    if not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelConfigError(
+            f"cannot read {record} (the record of the policy checkpoint {ckpt}): {e}. Restore it from the "
+            "policy's run folder, or delete it and pass --policy-backbone explicitly"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("backbone", ""), str):
+        raise ModelConfigError(f"{record} is not a policy-run record (expected a JSON object with a 'backbone' name)")
+    return data
+
+
+def recorded_policy_backbone(ckpt) -> str | None:
+    """The backbone a policy checkpoint was trained with, as recorded beside it (None: no record)."""
+    record = read_policy_record(ckpt)
+    return record.get("backbone") if record else None
+
+
+def check_policy_backbone(ckpt, backbone: str) -> None:
+    """efficientnet_lite0 and tf_efficientnet_lite0 share every state-dict key but pad
+    differently: a checkpoint loaded into the other one loads cleanly and scores superpatches
+    almost at random. The recorded backbone must therefore match the one built."""
+    trained = recorded_policy_backbone(ckpt)
+    if trained is not None and trained != backbone:
+        raise ModelConfigError(
+            f"policy-network checkpoint {ckpt} was trained with backbone {trained!r} "
+            f"({Path(ckpt).with_name(POLICY_RECORD)}), but the policy network here is {backbone!r}: "
+            f"drop --policy-backbone or pass --policy-backbone {trained} (net_kwargs `policy_backbone`)"
+        )
+
+
+def check_policy_checkpoint(ckpt) -> None:
+    if not ckpt:
+        raise ModelConfigError(
+            "--policy-method policy_net needs --policynet-ckpt PATH/model.pth (train one with "
+            "`python -m policynet.train`), or use --policy-method no_sharing"
+        )
+    if not Path(ckpt).is_file():
+        raise ModelConfigError(
+            f"policy-network checkpoint not found: {ckpt} (--policynet-ckpt). Train one with "
+            "`python -m policynet.train --dataset DATASET --exp_name NAME` and pass its model.pth"
+        )
+
+
+# --------------------------------------------------------------------------- model description
+def build_net_kwargs(
+    backbone: str,
+    decoder: str,
+    n_cls: int,
+    crop_size,
+    *,
+    dropout: float = 0.0,
+    drop_path_rate: float = 0.1,
+    decoder_layers: int | None = None,
+    policy_method: str = "no_sharing",
+    num_shared: int | None = None,
+    num_notshared: int | None = None,
+    token_reduction: float | None = None,
+    policynet_ckpt: str | None = None,
+    policy_backbone: str | None = None,
+    policy_ckpt_required: bool = False,
+    **extra,
+) -> dict:
+    """The reference `net_kwargs` of a model, validated (`check_net_kwargs`).
+
+    `num_shared`/`token_reduction` give S (U is derived; `num_notshared`, when given, must
+    agree). For `policy_net`, the policy backbone defaults to the one recorded beside
+    `policynet_ckpt`; a given one must agree with that record. Extra keys (`layer_norm_eps`,
+    `n_layers`, `random_seed`, `oracle_dataset`, ...) are recorded when not None.
+    """
+    cfg = load_config()
+    if backbone not in cfg["model"]:
+        raise ModelConfigError(f"unknown backbone {backbone!r}; choose one of: {', '.join(cfg['model'])}")
+    if decoder not in cfg["decoder"]:
+        raise ModelConfigError(f"unknown decoder {decoder!r}; choose one of: {', '.join(cfg['decoder'])}")
+    check_policy_method(policy_method)
+    if policy_method != "policy_net" and (policynet_ckpt or policy_backbone):
+        raise ModelConfigError(
+            f"--policynet-ckpt and --policy-backbone are only used with --policy-method policy_net, not {policy_method}"
+        )
+    net = dict(cfg["model"][backbone])
+    net["image_size"] = pair(crop_size)
+    net["backbone"] = backbone
+    net["dropout"] = dropout
+    net["drop_path_rate"] = drop_path_rate
+    dec = dict(cfg["decoder"][decoder])
+    if decoder_layers is not None and decoder == "mask_transformer":
+        dec["n_layers"] = decoder_layers
+    dec["name"] = decoder
+    dec["n_cls"] = n_cls
+    net["decoder"] = dec
+    net["n_cls"] = n_cls
+    net["policy_method"] = policy_method
+    net.update({k: v for k, v in extra.items() if v is not None})
+    # the budget as given; check_net_kwargs replaces it with the resolved (U, S)
+    net["policy_schedule"] = (num_notshared, num_shared)
+    if token_reduction is not None:
+        net["token_reduction"] = token_reduction
+    net["policynet_ckpt"] = policynet_ckpt
+    if policy_method == "policy_net":
+        net["policy_backbone"] = policy_backbone
+    spec = check_net_kwargs(net, policy_ckpt_required=policy_ckpt_required)
+    net["policy_schedule"] = (spec.num_notshared, spec.num_shared)
+    net.pop("token_reduction", None)
+    if spec.policy_backbone is not None:
+        net["policy_backbone"] = spec.policy_backbone
+    else:
+        net.pop("policy_backbone", None)  # no record: the default applies when built
+    return net
+
+
+def complete_net_kwargs(net: dict) -> dict:
+    """A copy with the preset fields a hand-written description may leave out."""
+    net = copy.deepcopy(net)
+    cfg = load_config()
+    backbone = net.get("backbone")
+    if backbone in cfg["model"]:
+        for k, v in cfg["model"][backbone].items():
+            net.setdefault(k, v)
+    missing = [k for k in ("image_size", "patch_size", "d_model", "n_heads", "n_layers", "n_cls", "decoder") if k not in net]
+    if missing:
+        raise ModelConfigError(f"model config lacks {missing}; give a known `backbone` or these fields")
+    if isinstance(net["decoder"], str):
+        net["decoder"] = {"name": net["decoder"], **cfg["decoder"].get(net["decoder"], {})}
+    return net
+
+
+def check_policy_method(policy_method: str) -> None:
+    if policy_method not in POLICY_METHODS:
+        raise ModelConfigError(f"unknown policy method {policy_method!r}; choose one of: {', '.join(POLICY_METHODS)}")
+
+
+def check_net_kwargs(net: dict, *, policy_ckpt_required: bool = True) -> ModelSpec:
+    """Validates a model description; the only place the model's rules are checked.
+
+    Crop: a multiple of the patch size, and of twice the patch size when tokens are shared
+    (superpatches are 2×2 patches). Budget: `policy_schedule` (U, S) with U = N − 4S (or
+    `token_reduction`). policy_net: patch size 16, a policy checkpoint that exists (unless
+    `policy_ckpt_required=False`: the policy weights then come from a segmentation checkpoint)
+    and a backbone that matches the one recorded beside it.
+    """
+    net = complete_net_kwargs(net)
+    method = net.get("policy_method", "no_sharing")
+    check_policy_method(method)
+    crop, p = pair(net["image_size"]), int(net["patch_size"])
+    h, w = crop
+    if h % p or w % p:
+        raise TokenBudgetError(f"crop {h}×{w} is not a multiple of the patch size {p}")
+    if method != "no_sharing" and (h % (2 * p) or w % (2 * p)):
+        raise TokenBudgetError(f"token sharing needs a crop that is a multiple of {2 * p} (2× the patch size); got {h}×{w}")
+    u, s = net.get("policy_schedule") or (None, None)
+    u, s = resolve_token_budget((h // p, w // p), method, s, u, net.get("token_reduction"))
+    backbone, ckpt = None, net.get("policynet_ckpt")
+    if method == "policy_net":
+        if p != POLICY_PATCH_SIZE:
+            raise TokenBudgetError(
+                f"the policy network scores 32-px superpatches, which needs patch size {POLICY_PATCH_SIZE} "
+                f"(got {p}); use --policy-method random/oracle or a /16 backbone"
+            )
+        if policy_ckpt_required:
+            check_policy_checkpoint(ckpt)
+        recorded = recorded_policy_backbone(ckpt) if ckpt and Path(ckpt).is_file() else None
+        backbone = net.get("policy_backbone") or recorded
+        if recorded is not None:
+            check_policy_backbone(ckpt, backbone)
+    return ModelSpec(crop, p, method, u, s, backbone, ckpt)
+
+
+def check_window(policy_method: str, crop: tuple[int, int], window: tuple[int, int]) -> None:
+    """A token-sharing model runs only on inputs of its training crop: its token budget is
+    fixed for its token grid. Plain Segmenter models take any size."""
+    if policy_method == "no_sharing" or tuple(window) == tuple(crop):
+        return
+    ch, cw = crop
+    if ch != cw:
+        raise ModelConfigError(
+            f"this token-sharing model runs only on {ch}×{cw} inputs (its training crop), got "
+            f"{window[0]}×{window[1]}; its crop is not square, so it cannot slide square windows"
+        )
+    raise ModelConfigError(
+        f"this token-sharing model runs only on {ch}×{cw} inputs (its training crop), got "
+        f"{window[0]}×{window[1]}: use windows of the crop (--window-size {ch}, window_size={ch})"
+    )
