@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from segm.model import cts
-from tests.reference_cts import ref_images_to_patches, ref_masks, ref_unshare
+from tests.helpers.reference_cts import ref_images_to_patches, ref_masks, ref_unshare
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import yaml
 import segm
 from segm.model import TokenBudgetError, build_net_kwargs, save_model
 from segm.model.factory import load_model
-from tests.reference_cts import ref_forward
+from tests.helpers.reference_cts import ref_forward
 
 
 def tiny_cfg(policy_method="no_sharing", s=0, crop=(64, 96), decoder="mask_transformer", n_cls=5, **kw):
