@@ -61,6 +61,45 @@ class _Custom:
 def test_arbitrary_objects_refused(tmp_path):
     path = tmp_path / "pickled.pth"
     torch.save({"obj": _Custom()}, path)
-    expected = r"pickled.pth holds objects that need arbitrary unpickling \(\S*_Custom\)"
+    expected = r"pickled.pth contains objects that are not allowed \(\S*_Custom\) and will not be loaded"
     with pytest.raises(CheckpointError, match=expected):
         safe_torch_load(path)
+
+
+class _Malicious:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo should-never-run",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_malicious_pickle_is_refused_without_torch_advice(tmp_path, protocol, capfd):
+    import pickle
+
+    path = tmp_path / "evil.pth"
+    if protocol == 2:
+        torch.save({"model": _Malicious()}, path)
+    else:  # a raw pickle of a newer protocol, not written by torch
+        path.write_bytes(pickle.dumps({"model": _Malicious()}, protocol=protocol))
+    with pytest.raises(CheckpointError) as info:
+        safe_torch_load(path)
+    message = str(info.value)
+    assert "contains objects that are not allowed" in message and "will not be loaded" in message
+    assert "weights_only" not in message and "corrupt" not in message
+    out, err = capfd.readouterr()
+    assert "should-never-run" not in out and "weights_only" not in err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_respect_the_umask(tmp_path, umask):
+    """mkstemp creates 0600 files; results on a shared cluster must be readable as a plain
+    open() would leave them."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        atomic_torch_save({"epoch": 1}, tmp_path / "checkpoint.pth")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "checkpoint.pth").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,20 +26,37 @@ def safe_torch_load(path, map_location="cpu"):
     """`torch.load(path, weights_only=True)` with errors that name the file.
 
     Raises FileNotFoundError for a missing file and CheckpointError for a corrupt file
-    or one holding objects other than tensors and plain containers/scalars.
+    or one holding objects other than tensors and plain containers/scalars. Nothing is ever
+    unpickled beyond those, and no message suggests loading with `weights_only=False`.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle protocol is refused below, not warned about
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
-            raise CheckpointError(
-                f"{path} holds objects that need arbitrary unpickling ({found.group(1)}), refused for "
-                "safety; save plain state dicts (tensors, dicts, lists, numbers, strings) instead"
-            ) from None
-        raise CheckpointError(f"{path} is corrupt or not a torch checkpoint ({e})") from None
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"{path} is corrupt or not a torch checkpoint ({_first_line(e)})") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if not found and not _is_pickle(path):
+            raise CheckpointError(f"{path} is corrupt or not a torch checkpoint") from None
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path} contains objects that are not allowed{what} and will not be loaded: this project "
+            "reads only tensors and plain containers, numbers and strings; re-save it as a plain state dict"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} is corrupt or not a torch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path} is corrupt or not a torch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _is_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"  # the PROTO opcode that starts every pickle since protocol 2
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error, without torch's advice to load with weights_only=False."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip() and "weights_only" not in ln]
+    return lines[0] if lines else type(e).__name__
