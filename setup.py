@@ -17,7 +17,6 @@ setup(
         "mmcv>=1.7,<1.8",
         "mmsegmentation>=0.30,<0.31",
         "numpy>=1.26",
-        "einops>=0.7",
         "pyyaml>=6",
         "click>=8",
         "tqdm>=4.60",

@@ -1,4 +1,4 @@
-"""Dataset-level mIoU with the semantics of mmseg 0.x `mean_iou` (SPEC §6.3).
+"""Dataset-level mIoU with the semantics of mmseg 0.x `mean_iou` (docs/DESIGN.md, "Evaluation").
 
 Per-class intersection, union, predicted area and label area are counted on the
 prediction's device with one `bincount` per image batch, accumulated over the whole

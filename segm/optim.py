@@ -1,4 +1,4 @@
-"""Optimiser factory and the per-iteration polynomial schedule (SPEC §5.3)."""
+"""Optimiser factory and the per-iteration polynomial schedule (docs/DESIGN.md, "Training recipe")."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Content-aware Token Sharing as pure functions on tensors (SPEC §3).
+"""Content-aware Token Sharing as pure functions on tensors (docs/DESIGN.md, "Token geometry and order").
 
 Geometry: the base grid has Gh×Gw patches (N = Gh·Gw); a superpatch is the fixed,
 even-aligned 2×2 group of base patches, so the superpatch grid is (Gh/2)×(Gw/2).
@@ -130,7 +130,7 @@ def select_shared(scores: torch.Tensor, num_shared: int) -> torch.Tensor:
 
 
 def layout_from_scores(scores: torch.Tensor, num_shared: int, grid: tuple[int, int]) -> TokenLayout:
-    """Top-S superpatch selection (SPEC §3.2) and the resulting token layout.
+    """Top-S superpatch selection and the resulting token layout.
 
     scores (B, Gh/2, Gw/2) or (B, Gh·Gw/4): higher = more shareable (for the policy net,
     softmax(logits)[:, 1]). There is no threshold: every image shares exactly S.
@@ -195,11 +195,11 @@ def patch_pixels(im: torch.Tensor, idx: torch.Tensor, patch: int) -> torch.Tenso
 
 
 def mixed_patches(im: torch.Tensor, layout: TokenLayout, patch: int) -> torch.Tensor:
-    """Pixels of the T = U + S mixed-scale tokens (SPEC §3.3): the U non-shared patches, then
+    """Pixels of the T = U + S mixed-scale tokens: the U non-shared patches, then
     per shared superpatch its 2p×2p block average-pooled to p×p. (B, T, C·p·p), token order.
     Embedding these with the patch conv as a matrix product equals embedding the full and the
     pooled image and selecting tokens (`mix_tokens`), without computing the unused 4S + N/4 − S."""
-    pooled = F.avg_pool2d(im, 2)  # == bilinear ×0.5, align_corners=False (SPEC §3.3)
+    pooled = F.avg_pool2d(im, 2)  # == the reference's bilinear ×0.5 with align_corners=False
     return torch.cat([patch_pixels(im, layout.base_idx, patch), patch_pixels(pooled, layout.shared_idx, patch)], 1)
 
 
@@ -210,7 +210,7 @@ def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 def pool_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Per-superpatch mean of tokens on a grid: (B, N, D) → (B, N/4, D). For position
-    embeddings this is the mean of the four cells (SPEC §3.4)."""
+    embeddings this is the mean of the four cells."""
     b, _, d = x.shape
     gh, gw = grid
     g = x.transpose(1, 2).reshape(b, d, gh, gw)
@@ -218,7 +218,7 @@ def pool_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def unshare(token_scores: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Unsharing (SPEC §3.7): (B, T, K) per-token scores → (B, K, Gh, Gw), each shared token's
+    """Unsharing: (B, T, K) per-token scores → (B, K, Gh, Gw), each shared token's
     scores written to its 4 cells. The result is a channels-last view (no copy)."""
     b, _, k = token_scores.shape
     gh, gw = layout.grid

@@ -1,4 +1,4 @@
-"""Segmenter decoders (SPEC §2.5). Both map (B, T, D) patch tokens to (B, T, K) class scores;
+"""Segmenter decoders. Both map (B, T, D) patch tokens to (B, T, K) class scores;
 the grid shape never enters, so non-square crops and the reduced CTS token set just work."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Building, saving and loading Segmenter models.
 
-`net_kwargs` is the reference's model description (SPEC §5.4, `variant.yml`): the backbone
+`net_kwargs` is the reference's model description (`variant.yml`; docs/DESIGN.md, "Model description"): the backbone
 preset (`image_size` = crop, `patch_size`, `d_model`, `n_heads`, `n_layers`, `normalization`,
 `distilled`), `backbone`, `dropout`, `drop_path_rate`, `decoder` {`name`, ..., `n_cls`},
 `n_cls`, and for CTS `policy_method`, `policy_schedule` = (U, S), `policynet_ckpt`.

@@ -1,4 +1,4 @@
-"""The ViT encoder: a timm VisionTransformer built for the training crop (SPEC §2.1–2.4).
+"""The ViT encoder: a timm VisionTransformer built for the training crop.
 
 Key names follow timm, so timm ViT weights and reference checkpoints map 1:1. Attention is
 timm's fused path (`F.scaled_dot_product_attention`).
@@ -50,7 +50,7 @@ def create_vit(
         num_heads=n_heads,
         mlp_ratio=mlp_ratio,
         qkv_bias=True,
-        num_classes=1000,  # the reference keeps an unused ImageNet head (SPEC §2.3)
+        num_classes=1000,  # the reference keeps an unused ImageNet head (a frozen state-dict key)
         drop_rate=dropout,
         pos_drop_rate=dropout,
         proj_drop_rate=dropout,
@@ -67,7 +67,7 @@ def num_prefix_tokens(vit: VisionTransformer) -> int:
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid, num_extra: int) -> torch.Tensor:
     """Bilinear (align_corners=False) resize of the grid part of a (1, extra + h·w, D) embedding
-    (SPEC §2.3: 24→32 at crop 512). The source grid is assumed square unless `new_grid` matches."""
+    (e.g. 24→32 at crop 512). The source grid is assumed square unless `new_grid` matches."""
     extra, grid = pos_embed[:, :num_extra], pos_embed[:, num_extra:]
     n_old = grid.shape[1]
     gh, gw = _pair(new_grid)

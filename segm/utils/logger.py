@@ -1,4 +1,4 @@
-"""`log.txt`: one JSON object per line and per epoch (SPEC §5.4), kept consistent with the
+"""`log.txt`: one JSON object per line and per epoch, kept consistent with the
 checkpoint across crashes.
 
 The training loop writes the checkpoint (which carries the epoch's record) first and appends
