@@ -18,7 +18,7 @@ from segm.model.policy_net import load_policy_checkpoint
 from segm.model.segmenter import Segmenter
 from segm.model.spec import DEFAULT_POLICY_BACKBONE, build_net_kwargs, check_net_kwargs, complete_net_kwargs
 from segm.model.vit import create_vit, load_pretrained_vit
-from segm.utils.checkpoint import atomic_torch_save, safe_torch_load
+from segm.utils.checkpoint import atomic_torch_save, safe_torch_load, state_dict_mismatch
 
 __all__ = ["build_net_kwargs", "create_segmenter", "load_model", "save_model", "write_variant"]
 
@@ -87,10 +87,11 @@ def load_model(path, map_location="cpu") -> tuple[Segmenter, dict]:
     if "net_kwargs" not in variant:
         raise ValueError(f"the variant of {path} has no net_kwargs")
     model = create_segmenter(variant["net_kwargs"], policy_ckpt_required=False)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not fit its variant: {str(e).splitlines()[0]}") from None
+    state = ckpt["model"]
+    problem = state_dict_mismatch(model, state) if isinstance(state, dict) else "'model' is not a state dict"
+    if problem:
+        raise ValueError(f"checkpoint {path} does not fit the model its variant describes: {problem}")
+    model.load_state_dict(state, strict=True)
     model.eval()
     return model, variant
 

@@ -16,7 +16,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from segm.utils.checkpoint import safe_torch_load
+from segm.utils.checkpoint import safe_torch_load, state_dict_mismatch
 
 
 def _pair(x) -> tuple[int, int]:
@@ -103,6 +103,19 @@ def _load_npz(vit: VisionTransformer, path: Path) -> dict:
     return src.state_dict()
 
 
+def _read_weight_file(vit: VisionTransformer, path: Path) -> dict:
+    """An AugReg `.npz` or a `.safetensors` file as a state dict; an unreadable file is named."""
+    try:
+        if path.suffix == ".npz":
+            return _load_npz(vit, path)
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    except Exception as e:  # numpy, zipfile and safetensors each raise their own types
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"cannot read pretrained weights {path}: {type(e).__name__}: {first}") from None
+
+
 def load_pretrained_vit(vit: VisionTransformer, source: str) -> None:
     """Loads encoder weights from a local `.npz` (AugReg), `.pth`/`.pt` or `.safetensors` file,
     or, when online, a timm hub name. The position embedding is resized bilinearly to the
@@ -111,12 +124,8 @@ def load_pretrained_vit(vit: VisionTransformer, source: str) -> None:
     if path.suffix in (".npz", ".pth", ".pt", ".bin", ".safetensors"):
         if not path.is_file():
             raise FileNotFoundError(f"pretrained weights not found: {path}")
-        if path.suffix == ".npz":
-            state = _load_npz(vit, path)
-        elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
+        if path.suffix in (".npz", ".safetensors"):
+            state = _read_weight_file(vit, path)
         else:
             state = safe_torch_load(path)
             for k in ("model", "state_dict"):
@@ -141,10 +150,7 @@ def load_pretrained_vit(vit: VisionTransformer, source: str) -> None:
     for head in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
         if head in state and state[head].shape != own[head].shape:
             del state[head]
-    result = vit.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(("head.", "head_dist."))]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"pretrained weights {source} do not fit the encoder: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
+    problem = state_dict_mismatch(vit, state, ignore_missing=("head.", "head_dist."))
+    if problem:
+        raise ValueError(f"pretrained weights {source} do not fit the encoder: {problem}")
+    vit.load_state_dict(state, strict=False)

@@ -10,7 +10,7 @@ import torch
 
 from segm.utils.atomic import atomic_write
 
-__all__ = ["CheckpointError", "atomic_torch_save", "safe_torch_load"]
+__all__ = ["CheckpointError", "atomic_torch_save", "safe_torch_load", "state_dict_mismatch"]
 
 
 class CheckpointError(RuntimeError):
@@ -60,3 +60,25 @@ def _first_line(e: BaseException) -> str:
     """The first line of an error, without torch's advice to load with weights_only=False."""
     lines = [ln for ln in str(e).splitlines() if ln.strip() and "weights_only" not in ln]
     return lines[0] if lines else type(e).__name__
+
+
+def state_dict_mismatch(module: torch.nn.Module, state: dict, *, ignore_missing: tuple[str, ...] = ()) -> str | None:
+    """What keeps `state` from loading strictly into `module`, naming the first missing,
+    unexpected and mis-shaped keys (None when it fits). Torch's own message starts with a
+    line that names none of them."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(ignore_missing)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+
+    def first(names: list, what: str) -> str:
+        more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+        return f"{len(names)} {what}: {', '.join(names[:3])}{more}"
+
+    parts = [first(n, w) for n, w in ((missing, "missing keys"), (unexpected, "unexpected keys"),
+                                      (shapes, "shape mismatches")) if n]
+    return "; ".join(parts) or None
