@@ -2,6 +2,8 @@
 FLOPs against the CTS formulas, the interleaving, memory measurement, real-image inputs, the
 CLI and its errors. One thread, so a loaded machine does not stall OpenMP barriers."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,6 +132,7 @@ def test_cli_writes_json_plot_and_table(tmp_path):
     (["--num-shared", "5"], "out of range"),  # max S = 4 on a 4×4 grid
     (["--num-shared", "2", "--token-reduction", "0.3"], "not both"),
     (["--sweep", "0,abc"], "comma-separated"),
+    (["--sweep", "0,0.8"], "must lie in [0, 0.75]"),  # through the one budget rule
     (["--repeats", "0"], "--repeats must be"),
     (["--inputs", "nowhere:val"], "unknown dataset"),
 ])
@@ -160,3 +163,11 @@ def test_checkpoint_model_keeps_its_budget_and_policy_weights(tmp_path):
     cts_policy = variants[1].model.policy_net.state_dict()
     assert all(torch.equal(t, cts_policy[k]) for k, t in model.policy_net.state_dict().items())
     assert variants[0].model.encoder is variants[1].model.encoder  # one shared encoder
+
+
+def test_help_does_not_import_the_dataset_stack():
+    code = ("import sys; from click.testing import CliRunner; from segm.bench.cli import main; "
+            "assert CliRunner().invoke(main, ['--help']).exit_code == 0; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mmseg', 'mmcv')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

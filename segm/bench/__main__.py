@@ -1,0 +1,3 @@
+from segm.bench.cli import main
+
+main()

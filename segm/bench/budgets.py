@@ -1,0 +1,42 @@
+"""The token budgets the benchmark times: the main CTS budget S and the sweep's.
+
+Every budget is validated by the project's one budget rule, `segm.model.cts.resolve_token_budget`.
+"""
+from __future__ import annotations
+
+from segm.bench.settings import BenchConfig, BenchError
+from segm.model.cts import TokenBudgetError, resolve_token_budget
+
+# The reference's token reduction 3S/N, about 30 %.
+DEFAULT_REDUCTION = 0.30
+# The reference ADE20K 512 schedule is 612/103, one more than round(0.3·1024/3).
+REFERENCE_SHARED = {1024: 103}
+
+
+def default_num_shared(grid: tuple[int, int]) -> int:
+    """The default S for a token grid: the reference schedule where there is one, else ~30 %."""
+    n = grid[0] * grid[1]
+    return REFERENCE_SHARED.get(n, round(DEFAULT_REDUCTION * n / 3))
+
+
+def resolve_budgets(cfg: BenchConfig, grid: tuple[int, int], model_s: int | None = None) -> tuple[int, list]:
+    """(S of the main CTS variant, S of the extra sweep points). `model_s`: a CTS checkpoint's S,
+    the default when no budget is given."""
+    n = grid[0] * grid[1]
+    asked = cfg.num_shared
+    if cfg.num_shared is None and cfg.token_reduction is None:
+        asked = model_s or default_num_shared(grid)
+    _, s_main = resolve_token_budget(grid, "policy_net", asked, None, cfg.token_reduction)
+    if s_main == 0:
+        raise BenchError("the CTS budget is S = 0, which is no_sharing itself; give --num-shared ≥ 1")
+    sweep = []
+    for rho in cfg.sweep:
+        try:
+            _, s = resolve_token_budget(grid, "policy_net", token_reduction=rho)
+        except TokenBudgetError as e:
+            raise BenchError(f"--sweep {rho}: {e}") from None
+        if abs(3 * s / n - 3 * s_main / n) < 0.01:
+            s = s_main  # e.g. 30 % at 512: the reference 103 rather than round(102.4)
+        if s not in (0, s_main) and s not in sweep:
+            sweep.append(s)
+    return s_main, sweep

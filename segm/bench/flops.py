@@ -1,0 +1,45 @@
+"""FLOP and token counts per image, from `torch.utils.flop_counter` (2 FLOPs per multiply-add)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from segm.bench.variants import Variant, restore_fused_attention, set_fused_attention
+from segm.model.segmenter import Segmenter
+
+
+def count_flops(variant: Variant, x: torch.Tensor) -> dict:
+    """Forward FLOPs per image (and of the policy net alone) on eager fp32, and the token count.
+
+    Attention is counted with timm's explicit path: the flop counter does not see the fused CPU
+    kernel, and both compute the same products."""
+    model = variant.model
+    saved = set_fused_attention(model, False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            out = model.forward_all(x)
+        total = fc.get_total_flops()
+        policy = 0
+        if variant.policy == "policy_net":
+            with torch.no_grad(), FlopCounterMode(display=False) as fp:
+                model.policy_net(x)
+            policy = fp.get_total_flops()
+    finally:
+        restore_fused_attention(saved)
+    b = x.shape[0]
+    prefix = model.encoder.num_prefix_tokens
+    return {"gflops": total / b / 1e9, "policy_gflops": policy / b / 1e9,
+            "tokens": out.layout.num_tokens + prefix, "patch_tokens": out.layout.num_tokens,
+            "prefix_tokens": prefix}
+
+
+def count_train_flops(model: Segmenter, x: torch.Tensor, labels: torch.Tensor) -> float:
+    saved = set_fused_attention(model, False)
+    try:
+        with FlopCounterMode(display=False) as fc:
+            F.cross_entropy(model(x), labels, ignore_index=255).backward()
+    finally:
+        restore_fused_attention(saved)
+        model.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / x.shape[0] / 1e9

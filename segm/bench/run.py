@@ -1,0 +1,101 @@
+"""The benchmark from settings to results: build the variants, count, measure, describe."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Callable
+
+import torch
+
+from segm.bench.flops import count_flops
+from segm.bench.inputs import make_batches
+from segm.bench.machine import loadavg, machine_info
+from segm.bench.phases import inference_phase, train_phase
+from segm.bench.settings import BenchConfig, check_config
+from segm.bench.variants import Variant, build_variants, set_fused_attention
+
+
+def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Builds the variants, measures them and returns the results (see `format_table`)."""
+    check_config(cfg)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _prepare(cfg: BenchConfig, device, log: Callable) -> tuple[list[Variant], dict, list]:
+    """The variants on the device, their model description and the input batches."""
+    variants, model_info = build_variants(cfg)
+    base = variants[0].model
+    for v in variants:
+        v.model.to(device)
+        if cfg.channels_last:
+            v.model.to(memory_format=torch.channels_last)
+    set_fused_attention(base, cfg.sdpa)  # encoder and decoder are shared by all variants
+    batches = make_batches(cfg, base.crop_size, model_info["normalization"], device)
+    log(f"{len(variants)} variants: " + ", ".join(f"{v.name} (S={v.num_shared})" for v in variants))
+    return variants, model_info, batches
+
+
+def _measure(cfg: BenchConfig, variants: list[Variant], model_info: dict, batches: list, device,
+             log: Callable) -> tuple[list[dict], dict]:
+    """Per-variant results (counts, inference, optional training step) and the matmul result."""
+    for v in variants:  # one counted eager fp32 forward per variant, batch 1
+        v.counts = count_flops(v, batches[0][:1])
+    runners = {v.name: (torch.compile(v.model) if cfg.compile else v.model) for v in variants}
+    results, matmul = inference_phase(cfg, variants, runners, batches, device, log)
+    for v, r in zip(variants, results):
+        r["num_notshared"] = model_info["num_patches"] - 4 * v.num_shared
+    if cfg.train_step:
+        train = train_phase(cfg, variants, runners, batches, device, log)
+        for r in results:
+            r["train"] = train[r["name"]]
+    return results, matmul
+
+
+def _notes(model_info: dict, device) -> list[str]:
+    notes = [
+        "CTS timings include the policy network; random-policy timings do not need one.",
+        f"policy network weights: {model_info['policy_weights']}",
+        "GFLOPs: torch.utils.flop_counter, 2 FLOPs per multiply-add (fvcore/lab numbers are half); "
+        "attention counted via timm's explicit path.",
+        "speed-up = median(no_sharing time)/median(variant time); paired = median over repeats of "
+        "the same-round ratio (robust to load drift); best = fastest/fastest (robust to bursts).",
+    ]
+    if device.type == "cpu":
+        notes.append("CPU peak memory: tensor storage allocated during one call (as CUDA's "
+                     "max_memory_allocated), the output included; weights and inputs excluded.")
+    return notes
+
+
+def _protocol(cfg: BenchConfig) -> dict:
+    return {
+        "batch_size": cfg.batch_size, "warmup": cfg.warmup, "repeats": cfg.repeats, "dtype": cfg.dtype,
+        "autocast": cfg.dtype == "bf16", "compile": cfg.compile, "fused_attention": cfg.sdpa,
+        "channels_last": cfg.channels_last, "inputs": cfg.inputs, "same_image": cfg.same_image,
+        "num_batches": cfg.num_batches, "interleaved": True, "policy_net_included": True,
+        "grad": "no_grad (inference)",
+    }
+
+
+def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    load_before = loadavg()
+    variants, model_info, batches = _prepare(cfg, device, log)
+    results, matmul = _measure(cfg, variants, model_info, batches, device, log)
+    notes = _notes(model_info, device)
+    return {
+        "config": {**asdict(cfg), "sweep": list(cfg.sweep)},
+        "model": model_info,
+        "machine": machine_info(device),
+        "load_average": {"before": load_before, "after": loadavg()},
+        "protocol": _protocol(cfg),
+        "matmul": matmul,
+        "variants": results,
+        "notes": notes,
+    }

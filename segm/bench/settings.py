@@ -1,0 +1,87 @@
+"""The benchmark's settings (`BenchConfig`) and the checks run on them before any model is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MATMUL_SIZE = 2048
+
+
+class BenchError(ValueError):
+    """Invalid benchmark settings."""
+
+
+@dataclass
+class BenchConfig:
+    # model: a preset configuration or a checkpoint
+    backbone: str | None = "vit_small_patch16_384"
+    decoder: str = "mask_transformer"
+    n_cls: int = 150
+    crop_size: int = 512
+    model_path: str | None = None
+    overrides: dict = field(default_factory=dict)  # e.g. d_model, n_heads, n_layers, decoder_layers
+    # token budgets
+    num_shared: int | None = None
+    token_reduction: float | None = None
+    with_random: bool = False
+    sweep: tuple = ()
+    # protocol
+    batch_size: int = 2
+    warmup: int = 2
+    repeats: int = 10
+    device: str = "cpu"
+    dtype: str = "fp32"
+    compile: bool = False
+    sdpa: bool = True
+    channels_last: bool = False
+    threads: int | None = None
+    # inputs
+    inputs: str = "random"  # or DATASET[:SPLIT]
+    data_root: str | None = None
+    num_batches: int = 4
+    same_image: bool = False  # lab protocol: one image repeated along the batch
+    # extra measurements
+    latency: bool = False
+    train_step: bool = False
+    memory: bool = True
+    matmul_size: int = MATMUL_SIZE
+    seed: int = 0
+
+
+def parse_inputs(spec: str) -> tuple[str, str] | None:
+    """'random' → None; 'ade20k' or 'ade20k:val' → (dataset, split)."""
+    if spec == "random":
+        return None
+    name, _, split = spec.partition(":")
+    from segm.data import canonical_name
+
+    try:
+        name = canonical_name(name)
+    except ValueError as e:
+        raise BenchError(f"--inputs {spec!r}: {e}; or use --inputs random") from None
+    split = split or "val"
+    if split not in ("train", "val", "test"):
+        raise BenchError(f"--inputs {spec!r}: unknown split {split!r}, use DATASET:val (or train, test)")
+    return name, split
+
+
+def check_config(cfg: BenchConfig) -> None:
+    """Rejects bad settings before any model is built. The token budgets are checked by
+    `resolve_budgets`, which needs the model's token grid."""
+    for name, low in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("num_batches", 1), ("matmul_size", 1)):
+        if getattr(cfg, name) < low:
+            raise BenchError(f"--{name.replace('_', '-')} must be ≥ {low}, got {getattr(cfg, name)}")
+    if cfg.dtype not in ("fp32", "bf16"):
+        raise BenchError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise BenchError(f"--device must be cpu or cuda, got {cfg.device!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    if cfg.compile and cfg.warmup < 1:
+        raise BenchError("--compile needs --warmup ≥ 1 (the first call compiles)")
+    if cfg.model_path is None and cfg.backbone is None:
+        raise BenchError("give --backbone (a preset) or --model-path (a checkpoint)")
+    if cfg.num_shared is not None and cfg.token_reduction is not None:
+        raise BenchError("give --num-shared or --token-reduction, not both")
+    parse_inputs(cfg.inputs)
