@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import load_ckpt, run_cli, tiny_args
+from tests.helpers.train import load_ckpt, run_cli, tiny_args
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,7 @@
 """`python -m segm.train`: outputs, recipe, log-folder rules, clear errors, non-finite loss,
-and the deterministic data/loss helpers of `segm.engine`. Tiny runs on the synthetic fixture
-(crop 64, one encoder layer), in process through click's CliRunner."""
+the loss (`segm.train.loss`) and the deterministic data helpers (`segm.utils.determinism`).
+Tiny runs on the synthetic fixture (crop 64, one encoder layer), in process through click's
+CliRunner (`tests/helpers/train.py`)."""
 import json
 import math
 import random
@@ -13,10 +14,12 @@ from click.testing import CliRunner
 from torch.utils.data import Dataset
 
 import segm
-from segm import engine, train as train_mod
-from segm.utils import determinism
+from segm import train as train_mod
 from segm.optim import PolynomialLR
+from segm.train import loop, loss as train_loss
+from segm.utils import determinism
 from segm.utils.logger import read_log, restore_log
+from tests.helpers.train import load_ckpt, make_policy_ckpt, run_cli, tiny_args
 
 REFERENCE_CKPT_KEYS = {"model", "optimizer", "n_cls", "lr_scheduler", "epoch"}
 REFERENCE_VARIANT_KEYS = {"world_batch_size", "version", "resume", "amp", "log_dir", "dataset_kwargs",
@@ -24,35 +27,6 @@ REFERENCE_VARIANT_KEYS = {"world_batch_size", "version", "resume", "amp", "log_d
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_args(log_dir, root, *extra):
-    return ["--log-dir", str(log_dir), "--dataset", "synthetic", "--data-root", str(root),
-            "--backbone", "vit_tiny_patch16_384", "--encoder-layers", "1", "--decoder-layers", "1",
-            "--im-size", "64", "--crop-size", "64", "--pretrained", "none", "--num-workers", "0", *extra]
-
-
-def make_policy_ckpt(path, seed=0):
-    """A policy checkpoint with non-trivial BatchNorm statistics."""
-    from segm.model.policy_net import PolicyNet
-
-    torch.manual_seed(seed)
-    policy = PolicyNet()
-    for m in policy.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-    torch.save(policy.state_dict(), path)
-    return policy.state_dict()
-
-
-def run_cli(args):
-    result = CliRunner().invoke(train_mod.main, args, catch_exceptions=False)
-    return result
-
-
-def load_ckpt(log_dir):
-    return torch.load(log_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
 
 
 # ----------------------------------------------------------------------------- full run
@@ -78,7 +52,7 @@ def test_run_outputs_reference_files(cts_run):
     assert "loss_scaler" not in ckpt  # no AMP
     assert ckpt["n_cls"] == 10 and ckpt["epoch"] == 1 and ckpt["iteration"] == 6
     assert not any(k.startswith("module.") for k in ckpt["model"])
-    # The policy net stayed frozen, BatchNorm statistics included (SPEC §10).
+    # The policy net stayed frozen, BatchNorm statistics included (docs/DESIGN.md, "Policies").
     for k, v in cts_run["policy_state"].items():
         assert torch.equal(ckpt["model"][f"policy_net.{k}"], v), k
     opt_group = ckpt["optimizer"]["param_groups"][0]
@@ -215,6 +189,8 @@ def test_custom_dataset(synthetic_root, tmp_path):
         (["--policy-method", "random", "--num-tokens-shared", "2", "--window-size", "128"],
          "use windows of the crop (--window-size 64"),
         (["--policy-method", "no_sharing", "--batch-size", "0"], "--batch-size must be positive"),
+        (["--policy-method", "no_sharing", "-lr", "inf"], "--learning-rate must be a positive finite number, got inf"),
+        (["--policy-method", "no_sharing", "-lr", "nan"], "--learning-rate must be a positive finite number, got nan"),
         (["--policy-method", "no_sharing", "--pretrained", "missing/S_16.npz"],
          "pretrained weights not found: missing/S_16.npz"),
     ],
@@ -235,7 +211,7 @@ def test_global_batch_must_split_over_the_processes(synthetic_root, tmp_path):
     o = SimpleNamespace(**{**params, "log_dir": tmp_path, "dataset": "ade20k", "backbone": "vit_small_patch16_384",
                            "policy_method": "no_sharing"})
     resolved = train_mod.resolve_options(o, world_size=8)
-    # The reference ADE20K recipe (SPEC §5.2), windows = crop.
+    # The reference ADE20K recipe (docs/DESIGN.md, "Training recipe"), windows = crop.
     assert (resolved.batch_size, resolved.epochs, resolved.learning_rate, resolved.eval_freq) == (8, 64, 1e-3, 2)
     assert (resolved.im_size, resolved.crop_size, resolved.window_size, resolved.window_stride) == (512,) * 4
     assert (resolved.drop_path, resolved.dropout, resolved.min_lr, resolved.warmup_iter) == (0.1, 0.0, 1e-5, 0)
@@ -260,18 +236,23 @@ def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch):
     assert not log_dir.exists()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path, monkeypatch):
+def poison_loss(monkeypatch, at_call: int) -> None:
+    """The training loss becomes NaN at its `at_call`-th computation."""
     calls = {"n": 0}
-    real_loss = engine.segmentation_loss
+    real_loss = train_loss.segmentation_loss
 
     def poisoned(logits, target, world_size=1):
         calls["n"] += 1
         loss, value = real_loss(logits, target, world_size)
-        if calls["n"] == 3:
+        if calls["n"] == at_call:
             return loss * float("nan"), value * float("nan")
         return loss, value
 
-    monkeypatch.setattr(train_mod, "segmentation_loss", poisoned)
+    monkeypatch.setattr(loop, "segmentation_loss", poisoned)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path, monkeypatch):
+    poison_loss(monkeypatch, at_call=3)
     log_dir = tmp_path / "run"
     result = run_cli(tiny_args(log_dir, synthetic_root, "--policy-method", "no_sharing", "--batch-size", "8",
                                "--epochs", "2", "--ckpt-every", "2"))
@@ -283,7 +264,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root
     assert not (log_dir / "log.txt").exists() or read_log(log_dir / "log.txt") == []
 
 
-# ----------------------------------------------------------------------------- engine
+def test_non_finite_loss_before_any_checkpoint_says_there_is_none(synthetic_root, tmp_path, monkeypatch):
+    poison_loss(monkeypatch, at_call=1)
+    log_dir = tmp_path / "run"
+    result = run_cli(tiny_args(log_dir, synthetic_root, "--policy-method", "no_sharing", "--batch-size", "8",
+                               "--epochs", "1", "--ckpt-every", "2"))
+    assert result.exit_code == 3
+    assert "loss is nan at iteration 1" in result.output
+    assert "No checkpoint was written yet" in result.output and "(iteration None)" not in result.output
+    assert not (log_dir / "checkpoint.pth").exists()
+
+
+# ----------------------------------------------------------------------------- loss and determinism
 def test_resumable_sampler_matches_distributed_layout_and_skips():
     full = determinism.ResumableSampler(10, seed=3)
     full.set_epoch(2)
@@ -332,11 +324,11 @@ def test_loss_is_the_global_mean_and_safe_on_empty_batches():
     logits = torch.randn(2, 4, 8, 8, requires_grad=True)
     target = torch.randint(0, 4, (2, 8, 8))
     target[0, :3] = 255
-    loss, value = engine.segmentation_loss(logits, target)
+    loss, value = train_loss.segmentation_loss(logits, target)
     ref = F.cross_entropy(logits, target, ignore_index=255)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(value, ref.detach())
-    loss, value = engine.segmentation_loss(logits, torch.full_like(target, 255))
+    loss, value = train_loss.segmentation_loss(logits, torch.full_like(target, 255))
     assert loss.item() == 0.0 and value.item() == 0.0
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))

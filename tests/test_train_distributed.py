@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from segm.utils.logger import read_log
-from tests.test_train import load_ckpt, make_policy_ckpt, run_cli, tiny_args
+from tests.helpers.train import load_ckpt, make_policy_ckpt, run_cli, tiny_args
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,8 +1,24 @@
-from segm.model.cts import TokenBudgetError, TokenLayout
-from segm.model.factory import build_net_kwargs, create_segmenter, load_model, save_model
-from segm.model.segmenter import Segmenter, SegmenterOutput
+"""The model: ViT encoder, decoders, token sharing, Segmenter, policy network, factory.
 
-__all__ = [
-    "Segmenter", "SegmenterOutput", "TokenBudgetError", "TokenLayout",
-    "build_net_kwargs", "create_segmenter", "load_model", "save_model",
-]
+Exports are imported lazily (timm costs seconds), so command-line tools that only need
+`segm.model.spec` or `segm.model.cts` start fast.
+"""
+_EXPORTS = {
+    "Segmenter": "segm.model.segmenter",
+    "SegmenterOutput": "segm.model.segmenter",
+    "TokenBudgetError": "segm.model.cts",
+    "TokenLayout": "segm.model.cts",
+    "build_net_kwargs": "segm.model.spec",
+    "create_segmenter": "segm.model.factory",
+    "load_model": "segm.model.factory",
+    "save_model": "segm.model.factory",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'segm.model' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from segm.train.cli import main
+
+main()

@@ -1,0 +1,88 @@
+"""The command line: `python -m segm.train` (options and exit codes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from segm.model.spec import POLICY_METHODS
+from segm.train.loss import NonFiniteLossError
+from segm.train.options import AMP_DTYPES, DATASETS, ConfigError
+from segm.train.run import train
+
+_PRESET = " [default: the dataset preset in configs/config.yml]"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--log-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: checkpoint.pth, variant.yml, log.txt, TensorBoard events.")
+@click.option("--dataset", required=True, type=click.Choice(DATASETS + ("pcontext",)), help="Training dataset.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The dataset's own folder [default: $DATASET/<dataset>]; required for custom.")
+@click.option("--classes", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Classes file (YAML) of a custom dataset [default: <data-root>/classes.yml].")
+@click.option("--im-size", type=int, default=None, help="Resize base (short side)." + _PRESET)
+@click.option("--crop-size", type=int, default=None, help="Training crop = the encoder's token grid." + _PRESET)
+@click.option("--window-size", type=int, default=None, help="Evaluation window [default: the crop].")
+@click.option("--window-stride", type=int, default=None, help="Evaluation stride." + _PRESET)
+@click.option("--backbone", required=True, help="A `model:` preset of configs/config.yml, e.g. vit_small_patch16_384.")
+@click.option("--decoder", default="mask_transformer", help="linear | mask_transformer.")
+@click.option("--encoder-layers", type=int, default=None,
+              help="Override the backbone depth (for smoke tests and ablations).")
+@click.option("--decoder-layers", type=int, default=2, help="Mask-transformer layers.")
+@click.option("--pretrained", default="auto",
+              help="Encoder weights: a .npz/.pth/.safetensors file, a timm name, 'auto' (the backbone's "
+                   "ImageNet-21k weights via timm, as the reference) or 'none'. Ignored when resuming.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", help="sgd = SGD, Nesterov, momentum 0.9.")
+@click.option("--scheduler", type=click.Choice(["polynomial"]), default="polynomial",
+              help="Per-iteration polynomial decay, power 0.9.")
+@click.option("--weight-decay", type=float, default=0.0)
+@click.option("--dropout", type=float, default=0.0, help="Encoder dropout.")
+@click.option("--drop-path", type=float, default=0.1, help="Encoder stochastic-depth rate.")
+@click.option("--batch-size", type=int, default=None, help="Global batch, split over the processes." + _PRESET)
+@click.option("--epochs", type=int, default=None, help="Training epochs." + _PRESET)
+@click.option("--iterations", type=int, default=None, help="Train for N iterations instead of --epochs.")
+@click.option("-lr", "--learning-rate", type=float, default=None, help="Base learning rate." + _PRESET)
+@click.option("--warmup-iter", type=int, default=0, help="Linear warm-up iterations.")
+@click.option("--min-lr", type=float, default=1e-5, help="Learning-rate floor of the schedule.")
+@click.option("--normalization", type=click.Choice(["vit", "deit"]), default=None,
+              help="Input normalisation [default: the backbone preset's].")
+@click.option("--eval-freq", type=int, default=None,
+              help="Evaluate when epoch % N == 0 and at the end (0: only at the end)." + _PRESET)
+@click.option("--amp/--no-amp", default=False, help="Mixed precision (autocast).")
+@click.option("--amp-dtype", type=click.Choice(list(AMP_DTYPES)), default="fp16",
+              help="Autocast dtype; fp16 uses a gradient scaler.")
+@click.option("--resume/--no-resume", default=None,
+              help="Resume from --log-dir/checkpoint.pth [default: resume when the folder holds the same "
+                   "run]. An explicit --resume continues a run whose settings changed.")
+@click.option("--overwrite", is_flag=True, help="Discard the run in --log-dir and start over.")
+@click.option("--policy-method", type=click.Choice(POLICY_METHODS), default="policy_net",
+              help="Which superpatches share a token (CTS); no_sharing = plain Segmenter.")
+@click.option("--num-tokens-notshared", type=int, default=None, help="U (checked: U = N - 4S).")
+@click.option("--num-tokens-shared", type=int, default=None, help="S, shared superpatches per image.")
+@click.option("--token-reduction", type=float, default=None, help="Reduction rho instead of S: S = round(rho*N/3).")
+@click.option("--policynet-ckpt", type=str, default=None, help="Policy-network model.pth (policy_net).")
+@click.option("--policy-backbone", type=str, default=None,
+              help="The policy network's timm backbone [default: as recorded in the config.json beside "
+                   "--policynet-ckpt, else efficientnet_lite0].")
+@click.option("--layer-norm-eps", type=float, default=None, help="LayerNorm eps [default: 1e-5, as the reference].")
+@click.option("--seed", type=int, default=0, help="Seeds weights, data order and augmentation.")
+@click.option("--num-workers", type=int, default=10, help="Data-loading processes per training process.")
+@click.option("--ckpt-every", type=int, default=1000,
+              help="Also checkpoint every N iterations (0: at epoch ends only).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+              help="auto: cuda:LOCAL_RANK when CUDA is available, else the CPU.")
+@click.option("--deterministic", is_flag=True,
+              help="Deterministic algorithms (bit-exact on CPU; a few CUDA kernels have no deterministic version).")
+def main(**options):
+    """Train Segmenter (+ CTS) with the reference recipe. Re-running the same command resumes."""
+    from segm.data import DataError
+
+    try:
+        train(options)
+    except NonFiniteLossError as e:
+        err = click.ClickException(str(e))
+        err.exit_code = 3
+        raise err from None
+    except (ConfigError, DataError) as e:
+        raise click.ClickException(str(e)) from None
