@@ -275,6 +275,48 @@ def test_non_finite_loss_before_any_checkpoint_says_there_is_none(synthetic_root
     assert not (log_dir / "checkpoint.pth").exists()
 
 
+def test_exploded_training_never_replaces_the_good_checkpoint(synthetic_root, tmp_path):
+    """An absurd learning rate destroys the weights while they stay finite: neither the exploded
+    loss nor the exploded weights may replace the good checkpoint, which stays resumable."""
+    log_dir = tmp_path / "run"
+    args = tiny_args(log_dir, synthetic_root, "--policy-method", "no_sharing", "--batch-size", "8",
+                     "--ckpt-every", "1", "--eval-freq", "0")
+    assert run_cli(args + ["--iterations", "2"]).exit_code == 0
+    good = load_ckpt(log_dir)
+    result = run_cli(args + ["--iterations", "6", "--resume", "-lr", "1e12"])
+    assert result.exit_code == 3
+    assert "exploded" in result.output and "The last good checkpoint is" in result.output
+    assert "(iteration 2)" in result.output
+    kept = load_ckpt(log_dir)
+    assert kept["iteration"] == 2 and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
+    resumed = run_cli(args + ["--iterations", "4", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_exploded_loss_stops_before_the_update(synthetic_root, tmp_path, monkeypatch):
+    real_loss = train_loss.segmentation_loss
+    monkeypatch.setattr(loop, "segmentation_loss",
+                        lambda logits, target, world_size=1: [v * 1e6 for v in real_loss(logits, target, world_size)])
+    log_dir = tmp_path / "run"
+    result = run_cli(tiny_args(log_dir, synthetic_root, "--policy-method", "no_sharing", "--batch-size", "8",
+                               "--iterations", "2"))
+    assert result.exit_code == 3
+    assert "at iteration 1" in result.output and "exploded: above 100·ln K" in result.output
+
+
+def test_tensorboard_keeps_every_step_across_a_resume(synthetic_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "run"
+    base = tiny_args(log_dir, synthetic_root, "--policy-method", "no_sharing", "--batch-size", "8",
+                     "--eval-freq", "0", "--ckpt-every", "1")
+    assert run_cli(base + ["--iterations", "3"]).exit_code == 0
+    assert run_cli(base + ["--iterations", "6", "--resume"]).exit_code == 0
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
 # ----------------------------------------------------------------------------- loss and determinism
 def test_resumable_sampler_matches_distributed_layout_and_skips():
     full = determinism.ResumableSampler(10, seed=3)

@@ -64,10 +64,12 @@ def train_step(net: torch.nn.Module, state: TrainState, run: Run, batch: dict, e
         logits = net(im, seg) if state.model.needs_labels else net(im)
     loss, loss_global = segmentation_loss(logits, seg, run.world_size)
     loss_value = loss_global.item()
-    if not math.isfinite(loss_value):
+    limit = exploded_loss(run.data.n_cls)
+    if not math.isfinite(loss_value) or loss_value > limit:
+        what = "" if not math.isfinite(loss_value) else f" (exploded: above 100·ln K = {limit:.0f}; lower the learning rate)"
         raise NonFiniteLossError(
-            f"the loss is {loss_value} at iteration {state.iteration + 1} (epoch {epoch}); training stopped. "
-            + last_checkpoint(state, run)
+            f"the loss is {loss_value:.4g} at iteration {state.iteration + 1} (epoch {epoch}){what}; training "
+            "stopped before this update. " + state.last_checkpoint_note(run)
         )
     state.optimizer.zero_grad(set_to_none=True)
     if state.scaler is not None:
@@ -86,10 +88,10 @@ def train_step(net: torch.nn.Module, state: TrainState, run: Run, batch: dict, e
     return loss_value, lr
 
 
-def last_checkpoint(state: TrainState, run: Run) -> str:
-    if state.last_saved is None:
-        return f"No checkpoint was written yet ({run.ckpt_path} does not exist)"
-    return f"The last good checkpoint is {run.ckpt_path} (iteration {state.last_saved})"
+def exploded_loss(n_cls: int) -> float:
+    """A cross-entropy far above that of a uniform guess (ln K) means the weights are destroyed,
+    even while they are finite: training stops before such a state can be checkpointed."""
+    return 100 * math.log(max(n_cls, 2))
 
 
 def autocast(run: Run):

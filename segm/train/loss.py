@@ -33,11 +33,19 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, world_size: in
     return loss_sum * (world_size / denom), stats[0] / denom
 
 
+# Trained weights live within a few units; values this large mean an update destroyed them
+# (an absurd learning rate), even while they are still finite.
+EXPLODED_WEIGHT = 1e6
+
+
 def check_finite_parameters(model: torch.nn.Module) -> None:
-    """Raises NonFiniteLossError naming the first parameter holding NaN/inf (one device sync)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    flags = torch.stack([torch.isfinite(p).all() for p in params])
-    if not bool(flags.all()):
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        bad = names[int((~flags).nonzero()[0])]
-        raise NonFiniteLossError(f"the weights hold NaN or infinite values (first: {bad})")
+    """Raises NonFiniteLossError naming the first trainable parameter that holds NaN/inf or a
+    value above EXPLODED_WEIGHT in magnitude (one device sync)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    peaks = torch.stack([p.detach().abs().amax().float() for _, p in named])
+    bad = ~(peaks <= EXPLODED_WEIGHT)  # NaN compares false
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise NonFiniteLossError(
+            f"the weights hold NaN, infinite or exploded values (first: {named[i][0]}, |w| up to {peaks[i]:.3g})"
+        )

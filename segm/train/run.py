@@ -119,7 +119,8 @@ def train_epochs(run: Run, state: TrainState, *, resumed: bool) -> dict:
     if run.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        run.writer = SummaryWriter(str(run.log_dir), purge_step=state.iteration if resumed else None)
+        run.writer = SummaryWriter(str(run.log_dir), purge_step=state.iteration + 1 if resumed else None)
+        # events after the checkpoint (steps > iteration) are dropped; the checkpoint's own step is kept
         print_summary(run, state.model)
     while state.next_epoch < run.data.num_epochs and state.iteration < run.data.total_iters:
         epoch = state.next_epoch

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from segm.train.loss import check_finite_parameters
+from segm.train.loss import NonFiniteLossError, check_finite_parameters
 from segm.train.options import ConfigError, user_errors
 from segm.utils.checkpoint import safe_torch_load
 from segm.utils.determinism import gather_rng_states, set_rng_state
@@ -64,12 +64,23 @@ class TrainState:
         from segm.model import save_model
 
         self.next_epoch, self.next_batch = next_epoch, next_batch
-        check_finite_parameters(self.model)  # never replace a good checkpoint with broken weights
+        if run.writer is not None:
+            run.writer.flush()  # every scalar up to this step is on disk with the checkpoint
+        try:
+            check_finite_parameters(self.model)  # never replace a good checkpoint with broken weights
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"{e} at iteration {self.iteration}; training stopped. "
+                                     + self.last_checkpoint_note(run)) from None
         rngs = gather_rng_states(run.device, run.world_size, self.model)
         if run.is_main:
             save_model(self.model, run.variant, run.ckpt_path,
                        **self.checkpoint_entries(rngs, run.world_size, run.opts.seed))
         self.last_saved = self.iteration
+
+    def last_checkpoint_note(self, run: Run) -> str:
+        if self.last_saved is None:
+            return f"No checkpoint was written yet ({run.ckpt_path} does not exist)"
+        return f"The last good checkpoint is {run.ckpt_path} (iteration {self.last_saved})"
 
     def restore(self, run: Run, path) -> None:
         """Continues from the checkpoint at `path`: this project's (exact position, meters, RNG
