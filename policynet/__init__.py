@@ -1,4 +1,4 @@
-"""Training and evaluation of the CTS policy network (SPEC §4).
+"""Training and evaluation of the CTS policy network (docs/DESIGN.md, "Policies").
 
 `python -m policynet.train --dataset DATASET --exp_name NAME` trains `segm.model.policy_net.PolicyNet`
 on labels derived from the segmentation ground truth; `python -m policynet.eval CKPT --dataset DATASET`

@@ -1,4 +1,4 @@
-"""Per-dataset inputs of the policy network (SPEC §4.3).
+"""Per-dataset inputs of the policy network (docs/DESIGN.md, "Training recipe").
 
 Items are `(image, label, path)` (the reference's `torchvision.io.read_image` RGB; read here with
 segm's checked readers): image float (3, s, s) normalised as (x − 127.5)/127.5 *before*
@@ -12,7 +12,8 @@ Geometry per dataset:
 - synthetic / custom: short side → the dataset's `im_size`, then one crop×crop crop (both from
   `configs/config.yml`): the scale at which the segmenter sees its windows.
 Training crops are random and flipped with p = 0.5; validation crops are centred and never
-flipped (the reference drew random crops in validation too, SPEC §10).
+flipped (the reference drew random crops in validation too; docs/DESIGN.md, "Deviations from
+the reference").
 
 Randomness is per item: the sampler hands each index its own seed, so an item's augmentation
 depends only on (seed, epoch, position), whatever the worker count, and a resumed run draws
@@ -29,9 +30,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from segm.config import load_config
-from segm.data.base import PREPARE_COMMANDS, canonical_name, dataset_info, default_root
-from segm.data.datasets import IMAGE_EXTENSIONS
-from segm.data.pipelines import read_image, read_label
+from segm.data.base import canonical_name, dataset_info
+from segm.data.io import read_image, read_label
+from segm.data.layout import dataset_root, pair_files, split_layout
+
+# --dataset of policynet.train and policynet.eval: the dataset names, Pascal Context as `pcontext`.
+DATASET_CHOICES = ("ade20k", "cityscapes", "pcontext", "synthetic", "custom")
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ def default_crop_size(name: str) -> int:
 
 
 def geometry_for(name: str, crop_size: int | None = None) -> Geometry:
-    """The reference geometry (SPEC §4.3); `crop_size` may change it only for synthetic/custom."""
+    """The reference geometry; `crop_size` may change it only for synthetic/custom."""
     name = canonical_name(name)
     fixed = {
         "ade20k": Geometry("resize", 512),
@@ -59,7 +63,7 @@ def geometry_for(name: str, crop_size: int | None = None) -> Geometry:
     if name in fixed:
         if crop_size is not None and crop_size != fixed[name].size:
             raise ValueError(
-                f"--crop-size applies to synthetic and custom only; {name} uses {fixed[name].size} (SPEC §4.3)"
+                f"--crop-size applies to synthetic and custom only; {name} uses {fixed[name].size}"
             )
         return fixed[name]
     size = default_crop_size(name) if crop_size is None else int(crop_size)
@@ -69,75 +73,14 @@ def geometry_for(name: str, crop_size: int | None = None) -> Geometry:
     return Geometry("short_side", size, short_side=max(size, im_size))
 
 
-def resolve_root(name: str, data_root=None) -> Path:
-    """The dataset's own folder: `data_root`, or `$DATASET/<folder>`; checked to exist."""
-    name = canonical_name(name)
-    if data_root is None:
-        try:
-            root = default_root(name)
-        except RuntimeError as e:  # $DATASET unset
-            raise ValueError(str(e)) from None
-    else:
-        root = Path(data_root)
-    if not root.is_dir():
-        hint = f"; prepare it with `{PREPARE_COMMANDS[name]}`" if name in PREPARE_COMMANDS else ""
-        raise FileNotFoundError(f"{name} data root not found: {root}{hint} or pass --data-root DIR")
-    return root
-
-
-def _split_dir(split: str) -> str:
+def list_files(name: str, split: str, root: Path) -> list[tuple[Path, Path]]:
+    """(image, label) paths of a labelled split (`segm.data.layout`); raises if it is missing or empty."""
     if split not in ("train", "val"):
         raise ValueError(f"unknown split {split!r}; choose train or val")
-    return {"train": "training", "val": "validation"}[split]
-
-
-def _folder_pairs(images: Path, annotations: Path, label_suffix: str = ".png") -> list[tuple[Path, Path]]:
-    if not images.is_dir():
-        raise FileNotFoundError(f"image folder not found: {images}")
-    pairs = []
-    for im in sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-        label = annotations / im.relative_to(images).with_suffix(label_suffix)
-        if not label.is_file():
-            raise FileNotFoundError(f"annotation missing for {im}: expected {label}")
-        pairs.append((im, label))
-    return pairs
-
-
-def list_files(name: str, split: str, root: Path) -> list[tuple[Path, Path]]:
-    """(image, label) paths of a split, sorted; raises if the split is missing or empty."""
-    name = canonical_name(name)
-    if name == "ade20k":
-        base = root / "ADEChallengeData2016"
-        d = _split_dir(split)
-        pairs = _folder_pairs(base / "images" / d, base / "annotations" / d)
-    elif name == "cityscapes":
-        _split_dir(split)
-        images = root / "leftImg8bit" / split
-        if not images.is_dir():
-            raise FileNotFoundError(f"image folder not found: {images}")
-        pairs = []
-        for im in sorted(images.glob("*/*_leftImg8bit.png")):
-            base = im.name[: -len("_leftImg8bit.png")]
-            label = root / "gtFine" / split / im.parent.name / f"{base}_gtFine_labelTrainIds.png"
-            if not label.is_file():
-                raise FileNotFoundError(f"annotation missing for {im}: expected {label}")
-            pairs.append((im, label))
-    elif name == "pascal_context":
-        _split_dir(split)
-        voc = root / "VOCdevkit" / "VOC2010"
-        ids_file = voc / "ImageSets" / "SegmentationContext" / f"{split}.txt"
-        if not ids_file.is_file():
-            raise FileNotFoundError(f"split file not found: {ids_file}")
-        ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
-        pairs = [(voc / "JPEGImages" / f"{i}.jpg", voc / "SegmentationClassContext" / f"{i}.png") for i in ids]
-        for im, label in pairs:
-            if not (im.is_file() and label.is_file()):
-                raise FileNotFoundError(f"missing image or annotation for id {im.stem} under {voc}")
-    else:  # synthetic, custom: images/{training,validation}/*, annotations/<split>/<stem>.png
-        d = _split_dir(split)
-        pairs = _folder_pairs(root / "images" / d, root / "annotations" / d)
+    layout = split_layout(name, root, split)
+    pairs = [(layout.img_dir / image, layout.ann_dir / label) for image, label in pair_files(layout)]
     if not pairs:
-        raise FileNotFoundError(f"no {split} images found for {name} under {root}")
+        raise FileNotFoundError(f"no {split} images found for {canonical_name(name)} under {root}")
     return pairs
 
 
@@ -164,7 +107,10 @@ class PolicyDataset(Dataset):
                  crop_size: int | None = None, train: bool = False, hflip: bool = True):
         self.name = canonical_name(name)
         self.split = split
-        self.root = resolve_root(self.name, data_root)
+        try:
+            self.root = dataset_root(self.name, data_root)
+        except RuntimeError as e:  # $DATASET unset: a usage error, reported as such by the CLIs
+            raise ValueError(str(e)) from None
         self.geometry = geometry_for(self.name, crop_size)
         self.files = list_files(self.name, split, self.root)
         self.info = dataset_info(self.name, data_root=self.root, classes_file=classes_file)

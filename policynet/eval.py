@@ -1,36 +1,29 @@
 """Evaluate a policy-network checkpoint on its own.
 
-    python -m policynet.eval policynet/logdir/NAME/model.pth --dataset ade20k [--split val]
+    python -m policynet.eval runs/policynet/NAME/model.pth --dataset ade20k [--split val]
 
 Prints accuracy, precision/recall of the "shareable" class and the top-S purity of the policy
 next to a seeded random choice and the oracle, and writes the same numbers as JSON.
-When the checkpoint sits in a training run folder, its `config.json` supplies the defaults of
---backbone and --crop-size.
+When the checkpoint sits in a training run folder, its `config.json` (read by
+`segm.model.spec.read_policy_record`) supplies the defaults of --backbone and, for the dataset
+it was trained on, --crop-size.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from segm.data.base import canonical_name
 from segm.model.policy_net import load_policy_checkpoint
+from segm.model.spec import DEFAULT_POLICY_BACKBONE, read_policy_record
 from segm.utils.checkpoint import CheckpointError
 
-from .engine import build_eval_set, build_policy, eval_loader, evaluate, resolve_device, write_json
-from .metrics import SELECTORS, check_budget, num_shared
-from .train import DATASET_CHOICES
-
-
-def _run_config(ckpt: Path) -> dict:
-    path = ckpt.parent / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+from .data import DATASET_CHOICES
+from .evaluation import build_eval_set, eval_loader, evaluate
+from .metrics import SELECTORS, check_budget, reference_budget
+from .model import build_policy, resolve_device
+from .records import write_json
 
 
 def evaluate_checkpoint(ckpt, dataset: str, *, split: str = "val", data_root=None, classes_file=None,
@@ -39,9 +32,9 @@ def evaluate_checkpoint(ckpt, dataset: str, *, split: str = "val", data_root=Non
                         max_images: int | None = None) -> dict:
     ckpt = Path(ckpt)
     name = canonical_name(dataset)
-    run = _run_config(ckpt)
+    run = read_policy_record(ckpt) or {}
     if backbone is None:
-        backbone = run.get("backbone", "efficientnet_lite0")
+        backbone = run.get("backbone", DEFAULT_POLICY_BACKBONE)
     same_data = run.get("dataset") is not None and canonical_name(run["dataset"]) == name
     if crop_size is None and same_data and name in ("synthetic", "custom"):
         crop_size = run.get("crop")
@@ -51,7 +44,7 @@ def evaluate_checkpoint(ckpt, dataset: str, *, split: str = "val", data_root=Non
     model.to(dev)
     data = build_eval_set(name, split, data_root=data_root, classes_file=classes_file, crop_size=crop_size)
     crop = data.geometry.size
-    s = check_budget(num_shared(name, crop) if s is None else s, crop)
+    s = check_budget(reference_budget(name, crop) if s is None else s, crop)
     indices = None if max_images is None else list(range(min(max_images, len(data))))
     loader = eval_loader(data, batch_size, num_workers, dev, indices=indices)
     metrics = evaluate(model, loader, name, s, dev, seed=seed)
@@ -78,7 +71,7 @@ def format_table(r: dict) -> str:
 @click.option("--split", type=click.Choice(["val", "train"]), default="val")
 @click.option("--data-root", "--data_root", "data_root", default=None, type=click.Path())
 @click.option("--classes", default=None, type=click.Path(), help="classes file (custom)")
-@click.option("--backbone", default=None, help="default: the run's config.json, else efficientnet_lite0")
+@click.option("--backbone", default=None, help=f"default: the run's config.json, else {DEFAULT_POLICY_BACKBONE}")
 @click.option("--crop-size", "--crop_size", "crop_size", default=None, type=int, help="synthetic/custom only")
 @click.option("--num-shared", "--num_shared", "num_shared", default=None, type=click.IntRange(min=0),
               help="S (default: the dataset's budget)")

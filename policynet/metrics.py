@@ -9,26 +9,31 @@ import torch
 import torch.nn.functional as F
 
 from segm.data import IGNORE_LABEL
-from segm.model.cts import select_shared
+from segm.model.cts import TokenBudgetError, resolve_token_budget, select_shared
 
-# Reference budgets S (SPEC §3.8) at the reference crops; elsewhere S = round(ρ·N/3).
+# Reference budgets S at the reference crops (docs/DESIGN.md, "Token geometry and order");
+# elsewhere S = round(ρ·N/3).
 _REFERENCE_S = {("ade20k", 512): 103, ("pascal_context", 480): 90, ("cityscapes", 768): 336}
 _REDUCTION = {"cityscapes": 0.4375}  # 3·336/2304; 30 % for every other dataset
 SELECTORS = ("policy", "random", "oracle")
 
 
-def num_shared(dataset: str, crop: int, patch_size: int = 16) -> int:
-    """The dataset's token budget S (shared superpatches per crop) for the top-S report."""
+def reference_budget(dataset: str, crop: int, patch_size: int = 16) -> int:
+    """The dataset's token budget S (shared superpatches per crop), the default of the top-S report."""
     if (dataset, crop) in _REFERENCE_S:
         return _REFERENCE_S[(dataset, crop)]
     n = (crop // patch_size) ** 2
     return round(_REDUCTION.get(dataset, 0.3) * n / 3)
 
 
-def check_budget(s: int, crop: int) -> int:
-    cells = (crop // 32) ** 2
-    if not 0 <= s <= cells:
-        raise ValueError(f"--num-shared {s} does not fit the {cells} superpatches of a {crop}×{crop} crop")
+def check_budget(s: int, crop: int, patch_size: int = 16) -> int:
+    """`s` if S superpatches fit a crop×crop crop (the segmenter's budget rule), else ValueError."""
+    grid = (crop // patch_size, crop // patch_size)
+    try:
+        resolve_token_budget(grid, "policy_net", num_shared=s)
+    except TokenBudgetError:
+        cells = (grid[0] // 2) * (grid[1] // 2)
+        raise ValueError(f"--num-shared {s} does not fit the {cells} superpatches of a {crop}×{crop} crop") from None
     return s
 
 

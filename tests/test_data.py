@@ -1,4 +1,4 @@
-"""Datasets, pipelines and label spaces (SPEC §2.2, §6.2, §7.1-7.3) on tiny local folders."""
+"""Datasets, pipelines and label spaces on tiny local folders."""
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,7 @@ def test_builtin_class_files_match_mmseg():
 
 
 def test_reference_pipeline_values():
-    """SPEC §7.1-7.3: ADE20K at 512 with vit stats; Pascal-Context val scale (4160, 520)."""
+    """The reference recipe: ADE20K at 512 with vit stats; Pascal-Context val scale (4160, 520)."""
     from segm.data import MAX_RATIO
 
     assert MAX_RATIO == {"ade20k": 4, "pascal_context": 8, "cityscapes": 2, "synthetic": 4, "custom": 4}
@@ -243,7 +243,7 @@ def test_ade20k_default_root(ade_root, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- Pascal Context, Cityscapes
-def test_pascal_context_layout(tmp_path):
+def write_pcontext(tmp_path):
     rng = np.random.default_rng(1)
     base = tmp_path / "pcontext" / "VOCdevkit" / "VOC2010"
     ids = {"train": ["2008_000002", "2008_000003"], "val": ["2008_000008"]}
@@ -255,7 +255,24 @@ def test_pascal_context_layout(tmp_path):
             label = rng.integers(0, 60, (30, 40)).astype(np.uint8)
             label[0, :2] = [0, 255]
             save_image(base / "SegmentationClassContext" / f"{n}.png", label)
-    root = tmp_path / "pcontext"
+    return tmp_path / "pcontext"
+
+
+def write_cityscapes(tmp_path):
+    rng = np.random.default_rng(2)
+    root = tmp_path / "cityscapes"
+    for split in ("train", "val"):
+        for city in ("aachen", "bonn"):
+            stem = f"{city}_000000_000019"
+            save_image(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", rand_image(rng, 32, 64))
+            label = rng.integers(0, 19, (32, 64)).astype(np.uint8)
+            label[0, 0] = 255
+            save_image(root / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png", label)
+    return root
+
+
+def test_pascal_context_layout(tmp_path):
+    root = write_pcontext(tmp_path)
     val = build_dataset("pcontext", "val", im_size=32, crop_size=32, normalization="vit", data_root=root)
     assert len(val) == 1 and val.info.n_cls == 60
     raw = torch.from_numpy(np.array(Image.open(val.label_path(0)))).long()
@@ -268,15 +285,7 @@ def test_pascal_context_layout(tmp_path):
 
 
 def test_cityscapes_layout(tmp_path):
-    rng = np.random.default_rng(2)
-    root = tmp_path / "cityscapes"
-    for split in ("train", "val"):
-        for city in ("aachen", "bonn"):
-            stem = f"{city}_000000_000019"
-            save_image(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", rand_image(rng, 32, 64))
-            label = rng.integers(0, 19, (32, 64)).astype(np.uint8)
-            label[0, 0] = 255
-            save_image(root / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png", label)
+    root = write_cityscapes(tmp_path)
     val = build_dataset("cityscapes", "val", im_size=32, crop_size=32, normalization="vit", data_root=root)
     assert [val[i]["ori_filename"] for i in range(2)] == [
         "aachen/aachen_000000_000019_leftImg8bit.png", "bonn/bonn_000000_000019_leftImg8bit.png"]
@@ -333,6 +342,28 @@ def test_custom_classes_yml_default_and_reduce_zero_label(tmp_path):
     raw[raw == 200] = 0  # not a valid ADE-style value: rewrite the file with 0 = ignore
     Image.fromarray(raw.numpy().astype(np.uint8)).save(val.label_path(0))
     assert torch.equal(val[0]["segmentation"], torch.where(raw == 0, IGNORE_LABEL, raw - 1))
+
+
+# ----------------------------------------------------------------------------- one layout
+def test_mmseg_and_policynet_read_the_same_files(ade_root, tmp_path):
+    """`segm.data.layout` is the one description of the folders: the mmseg datasets (which list
+    their own files) use its suffixes, and policynet pairs exactly the same files."""
+    from policynet.data import list_files
+    from segm.data.layout import split_layout
+
+    custom = tmp_path / "mine"
+    classes = write_custom(custom, np.random.default_rng(6), modes=("RGB", "L"), ext=".jpg")
+    roots = {"ade20k": ade_root, "pascal_context": write_pcontext(tmp_path),
+             "cityscapes": write_cityscapes(tmp_path), "custom": custom}
+    for name, root in roots.items():
+        for split in ("train", "val"):
+            ds = build_dataset(name, split, im_size=32, crop_size=32, normalization="vit", data_root=root,
+                               classes_file=classes if name == "custom" else None)
+            layout = split_layout(name, root, split)
+            if name != "custom":
+                assert (ds.dataset.img_suffix, ds.dataset.seg_map_suffix) == (layout.img_suffix, layout.ann_suffix)
+            pairs = [(str(im), str(label)) for im, label in list_files(name, split, root)]
+            assert pairs == [(ds.image_path(i), ds.label_path(i)) for i in range(len(ds))] and pairs
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,4 +1,4 @@
-"""Policy labels from ground truth (SPEC §4.2): every rule pinned on hand-made maps."""
+"""Policy labels from ground truth (docs/DESIGN.md, "Policies"): every rule pinned on hand-made maps."""
 import pytest
 import torch
 import torch.nn.functional as F

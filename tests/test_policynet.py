@@ -1,4 +1,5 @@
-"""Policy-network trainer and evaluator (SPEC §4, §10), on the small synthetic dataset."""
+"""Policy-network trainer and evaluator, on the small synthetic dataset."""
+import dataclasses
 import json
 import math
 
@@ -9,7 +10,7 @@ from click.testing import CliRunner
 from policynet import eval as pn_eval
 from policynet import train as pn_train
 from policynet.data import PolicyDataset, TrainBatchSampler, geometry_for
-from policynet.metrics import PolicyMeter, num_shared, policy_loss, top_s
+from policynet.metrics import PolicyMeter, policy_loss, reference_budget, top_s
 from segm.model.policy_net import PolicyNet, load_policy_checkpoint
 from segm.utils.checkpoint import safe_torch_load
 
@@ -90,10 +91,10 @@ def test_top_s_and_budget():
     assert top_s(scores, 2).tolist() == [[[False, True], [False, True]]]
     with pytest.raises(ValueError, match="does not fit"):
         top_s(scores, 5)
-    assert num_shared("ade20k", 512) == 103  # reference budgets, SPEC §3.8
-    assert num_shared("pascal_context", 480) == 90
-    assert num_shared("cityscapes", 768) == 336
-    assert num_shared("synthetic", 128) == 6  # round(0.3 · 64 / 3)
+    assert reference_budget("ade20k", 512) == 103  # the reference budgets
+    assert reference_budget("pascal_context", 480) == 90
+    assert reference_budget("cityscapes", 768) == 336
+    assert reference_budget("synthetic", 128) == 6  # round(0.3 · 64 / 3)
 
 
 # ----------------------------------------------------------------------------- data
@@ -146,7 +147,7 @@ def test_outputs(runs):
     assert max(ln["iteration"] for ln in lines if "loss" in ln) == ITERS  # exactly num_iterations
     assert list(run.glob("events.out.tfevents.*"))
     val = runs["full"]["val"]
-    assert val["images"] == 8 and val["num_shared"] == num_shared("synthetic", CROP)
+    assert val["images"] == 8 and val["num_shared"] == reference_budget("synthetic", CROP)
     assert val["top_s_oracle"] >= val["top_s_policy"] and val["top_s_oracle"] >= val["top_s_random"]
 
 
@@ -163,6 +164,49 @@ def test_eval_cli_matches_training(runs, tmp_path):
         assert report[key] == pytest.approx(runs["full"]["val"][key])
 
 
+def _nan_loss_from(monkeypatch, step):
+    """The training loss turns NaN from the given (1-based) step on."""
+    real, calls = pn_train.policy_loss, [0]
+
+    def loss(logits, target):
+        calls[0] += 1
+        out = real(logits, target)
+        return out * float("nan") if calls[0] >= step else out
+
+    monkeypatch.setattr(pn_train, "policy_loss", loss)
+
+
+def test_non_finite_loss_before_any_save(synthetic_root, tmp_path, monkeypatch):
+    cfg = _config(synthetic_root, tmp_path, exp_name="nan", num_iterations=2, summary_iterations=1)
+    _nan_loss_from(monkeypatch, 1)
+    with pytest.raises(pn_train.NonFiniteLossError) as e:
+        pn_train.train(cfg)
+    message = str(e.value)
+    assert "no checkpoint was written yet" in message and "state.pth" not in message
+    assert not (tmp_path / "nan" / "state.pth").exists()
+    monkeypatch.undo()
+    assert pn_train.train(cfg)["val"]["images"] == 8  # the same run starts again, without --resume
+
+
+def test_non_finite_loss_resumes_from_the_last_save(runs, tmp_path, monkeypatch):
+    """The stop names the state.pth of the last save; --resume continues from it and ends with
+    the weights of the run that never failed."""
+    cfg = _config(runs["root"], tmp_path, exp_name="nan", num_iterations=ITERS, summary_iterations=1,
+                  eval_iterations=STOP)
+    _nan_loss_from(monkeypatch, STOP + 1)
+    with pytest.raises(pn_train.NonFiniteLossError) as e:
+        pn_train.train(cfg)
+    state_path = tmp_path / "nan" / "state.pth"
+    assert f"the last good checkpoint is {state_path} (iteration {STOP})" in str(e.value)
+    assert safe_torch_load(state_path)["iteration"] == STOP
+    monkeypatch.undo()
+    resumed = pn_train.train(dataclasses.replace(cfg, resume=True))
+    a = safe_torch_load(runs["logdir"] / "full" / "model.pth")
+    b = safe_torch_load(tmp_path / "nan" / "model.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed == runs["full"]
+
+
 # ----------------------------------------------------------------------------- errors
 def _invoke(cmd, args):
     res = CliRunner().invoke(cmd, args)
@@ -175,7 +219,7 @@ def test_cli_errors(runs, tmp_path):
     res = _invoke(pn_train.main, ["--dataset", "imagenet"])
     assert res.exit_code == 2 and "imagenet" in res.output
     res = _invoke(pn_train.main, ["--dataset", "synthetic", "--data-root", str(tmp_path / "nope")])
-    assert res.exit_code == 1 and "data root not found" in res.output
+    assert res.exit_code == 1 and "dataset not found" in res.output
     common = ["--dataset", "synthetic", "--data-root", root, "--logdir", logdir, "--crop-size", str(CROP),
               "--pretrained", "none", "--num-workers", "0", "--device", "cpu", "--batch_size_train", "2"]
     res = _invoke(pn_train.main, common + ["--exp_name", "full"])

@@ -1,4 +1,6 @@
-"""Dataset facts: names, roots, class files, normalisation statistics (SPEC §2.2, §7.3).
+"""Dataset facts: names, roots, class files, normalisation statistics.
+
+The folders inside each dataset's root are described in `segm.data.layout`.
 
 Classes file format (YAML), used by the built-in datasets (`segm/data/classes/*.yml`),
 by `synthetic` (`<root>/classes.yml`) and by `custom` datasets (`--classes FILE`)::
@@ -33,7 +35,7 @@ STATS = {
 DATASET_NAMES = ("ade20k", "pascal_context", "cityscapes", "synthetic", "custom")
 _ALIASES = {"pcontext": "pascal_context"}
 
-# Folder under $DATASET (SPEC §7.1) and the command that creates it.
+# Folder under $DATASET and the command that creates it.
 _ROOT_DIRS = {
     "ade20k": "ade20k",
     "pascal_context": "pcontext",
@@ -47,10 +49,10 @@ PREPARE_COMMANDS = {
     "synthetic": "python -m segm.scripts.prepare_synthetic $DATASET",
 }
 
-# Image files of synthetic/custom folders; labels are always `<stem>.png`.
+# Image files of synthetic/custom folders (`segm.data.layout`).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-# Train img_scale = (max_ratio * im_size, im_size) (SPEC §7.3).
+# Train img_scale = (max_ratio * im_size, im_size).
 MAX_RATIO = {"ade20k": 4, "pascal_context": 8, "cityscapes": 2, "synthetic": 4, "custom": 4}
 
 _CLASSES_DIR = Path(__file__).resolve().parent / "classes"

@@ -1,4 +1,4 @@
-"""Torch datasets over mmseg 0.30 datasets and pipelines (SPEC §7.1).
+"""Torch datasets over mmseg 0.30 datasets and pipelines (docs/DESIGN.md, "Training recipe").
 
 Train items: {'im': float (3, crop, crop), 'segmentation': long (crop, crop)} (ignore 255).
 Val/test items: {'im': [float (3, h, w) per view], 'im_metas': [dict per view],
@@ -13,82 +13,37 @@ import torch
 from torch.utils.data import Dataset
 
 from . import pipelines
-from .base import (  # noqa: F401  (IMAGE_EXTENSIONS re-exported)
-    IGNORE_LABEL,
-    IMAGE_EXTENSIONS,
-    MAX_RATIO,
-    PREPARE_COMMANDS,
-    canonical_name,
-    dataset_info,
-    default_root,
-)
+from .base import IGNORE_LABEL, MAX_RATIO, PREPARE_COMMANDS, canonical_name, dataset_info
+from .layout import SplitLayout, check_split, dataset_root, pair_files, split_layout
 from .mmseg_compat import ADE20KDataset, CityscapesDataset, CustomDataset, PascalContextDataset
 
 TRAIN_SPLITS = ("train",)
-_FOLDER_SPLITS = {"train": "training", "val": "validation"}
+# These list their own files, with suffixes equal to the layout's (tests/test_data.py checks it).
+_MMSEG_CLASSES = {"ade20k": ADE20KDataset, "pascal_context": PascalContextDataset, "cityscapes": CityscapesDataset}
 
 
 class _FolderDataset(CustomDataset):
-    """ADE-like folder: any common image extension, label `<stem>.png` in the annotations dir."""
+    """A synthetic or custom folder: any common image extension, label `<stem>.png`."""
+
+    def __init__(self, layout: SplitLayout, **kwargs):
+        self.layout = layout  # read by load_annotations, which CustomDataset.__init__ calls
+        super().__init__(img_dir=str(layout.img_dir), ann_dir=str(layout.ann_dir), **kwargs)
 
     def load_annotations(self, img_dir, img_suffix, ann_dir, seg_map_suffix, split):
-        img_dir = Path(img_dir)
-        infos = []
-        for path in sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-            rel = path.relative_to(img_dir)
-            info = dict(filename=str(rel))
-            if ann_dir is not None:
-                seg_map = rel.with_suffix(".png")
-                if not (Path(ann_dir) / seg_map).is_file():
-                    raise FileNotFoundError(
-                        f"image {path} has no label: expected {Path(ann_dir) / seg_map}"
-                    )
-                info["ann"] = dict(seg_map=str(seg_map))
-            infos.append(info)
-        return infos
-
-
-def _missing(name: str, root: Path, expected: Path) -> FileNotFoundError:
-    missing = "" if expected == root else f" (missing {expected})"
-    if name == "custom":
-        return FileNotFoundError(
-            f"custom dataset folder {root} not found{missing}: --data-root DIR needs "
-            "images/{training,validation} and annotations/{training,validation}"
-        )
-    return FileNotFoundError(f"{name} dataset not found at {root}{missing}: run `{PREPARE_COMMANDS[name]}`")
+        return [dict(filename=str(image), ann=dict(seg_map=str(label))) for image, label in pair_files(self.layout)]
 
 
 def _mmseg_kwargs(name: str, root: Path, split: str) -> tuple[type, dict]:
     """The mmseg dataset class and its folder arguments for one split."""
-    def need(path: Path) -> str:
-        if not path.exists():
-            raise _missing(name, root, path)
-        return str(path)
-
-    if name == "ade20k":
-        base = root / "ADEChallengeData2016"
-        if split == "test":
-            return ADE20KDataset, dict(img_dir=need(root / "release_test" / "testing"))
-        sub = {"train": "training", "val": "validation"}[split]
-        return ADE20KDataset, dict(img_dir=need(base / "images" / sub), ann_dir=need(base / "annotations" / sub))
-    if name == "pascal_context":
-        if split == "test":
-            raise ValueError("Pascal Context has no test split: use split='val'")
-        base = root / "VOCdevkit" / "VOC2010"
-        return PascalContextDataset, dict(
-            img_dir=need(base / "JPEGImages"),
-            ann_dir=need(base / "SegmentationClassContext"),
-            split=need(base / "ImageSets" / "SegmentationContext" / f"{split}.txt"),
-        )
-    if name == "cityscapes":
-        return CityscapesDataset, dict(
-            img_dir=need(root / "leftImg8bit" / split), ann_dir=need(root / "gtFine" / split)
-        )
-    # synthetic, custom
-    if split not in _FOLDER_SPLITS:
-        raise ValueError(f"the {name} dataset has the splits train and val, not {split!r}")
-    sub = _FOLDER_SPLITS[split]
-    return _FolderDataset, dict(img_dir=need(root / "images" / sub), ann_dir=need(root / "annotations" / sub))
+    layout = split_layout(name, root, split)
+    if name not in _MMSEG_CLASSES:
+        return _FolderDataset, dict(layout=layout)
+    kwargs = dict(img_dir=str(layout.img_dir))
+    if layout.ann_dir is not None:
+        kwargs["ann_dir"] = str(layout.ann_dir)
+    if layout.split_file is not None:
+        kwargs["split"] = str(layout.split_file)
+    return _MMSEG_CLASSES[name], kwargs
 
 
 def _plain_meta(meta: dict) -> dict:
@@ -113,13 +68,8 @@ class SegmentationDataset(Dataset):
     def __init__(self, name: str, split: str, *, im_size: int, crop_size: int, normalization: str,
                  data_root=None, classes_file=None, multiscale: bool = False):
         name = canonical_name(name)
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"unknown split {split!r}: choose train, val or test")
-        if name == "custom" and data_root is None:
-            raise ValueError("the custom dataset needs its folder: pass --data-root DIR (data_root=...)")
-        root = Path(data_root) if data_root is not None else default_root(name)
-        if not root.is_dir():
-            raise _missing(name, root, root)
+        check_split(name, split)
+        root = dataset_root(name, data_root)
         self.name, self.split, self.root = name, split, root
         self.info = dataset_info(name, data_root=root, classes_file=classes_file)
         self.train = split in TRAIN_SPLITS

@@ -1,4 +1,5 @@
-"""mmseg 0.x pipelines as dict configs, with the reference values (SPEC §7.1-7.2, §6.2).
+"""mmseg 0.x pipelines as dict configs, with the reference values (docs/DESIGN.md, "Training
+recipe" and "Evaluation").
 
 The two loading ops are checked variants of mmseg's `LoadImageFromFile` and
 `LoadAnnotations`: identical results, but a missing, corrupt or out-of-range file ends with

@@ -1,4 +1,4 @@
-"""Policy-net targets from ground truth (SPEC §4.2), vectorised over the batch.
+"""Policy-net targets from ground truth (docs/DESIGN.md, "Policies"), vectorised over the batch.
 
 A 32×32 block (one superpatch, 2·patch_size) is labelled 1 ("shareable") when it holds a
 single value, 0 when it holds two or more real classes, and 255 (ignored by the loss)

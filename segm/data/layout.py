@@ -1,0 +1,136 @@
+"""Where each dataset keeps its files: the one description of every folder layout.
+
+`dataset_root` finds a dataset's folder, `split_layout` names the image folder, the annotation
+folder, their suffixes and the split file of one split, and `pair_files` lists the
+(image, label) pairs of a split. `segm.data.datasets` (through mmseg) and `policynet.data`
+both read datasets through these. Layouts under the dataset's folder:
+
+- ade20k: `ADEChallengeData2016/{images,annotations}/{training,validation}/<name>.{jpg,png}`,
+  test images in `release_test/testing/`;
+- cityscapes: `leftImg8bit/<split>/<city>/<name>_leftImg8bit.png` and
+  `gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png`;
+- pascal_context: `VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext}/<id>.{jpg,png}`,
+  ids listed in `ImageSets/SegmentationContext/<split>.txt`;
+- synthetic, custom: `{images,annotations}/{training,validation}/`, images of any common
+  extension (`IMAGE_EXTENSIONS`), labels `<stem>.png`, subfolders allowed.
+
+No mmseg import here: commands that only list files stay fast to start.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import IMAGE_EXTENSIONS, PREPARE_COMMANDS, canonical_name, default_root
+
+SPLITS = ("train", "val", "test")
+# The folder names of ADE20K-style layouts.
+FOLDER_SPLITS = {"train": "training", "val": "validation"}
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """One split's files. `img_suffix` is the end of every image name (a tuple: any of these
+    extensions); a label is the image's path relative to `img_dir`, under `ann_dir`, with
+    `img_suffix` replaced by `ann_suffix`. With a `split_file`, its lines are the names
+    without suffix and no folder is scanned. `ann_dir` is None for unlabelled test splits."""
+
+    img_dir: Path
+    ann_dir: Path | None
+    img_suffix: str | tuple[str, ...]
+    ann_suffix: str
+    split_file: Path | None = None
+
+
+def missing_error(name: str, root: Path, expected: Path) -> FileNotFoundError:
+    """The error for a dataset folder (or a part of it) that is not there."""
+    missing = "" if expected == root else f" (missing {expected})"
+    if name == "custom":
+        return FileNotFoundError(
+            f"custom dataset folder {root} not found{missing}: --data-root DIR needs "
+            "images/{training,validation} and annotations/{training,validation}"
+        )
+    return FileNotFoundError(
+        f"{name} dataset not found at {root}{missing}: run `{PREPARE_COMMANDS[name]}` or pass --data-root DIR"
+    )
+
+
+def dataset_root(name: str, data_root=None) -> Path:
+    """The dataset's own folder: `data_root`, else `$DATASET/<folder>`; checked to exist."""
+    name = canonical_name(name)
+    root = Path(data_root) if data_root is not None else default_root(name)
+    if not root.is_dir():
+        raise missing_error(name, root, root)
+    return root
+
+
+def check_split(name: str, split: str) -> None:
+    name = canonical_name(name)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: choose train, val or test")
+    if split == "test" and name == "pascal_context":
+        raise ValueError("Pascal Context has no test split: use split='val'")
+    if split == "test" and name in ("synthetic", "custom"):
+        raise ValueError(f"the {name} dataset has the splits train and val, not {split!r}")
+
+
+def split_layout(name: str, root, split: str) -> SplitLayout:
+    """The files of one split of a dataset under `root`; every folder it names exists."""
+    name = canonical_name(name)
+    check_split(name, split)
+    root = Path(root)
+    if name == "ade20k":
+        base = root / "ADEChallengeData2016"
+        if split == "test":
+            layout = SplitLayout(root / "release_test" / "testing", None, ".jpg", ".png")
+        else:
+            sub = FOLDER_SPLITS[split]
+            layout = SplitLayout(base / "images" / sub, base / "annotations" / sub, ".jpg", ".png")
+    elif name == "pascal_context":
+        base = root / "VOCdevkit" / "VOC2010"
+        layout = SplitLayout(base / "JPEGImages", base / "SegmentationClassContext", ".jpg", ".png",
+                             split_file=base / "ImageSets" / "SegmentationContext" / f"{split}.txt")
+    elif name == "cityscapes":
+        layout = SplitLayout(root / "leftImg8bit" / split, root / "gtFine" / split,
+                             "_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+    else:  # synthetic, custom
+        sub = FOLDER_SPLITS[split]
+        layout = SplitLayout(root / "images" / sub, root / "annotations" / sub, IMAGE_EXTENSIONS, ".png")
+    for path in (layout.img_dir, layout.ann_dir, layout.split_file):
+        if path is not None and not path.exists():
+            raise missing_error(name, root, path)
+    return layout
+
+
+def _image_names(layout: SplitLayout) -> list[Path]:
+    """Image paths relative to `img_dir`, in the split file's order or sorted."""
+    if layout.split_file is not None:
+        ids = [line.strip() for line in layout.split_file.read_text().splitlines() if line.strip()]
+        return [Path(i + layout.img_suffix) for i in ids]
+    if isinstance(layout.img_suffix, tuple):
+        found = (p for p in layout.img_dir.rglob("*") if p.suffix.lower() in layout.img_suffix)
+    else:
+        found = (p for p in layout.img_dir.rglob("*") if p.name.endswith(layout.img_suffix))
+    return sorted(p.relative_to(layout.img_dir) for p in found)
+
+
+def label_name(layout: SplitLayout, image: Path) -> Path:
+    """The label path (relative to `ann_dir`) of an image path relative to `img_dir`."""
+    if isinstance(layout.img_suffix, tuple):
+        return image.with_suffix(layout.ann_suffix)
+    return image.with_name(image.name[: -len(layout.img_suffix)] + layout.ann_suffix)
+
+
+def pair_files(layout: SplitLayout) -> list[tuple[Path, Path]]:
+    """(image, label) relative paths of a labelled split; every file is checked to exist."""
+    if layout.ann_dir is None:
+        raise ValueError(f"the images in {layout.img_dir} have no labels")
+    pairs = []
+    for image in _image_names(layout):
+        label = label_name(layout, image)
+        if layout.split_file is not None and not (layout.img_dir / image).is_file():
+            raise FileNotFoundError(f"image {layout.img_dir / image} not found (listed in {layout.split_file})")
+        if not (layout.ann_dir / label).is_file():
+            raise FileNotFoundError(f"image {layout.img_dir / image} has no label: expected {layout.ann_dir / label}")
+        pairs.append((image, label))
+    return pairs
