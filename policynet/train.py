@@ -175,7 +175,7 @@ def train(cfg: TrainConfig) -> dict:
     record = {**dataclasses.asdict(cfg), "crop": run.crop, "num_shared_eval": run.num_shared}
     write_json(run.dir / "config.json", record)
     loaders = build_loaders(run, state.iteration)
-    log = RunLog(run.dir, purge_step=state.iteration if checkpoint else None)
+    log = RunLog(run.dir, purge_step=state.iteration + 1 if checkpoint else None)  # keeps the saved step
     log.line({"event": "resume" if checkpoint else "start", "iteration": state.iteration,
               "num_iterations": cfg.num_iterations, "device": str(run.device),
               "train_images": len(run.train_set), "val_images": len(run.val_set)})
@@ -262,6 +262,7 @@ def train_iterations(run: Run, state: TrainState, loaders: Loaders, log: RunLog)
                           "elapsed_s": round(time.perf_counter() - t0, 2)})
             if due(cfg.eval_iterations):
                 state.metrics = evaluate_splits(run, state, loaders, log)
+                log.tb.flush()  # the scalars up to this save are on disk with it
                 state.save(run.dir, run.device)
                 bar.write(_summary_line(it, state.metrics))
     finally:

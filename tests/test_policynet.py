@@ -134,6 +134,14 @@ def test_resume_is_bit_identical(runs):
     assert state["iteration"] == ITERS and state["data"]["position"] == ITERS
 
 
+def test_tensorboard_keeps_the_saved_step_across_a_resume(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["logdir"] / "split"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("Accuracy/val")] == [STOP, ITERS]
+
+
 def test_outputs(runs):
     run = runs["logdir"] / "full"
     weights = safe_torch_load(run / "model.pth")

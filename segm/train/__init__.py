@@ -6,7 +6,7 @@ One GPU, ADE20K, ViT-S with CTS (30 % fewer tokens):
     python -m segm.train --log-dir runs/ade20k_segmenter_small_patch16_cts_612_103 \
         --dataset ade20k --backbone vit_small_patch16_384 --decoder mask_transformer \
         --policy-method policy_net --num-tokens-notshared 612 --num-tokens-shared 103 \
-        --policynet-ckpt policynet/logdir/policynet_efficientnet_ade20k/model.pth
+        --policynet-ckpt runs/policynet/policynet_efficientnet_ade20k/model.pth
 
 Several GPUs or nodes: the same arguments under `torchrun --nproc_per_node 8 -m segm.train`
 or `srun python -m segm.train` (one task per GPU). `--batch-size` is the global batch.
