@@ -10,20 +10,14 @@ import torch.nn.functional as F
 
 from segm.data import IGNORE_LABEL
 from segm.model.cts import TokenBudgetError, resolve_token_budget, select_shared
+from segm.model.spec import reference_num_shared
 
-# Reference budgets S at the reference crops (docs/DESIGN.md, "Token geometry and order");
-# elsewhere S = round(ρ·N/3).
-_REFERENCE_S = {("ade20k", 512): 103, ("pascal_context", 480): 90, ("cityscapes", 768): 336}
-_REDUCTION = {"cityscapes": 0.4375}  # 3·336/2304; 30 % for every other dataset
 SELECTORS = ("policy", "random", "oracle")
 
 
 def reference_budget(dataset: str, crop: int, patch_size: int = 16) -> int:
     """The dataset's token budget S (shared superpatches per crop), the default of the top-S report."""
-    if (dataset, crop) in _REFERENCE_S:
-        return _REFERENCE_S[(dataset, crop)]
-    n = (crop // patch_size) ** 2
-    return round(_REDUCTION.get(dataset, 0.3) * n / 3)
+    return reference_num_shared(crop, dataset, patch_size)
 
 
 def check_budget(s: int, crop: int, patch_size: int = 16) -> int:

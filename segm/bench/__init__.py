@@ -18,7 +18,7 @@ Modules: `settings` (BenchConfig and its checks), `budgets` (the S values timed)
 (the shared-weight models), `inputs`, `timing`, `memory`, `flops`, `machine`, `phases`
 (inference and training step), `run` (run_benchmark), `report` (table, JSON, plot), `cli`.
 """
-from segm.bench.budgets import DEFAULT_REDUCTION, REFERENCE_SHARED, default_num_shared, resolve_budgets
+from segm.bench.budgets import default_num_shared, resolve_budgets
 from segm.bench.cli import main
 from segm.bench.flops import count_flops, count_train_flops
 from segm.bench.inputs import load_images, make_batches
@@ -32,7 +32,7 @@ from segm.bench.timing import round_robin, summary
 from segm.bench.variants import Variant, build_variants, restore_fused_attention, set_fused_attention
 
 __all__ = [
-    "DEFAULT_REDUCTION", "MATMUL_SIZE", "REFERENCE_SHARED", "BenchConfig", "BenchError", "PeakTensorMemory",
+    "MATMUL_SIZE", "BenchConfig", "BenchError", "PeakTensorMemory",
     "Variant", "build_variants", "check_config", "count_flops", "count_train_flops", "default_num_shared",
     "format_table", "inference_phase", "load_images", "machine_info", "main", "make_batches",
     "measure_peak_memory", "parse_inputs", "plot_sweep", "resolve_budgets", "restore_fused_attention",

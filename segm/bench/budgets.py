@@ -6,17 +6,13 @@ from __future__ import annotations
 
 from segm.bench.settings import BenchConfig, BenchError
 from segm.model.cts import TokenBudgetError, resolve_token_budget
-
-# The reference's token reduction 3S/N, about 30 %.
-DEFAULT_REDUCTION = 0.30
-# The reference ADE20K 512 schedule is 612/103, one more than round(0.3·1024/3).
-REFERENCE_SHARED = {1024: 103}
-
+from segm.model.spec import DEFAULT_TOKEN_REDUCTION, POLICY_PATCH_SIZE, reference_num_shared
 
 def default_num_shared(grid: tuple[int, int]) -> int:
-    """The default S for a token grid: the reference schedule where there is one, else ~30 %."""
-    n = grid[0] * grid[1]
-    return REFERENCE_SHARED.get(n, round(DEFAULT_REDUCTION * n / 3))
+    """The default S for a token grid: the reference's ADE20K budget (103 at 512), else ~30 %."""
+    if grid[0] == grid[1]:
+        return reference_num_shared(grid[0] * POLICY_PATCH_SIZE)
+    return round(DEFAULT_TOKEN_REDUCTION * grid[0] * grid[1] / 3)
 
 
 def resolve_budgets(cfg: BenchConfig, grid: tuple[int, int], model_s: int | None = None) -> tuple[int, list]:

@@ -26,6 +26,23 @@ POLICY_PATCH_SIZE = 16
 POLICY_RECORD = "config.json"
 
 
+# The reference's token budgets S at its crops (U = N − 4S): 612/103 on ADE20K at 512, 540/90
+# on Pascal-Context at 480, 960/336 on Cityscapes at 768. Elsewhere S = round(ρ·N/3) with the
+# reference's reduction ρ: 30 %, and Cityscapes' 44 % (3·336/2304).
+REFERENCE_NUM_SHARED = {("ade20k", 512): 103, ("pascal_context", 480): 90, ("cityscapes", 768): 336}
+REFERENCE_REDUCTION = {"cityscapes": 0.4375}
+DEFAULT_TOKEN_REDUCTION = 0.3
+
+
+def reference_num_shared(crop: int, dataset: str = "ade20k", patch_size: int = POLICY_PATCH_SIZE) -> int:
+    """The reference's token budget S for a square crop of a dataset (ADE20K's recipe when no
+    dataset is named)."""
+    if (dataset, crop) in REFERENCE_NUM_SHARED:
+        return REFERENCE_NUM_SHARED[(dataset, crop)]
+    n = (crop // patch_size) ** 2
+    return round(REFERENCE_REDUCTION.get(dataset, DEFAULT_TOKEN_REDUCTION) * n / 3)
+
+
 class ModelConfigError(ValueError):
     """A model description (or the options it came from) that cannot be built."""
 
