@@ -1,4 +1,4 @@
-"""Segment images with a trained checkpoint (SPEC §8.1), from Python or the command line.
+"""Segment images with a trained checkpoint, from Python or the command line.
 
     python -m segm.inference --model-path runs/NAME/checkpoint.pth -i IMAGES/ -o OUT/ [--show-sharing]
 
@@ -18,18 +18,15 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from segm.data.base import STATS, dataset_info, generated_palette
-from segm.eval.evaluate import blend_images, colorize, save_png
-from segm.eval.window import inference_views, resize_to_window
-from segm.model.spec import check_window
+from segm.data.base import STATS
+from segm.eval.window import inference_views, resize_to_window, resolve_window
+from segm.visualize import blend_images, checkpoint_palette, colorize, save_png, sharing_maps, sharing_overlay
 
-__all__ = ["predict", "predict_image", "load_image", "checkpoint_palette", "sharing_overlay"]
+__all__ = ["predict", "predict_image", "load_image"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-SHARING_COLOR = (255, 0, 255)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -76,20 +73,6 @@ def _to_tensor(image: np.ndarray, normalization: str, device) -> torch.Tensor:
     return (im - mean) / std
 
 
-def _window_settings(model, variant: dict, window_size=None, window_stride=None) -> tuple[int, int]:
-    ikw = variant.get("inference_kwargs") or {}
-    crop = tuple(model.crop_size)
-    if window_size is None:
-        window_size = int(ikw.get("window_size") or crop[0])
-    check_window(model.policy_method, crop, (window_size, window_size))
-    if window_stride is None:
-        stride = ikw.get("window_stride")
-        window_stride = int(stride) if stride is not None and int(stride) <= window_size else window_size
-    if not 1 <= window_stride <= window_size:
-        raise ValueError(f"window stride {window_stride} must be in 1..{window_size} (the window size)")
-    return int(window_size), int(window_stride)
-
-
 # ----------------------------------------------------------------------------- prediction
 @torch.no_grad()
 def predict_image(model, image, *, variant: dict, window_size=None, window_stride=None, window_batch_size=4,
@@ -101,7 +84,7 @@ def predict_image(model, image, *, variant: dict, window_size=None, window_strid
     superpatch and `block_id` numbering superpatches (unique per window). Each window paints
     its whole area in turn, so where windows overlap and disagree the last one wins.
     """
-    if getattr(model, "policy_method", None) == "oracle":
+    if model.needs_labels:
         raise ValueError("an oracle-policy model needs ground-truth labels; evaluate it with segm.eval.miou")
     image = _as_rgb_array(image)
     if device is None:
@@ -110,7 +93,7 @@ def predict_image(model, image, *, variant: dict, window_size=None, window_strid
         model.to(device)
     was_training = model.training
     model.eval()
-    ws, stride = _window_settings(model, variant, window_size, window_stride)
+    ws, stride = resolve_window(model, variant, window_size=window_size, window_stride=window_stride)
     im = _to_tensor(image, _normalization(variant), device)
     ori_shape = tuple(im.shape[-2:])
     view = resize_to_window(im, ws)  # the guard inference_views would apply; done here for the layout
@@ -132,7 +115,7 @@ def predict_image(model, image, *, variant: dict, window_size=None, window_strid
     label = probs.argmax(0).cpu().numpy().astype(np.int64)
     if not return_sharing:
         return label
-    return label, _sharing_maps(records, tuple(view.shape[-2:]), ori_shape, ws)
+    return label, sharing_maps(records, tuple(view.shape[-2:]), ori_shape, ws)
 
 
 def predict(model, image, *, variant: dict | None = None, window_size: int | None = None,
@@ -152,64 +135,7 @@ def predict(model, image, *, variant: dict | None = None, window_size: int | Non
                          window_batch_size=window_batch_size, device=device)
 
 
-# ----------------------------------------------------------------------------- outputs
-def _sharing_maps(records, view_shape, ori_shape, ws):
-    """Paints each window's shared superpatches at its position on the view, then resizes
-    the maps (nearest) to the original image."""
-    shared = torch.zeros(view_shape, dtype=torch.bool)
-    block_id = torch.full(view_shape, -1, dtype=torch.int64)
-    n_windows = 0
-    for boxes, mask2 in records:
-        mask2 = mask2.cpu()
-        g_h, g_w = mask2.shape[-2:]
-        bs = ws // g_h  # superpatch side in pixels (2·patch)
-        ids = torch.arange(g_h * g_w).view(g_h, g_w).repeat_interleave(bs, 0).repeat_interleave(bs, 1)
-        for (y, x), m in zip(boxes, mask2):
-            shared[y : y + ws, x : x + ws] = m.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
-            block_id[y : y + ws, x : x + ws] = ids + n_windows * g_h * g_w
-            n_windows += 1
-    if view_shape != ori_shape:
-        both = torch.stack([shared.double(), block_id.double()])[None]
-        shared_f, block_f = F.interpolate(both, ori_shape, mode="nearest")[0]
-        shared, block_id = shared_f.bool(), block_f.long()
-    return shared.numpy(), block_id.numpy()
-
-
-def sharing_overlay(image: np.ndarray, shared: np.ndarray, block_id: np.ndarray, color=SHARING_COLOR) -> np.ndarray:
-    """The image with shared superpatches tinted (40 %) and outlined (1 px) in `color`."""
-    out = image.astype(np.float32)
-    color = np.asarray(color, dtype=np.float32)
-    out[shared] = 0.6 * out[shared] + 0.4 * color
-    edge = np.zeros_like(shared)
-    dy = block_id[1:] != block_id[:-1]
-    dx = block_id[:, 1:] != block_id[:, :-1]
-    edge[1:] |= dy
-    edge[:-1] |= dy
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    edge[[0, -1], :] = True
-    edge[:, [0, -1]] = True
-    out[edge & shared] = color
-    return out.round().clip(0, 255).astype(np.uint8)
-
-
-def checkpoint_palette(variant: dict, n_cls: int) -> tuple[list, str | None]:
-    """The palette of the checkpoint's dataset, or a generated one (and why) when its classes
-    cannot be found or do not match the model."""
-    dkw = variant.get("dataset_kwargs") or {}
-    name = dkw.get("dataset")
-    try:
-        if name is None:
-            raise ValueError("the variant names no dataset")
-        info = dataset_info(name, data_root=dkw.get("data_root"), classes_file=dkw.get("classes_file"))
-        if info.n_cls == n_cls:
-            return [list(c) for c in info.palette], None
-        reason = f"dataset {name} has {info.n_cls} classes, the model {n_cls}"
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        reason = str(e).splitlines()[0]
-    return generated_palette(n_cls), f"using a generated palette ({reason})"
-
-
+# ----------------------------------------------------------------------------- command
 def _list_inputs(input_path: Path) -> list[Path]:
     if input_path.is_file():
         return [input_path]
@@ -259,7 +185,7 @@ def main(model_path, input_path, output_dir, device, gpu, window_batch_size, sho
         palette, note = checkpoint_palette(variant, model.n_cls)
         if note:
             warnings.warn(note, stacklevel=1)
-        sharing = show_sharing and model.policy_method != "no_sharing"
+        sharing = show_sharing and model.shares_tokens
         if show_sharing and not sharing:
             click.echo("--show-sharing: this model shares no tokens (policy no_sharing); no sharing images", err=True)
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Dataset evaluation (SPEC §6): `evaluate_dataset` against mmseg's `mean_iou` on the same
+"""Dataset evaluation: `evaluate_dataset` against mmseg's `mean_iou` on the same
 predictions, a perfect oracle, the 12 multi-scale views, DistributedSampler padding, and the
 `segm.eval.miou` command (scores file, saved images, clear errors). Tiny models, CPU."""
 from __future__ import annotations
@@ -13,54 +13,15 @@ from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-import segm
 from segm.config import load_config, load_yaml
 from segm.data import build_dataset, val_collate
 from segm.eval.evaluate import evaluate_dataset
 from segm.eval.miou import main as miou_main
 from segm.eval.miou import resolve_settings
 from segm.eval.window import inference_views, resize_to_window, window_anchors
-from segm.model import save_model
-from segm.model.factory import write_variant
-
-K = 10  # synthetic classes
-CROP = 64
-
+from tests.helpers.models import CROP, K, make_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_net_kwargs(policy_method="random", n_cls=K):
-    return {
-        "image_size": (CROP, CROP), "patch_size": 16, "d_model": 64, "n_heads": 2, "n_layers": 2,
-        "n_cls": n_cls, "normalization": "vit", "dropout": 0.0, "drop_path_rate": 0.0,
-        "decoder": {"name": "linear", "n_cls": n_cls},
-        "policy_method": policy_method, "policy_schedule": (8, 2) if policy_method != "no_sharing" else (16, 0),
-    }
-
-
-def tiny_variant(data_root, policy_method="random"):
-    return {
-        "net_kwargs": tiny_net_kwargs(policy_method),
-        "dataset_kwargs": {
-            "dataset": "synthetic", "image_size": 128, "crop_size": CROP, "batch_size": 2,
-            "normalization": "vit", "split": "train", "num_workers": 0,
-            "data_root": str(data_root), "classes_file": None,
-        },
-        "inference_kwargs": {"im_size": 128, "window_size": CROP, "window_stride": 32},
-    }
-
-
-def make_model_dir(tmp_path, data_root, policy_method="random", seed=0):
-    """A checkpoint.pth + variant.yml pair, as training writes them; returns (ckpt, model, variant)."""
-    variant = tiny_variant(data_root, policy_method)
-    torch.manual_seed(seed)
-    model = segm.create_segmenter(variant["net_kwargs"])
-    d = tmp_path / "run"
-    d.mkdir(parents=True)
-    save_model(model, variant, d / "checkpoint.pth")
-    write_variant(variant, d)
-    return d / "checkpoint.pth", model.eval(), variant
 
 
 def val_loader(root, multiscale=False, im_size=128, **kw):
@@ -73,6 +34,7 @@ class OracleStub(nn.Module):
     """Predicts the ground truth it is given (oracle policy path): one-hot logits."""
 
     policy_method = "oracle"
+    needs_labels = True
 
     def __init__(self, n_cls):
         super().__init__()
@@ -90,6 +52,7 @@ class CountingStub(nn.Module):
     """Records every window batch; constant logits."""
 
     policy_method = "no_sharing"
+    needs_labels = False
 
     def __init__(self, n_cls):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Image inference (SPEC §8.1): `segm.predict`, the sharing maps, the dataset palette and the
+"""Image inference: `segm.predict`, the sharing maps, the dataset palette and the
 `segm.inference` command on grey, RGBA and odd-sized images. Tiny models, CPU."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from PIL import Image
 
 import segm
 from segm.data import dataset_info
-from segm.eval.evaluate import colorize
-from segm.inference import checkpoint_palette, main, predict_image
-from tests.test_eval import CROP, K, make_model_dir
+from segm.inference import main, predict_image
+from segm.visualize import checkpoint_palette, colorize
+from tests.helpers.models import CROP, K, make_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -299,10 +299,11 @@ def test_pretrained_augreg_npz_is_loaded_with_bilinear_pos_resize(tmp_path):
 def test_policy_runs_in_chunks_on_cpu_and_matches_the_whole_batch(monkeypatch):
     """On the CPU the policy runs on as many images at a time as keep its largest activation
     under glibc's mmap threshold (re-faulting larger blocks on every call dominated its time)."""
-    from segm.model import policy_net as pn
+    from segm.model import policy_fastpath as pn
+    from segm.model.policy_net import PolicyNet
 
-    policy = pn.PolicyNet().eval()
-    assert policy.peak_activation_ratio() == 8.0  # efficientnet_lite0: 96 channels at half size
+    policy = PolicyNet().eval()
+    assert pn.peak_activation_ratio(policy) == 8.0  # efficientnet_lite0: 96 channels at half size
     im = torch.randn(5, 3, 64, 96)
     monkeypatch.setattr(pn, "CPU_CHUNK_BYTES", 2 * 8 * im[0].numel() * 4)
     sizes = []
@@ -325,7 +326,8 @@ def test_folded_policy_fuses_each_conv_with_its_activation(backbone, n_fused):
     """The BN-folded inference copy runs oneDNN's fused conv + ReLU6 with pre-packed weights on
     the CPU, and matches the unfolded policy; under autocast it falls back to conv, then act.
     The tf_ variant's 5 stride-2 "same"-padded convs (timm Conv2dSame) stay unfused."""
-    from segm.model.policy_net import FoldedConvAct, PolicyNet, fuse_batchnorm
+    from segm.model.policy_fastpath import FoldedConvAct, fuse_batchnorm
+    from segm.model.policy_net import PolicyNet
 
     torch.manual_seed(0)
     policy = PolicyNet(backbone).eval()

@@ -1,8 +1,11 @@
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from segm.eval.window import inference_views, resize_to_window, sliding_window_inference, window_anchors
+from segm.eval.window import (inference_views, resize_to_window, resolve_window, sliding_window_inference,
+                              window_anchors)
 
 
 def test_anchors_cityscapes_example():
@@ -202,3 +205,20 @@ def test_inference_views_small_image_goes_through_guard():
 def test_inference_views_needs_matching_metas():
     with pytest.raises(ValueError, match="meta"):
         inference_views(_identity_forward, [torch.rand(3, 8, 8)], [], (8, 8), 8, 8)
+
+
+def test_resolve_window_defaults_per_command():
+    """Evaluating on a dataset: the training crop and the dataset's stride (config.yml); segmenting
+    images: the run's inference_kwargs. Either way the stride never exceeds the window."""
+    model = types.SimpleNamespace(crop_size=(480, 480), policy_method="no_sharing")
+    variant = {"dataset_kwargs": {"crop_size": 480}, "inference_kwargs": {"window_size": 400, "window_stride": 300}}
+    assert resolve_window(model, variant, "pascal_context") == (480, 320)
+    assert resolve_window(model, variant) == (400, 300)
+    assert resolve_window(model, variant, window_size=256) == (256, 256)
+    assert resolve_window(model, {}) == (480, 480)
+    for dataset in ("pascal_context", None):
+        with pytest.raises(ValueError, match="window stride 500 must be in 1..480 .*--window-stride"):
+            resolve_window(model, variant, dataset, window_size=480, window_stride=500)
+    sharing = types.SimpleNamespace(crop_size=(480, 480), policy_method="random")
+    with pytest.raises(ValueError, match="--window-size 480"):
+        resolve_window(sharing, variant)

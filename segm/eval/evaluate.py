@@ -1,5 +1,5 @@
-"""Dataset evaluation with sliding windows (SPEC §6.2, §6.3), shared by `segm.eval.miou`
-and the in-training evaluation.
+"""Dataset evaluation with sliding windows (docs/DESIGN.md, "Evaluation"), shared by
+`segm.eval.miou` and the in-training evaluation.
 
 Per image: every test view goes through `inference_views` (resize-up guard, ws×ws windows,
 logit averaging, resize to the original shape, un-flip, softmax, mean over views); the
@@ -27,22 +27,18 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from segm.eval.window import inference_views, resize_to_window
+from segm.eval.window import check_stride, inference_views, resize_to_window
 from segm.metrics import IoUAccumulator
-from segm.utils.atomic import atomic_write
 from segm.utils.distributed import all_reduce_sum, is_main_process
+from segm.visualize import blend_images, colorize, save_png
 
-__all__ = ["evaluate_dataset", "predict_views", "make_window_forward", "colorize", "blend_images", "save_png"]
+__all__ = ["evaluate_dataset", "predict_views", "make_window_forward"]
 
 
 def _unwrap(model):
     """The bare model behind DDP / torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
-
-
-def _policy_method(model):
-    return getattr(_unwrap(model), "policy_method", None)
 
 
 def make_window_forward(model, amp_dtype=None, label_view: torch.Tensor | None = None):
@@ -83,7 +79,7 @@ def predict_views(model, views, metas, ori_shape, *, window_size, window_stride,
     For the oracle policy, `label` (H, W) is the original-size ground truth; each view then
     runs alone so its windows can be paired with the label cut the same way.
     """
-    if _policy_method(model) != "oracle":
+    if not _unwrap(model).needs_labels:
         forward = make_window_forward(model, amp_dtype)
         return inference_views(forward, views, metas, ori_shape, window_size, window_stride,
                                window_batch_size, n_cls)
@@ -124,26 +120,6 @@ def _as_item(batch: dict):
 
 
 # ----------------------------------------------------------------------------- images
-def colorize(label: np.ndarray, palette) -> np.ndarray:
-    """(H, W) class map -> (H, W, 3) uint8 RGB; labels outside the palette (255) are black."""
-    palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: min(len(palette), 256)] = palette[:256]
-    return lut[np.asarray(label).astype(np.int64).clip(0, 255)]
-
-
-def blend_images(im: np.ndarray, seg_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """50/50 blend as the reference (`PIL.Image.blend`)."""
-    return np.asarray(Image.blend(Image.fromarray(im), Image.fromarray(seg_rgb), alpha).convert("RGB"))
-
-
-def save_png(array: np.ndarray, path) -> None:
-    """Writes a PNG atomically (`segm.utils.checkpoint.atomic_write`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
-
-
 def _original_image(meta: dict, view: torch.Tensor, ori_shape, norm_cfg=None) -> np.ndarray:
     """The input image (H, W, 3) uint8: read from disk, else the de-normalised first view."""
     filename = meta.get("filename")
@@ -201,11 +177,7 @@ def evaluate_dataset(
     """
     if not 0.0 < frac_dataset <= 1.0:
         raise ValueError(f"frac_dataset must be in (0, 1], got {frac_dataset}")
-    if window_stride < 1 or window_stride > window_size:
-        raise ValueError(
-            f"window stride {window_stride} must be in 1..{window_size} (the window size): a larger "
-            "stride leaves pixels between windows unpredicted"
-        )
+    check_stride(window_size, window_stride)
     device = torch.device(device)
     model = getattr(model, "module", model)  # DDP / DataParallel: forward the bare module
     model.eval()

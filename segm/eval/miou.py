@@ -1,4 +1,4 @@
-"""Sliding-window mIoU of a checkpoint on a validation set (SPEC §6).
+"""Sliding-window mIoU of a checkpoint on a validation set (docs/DESIGN.md, "Evaluation").
 
     python -m segm.eval.miou runs/NAME/checkpoint.pth ade20k [--singlescale|--multiscale]
     torchrun --nproc_per_node 4 -m segm.eval.miou runs/NAME/checkpoint.pth cityscapes
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from segm.config import dataset_dir, dump_yaml, load_config
 from segm.data import canonical_name
-from segm.model.spec import check_window
+from segm.eval.window import resolve_window
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.distributed import barrier, cleanup, init_distributed, is_main_process
 
@@ -34,24 +34,11 @@ def _dataset_defaults(name: str) -> dict:
 
 def resolve_settings(variant: dict, model, dataset: str, *, im_size=None, window_size=None, window_stride=None,
                      data_root=None, classes_file=None) -> dict:
-    """Fills the CLI defaults (SPEC §6.1) from config.yml and the checkpoint's variant."""
+    """Fills the command's defaults from configs/config.yml and the checkpoint's variant (the
+    window and stride: `segm.eval.window.resolve_window`)."""
     dkw = variant.get("dataset_kwargs") or {}
-    ikw = variant.get("inference_kwargs") or {}
     preset = _dataset_defaults(dataset)
-    crop = tuple(model.crop_size)
-
-    if window_size is None:
-        window_size = int(dkw.get("crop_size") or crop[0])
-    check_window(model.policy_method, crop, (window_size, window_size))
-    if window_stride is None:
-        # Reference: a fixed stride per dataset (config.yml); never larger than the window.
-        candidates = [preset.get("window_stride"), ikw.get("window_stride"), window_size]
-        window_stride = next(int(s) for s in candidates if s is not None and int(s) <= window_size)
-    if not 1 <= window_stride <= window_size:
-        raise ValueError(
-            f"--window-stride {window_stride} must be in 1..{window_size} (the window size), "
-            "or pixels between windows get no prediction"
-        )
+    window_size, window_stride = resolve_window(model, variant, dataset, window_size, window_stride)
     if im_size is None:
         im_size = preset.get("im_size") or dkw.get("image_size")
     if im_size is None:
@@ -130,7 +117,7 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
             f"the model predicts {model.n_cls} classes but dataset {dataset} has {info.n_cls}: "
             "evaluate on the dataset it was trained on (or pass the right --classes)"
         )
-    if model.policy_method == "oracle" and getattr(model, "oracle_dataset", None) is None:
+    if model.needs_labels and model.oracle_dataset is None:
         model.oracle_dataset = dataset
     db = build_dataset(dataset, "val", im_size=settings["im_size"], crop_size=settings["window_size"],
                        normalization=settings["normalization"], data_root=settings["data_root"],

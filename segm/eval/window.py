@@ -1,4 +1,5 @@
-"""Sliding-window inference (SPEC §6.2).
+"""Sliding-window inference, and the one rule for its window size and stride. See
+docs/DESIGN.md, "Evaluation".
 
 Per view: resize up so the short side is at least the window, cut ws×ws windows on a
 grid whose last row/column is flush with the border, run them `window_batch_size` at
@@ -15,9 +16,55 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["window_anchors", "resize_to_window", "sliding_window_inference", "inference_views"]
+from segm.config import load_config
+
+__all__ = ["resolve_window", "check_stride", "window_anchors", "resize_to_window", "sliding_window_inference",
+           "inference_views"]
 
 Forward = Callable[[torch.Tensor, list], torch.Tensor]
+
+
+def resolve_window(model, variant: dict, dataset: str | None = None, window_size: int | None = None,
+                   window_stride: int | None = None) -> tuple[int, int]:
+    """(window size, stride) for running `model` (its `crop_size`, `policy_method`) over images.
+
+    Given values win; the defaults are the reference's, which differ by command:
+
+    - window size: evaluating on a `dataset`, the run's training crop
+      (`dataset_kwargs.crop_size`); segmenting images (no dataset), the run's
+      `inference_kwargs.window_size`; else the model's crop. A token-sharing model runs only
+      at its crop (`segm.model.spec.check_window`).
+    - stride: the first that fits in the window of, on a `dataset`, its stride in
+      configs/config.yml (ADE20K 512, Cityscapes 512, Pascal-Context 320), then the run's
+      `inference_kwargs.window_stride`, then the window size itself.
+
+    A stride outside 1..window size is an error (`check_stride`).
+    """
+    from segm.model.spec import check_window  # segm.model imports timm; the window mechanics need none
+
+    run = variant.get("inference_kwargs") or {}
+    if dataset is None:
+        run_window, strides = run.get("window_size"), [run.get("window_stride")]
+    else:
+        preset = load_config()["dataset"].get(dataset, {})
+        run_window = (variant.get("dataset_kwargs") or {}).get("crop_size")
+        strides = [preset.get("window_stride"), run.get("window_stride")]
+    crop = tuple(model.crop_size)
+    if window_size is None:
+        window_size = int(run_window or crop[0])
+    check_window(model.policy_method, crop, (window_size, window_size))
+    if window_stride is None:
+        window_stride = next(int(s) for s in [*strides, window_size] if s is not None and int(s) <= window_size)
+    check_stride(window_size, window_stride)
+    return int(window_size), int(window_stride)
+
+
+def check_stride(window_size: int, window_stride: int) -> None:
+    if not 1 <= window_stride <= window_size:
+        raise ValueError(
+            f"window stride {window_stride} must be in 1..{window_size} (the window size; --window-stride, "
+            "window_stride): a larger stride leaves pixels between windows unpredicted"
+        )
 
 
 def window_anchors(size: int, ws: int, stride: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Segmenter with Content-aware Token Sharing (SPEC §1, §2.6, §3).
+"""Segmenter with Content-aware Token Sharing (docs/DESIGN.md, "Data flow").
 
 forward: policy scores on the unpadded normalised input → top-S superpatches → mixed-scale
 tokens (shared: the 2×2-average-pooled block through the same patch-embedding conv; position
@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from segm.model import cts
-from segm.model.policy_net import PolicyNet, fuse_batchnorm, policy_logits
-from segm.model.spec import DEFAULT_POLICY_BACKBONE, POLICY_METHODS, check_policy_method, check_window
+from segm.model.policy_fastpath import fuse_batchnorm, policy_logits
+from segm.model.policy_net import PolicyNet
+from segm.model.spec import DEFAULT_POLICY_BACKBONE, check_policy_method, check_window
 from segm.model.vit import resize_pos_embed
 
 
@@ -72,7 +73,8 @@ class Segmenter(nn.Module):
         self._generators: dict[torch.device, torch.Generator] = {}
         self.oracle_dataset = oracle_dataset
 
-    # The policy network is frozen: it stays in eval mode whatever the segmenter does (SPEC §10).
+    # The policy network is frozen: it stays in eval mode whatever the segmenter does
+    # (docs/DESIGN.md, "Deviations from the reference").
     def train(self, mode: bool = True):
         super().train(mode)
         if hasattr(self, "policy_net"):
@@ -147,7 +149,7 @@ class Segmenter(nn.Module):
         grid = layout.grid
         npt = vit.num_prefix_tokens
         pos = vit.pos_embed
-        if pos.shape[1] - npt != grid[0] * grid[1]:  # no_sharing at another size (SPEC [SEG])
+        if pos.shape[1] - npt != grid[0] * grid[1]:  # no_sharing at another size: resized on the fly, as plain Segmenter does
             pos = resize_pos_embed(pos, grid, npt)
         pos_prefix, pos_grid = pos[:, :npt], pos[:, npt:]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from segm.config import load_config
+from segm.eval.window import check_stride
 from segm.model.spec import check_window
 from segm.utils.checkpoint import CheckpointError
 
@@ -148,8 +149,7 @@ def check_options(opts: TrainOptions, world_size: int) -> None:
             f"--batch-size {opts.batch_size} is the global batch and must be divisible by the "
             f"{world_size} processes; use a multiple of {world_size}"
         )
-    if opts.window_stride > opts.window_size:
-        raise ConfigError(f"--window-stride {opts.window_stride} exceeds --window-size {opts.window_size}")
+    check_stride(opts.window_size, opts.window_stride)
     check_window(opts.policy_method, (opts.crop_size, opts.crop_size), (opts.window_size, opts.window_size))
     if opts.dataset == "custom" and not opts.data_root:
         raise ConfigError("--dataset custom needs --data-root DIR (and --classes FILE)")

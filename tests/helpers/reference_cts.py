@@ -1,4 +1,4 @@
-"""A literal, slow re-implementation of the reference CTS code paths (SPEC §3), used only to
+"""A literal, slow re-implementation of the reference CTS code paths, used only to
 pin the fast implementation: per-sample Python loops, boolean indexing, bilinear ×0.5 resize,
 the strip through the patch-embedding conv, and unsharing from `policy_code`."""
 import torch

@@ -1,0 +1,101 @@
+"""Pictures of predictions: class colours, blends with the input, token-sharing overlays, PNGs.
+
+Used by the evaluation's saved images (`segm.eval.evaluate`) and by `segm.inference`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from segm.data.base import dataset_info, generated_palette
+from segm.utils.atomic import atomic_write
+
+__all__ = ["SHARING_COLOR", "colorize", "blend_images", "save_png", "checkpoint_palette", "sharing_maps",
+           "sharing_overlay"]
+
+SHARING_COLOR = (255, 0, 255)
+
+
+def colorize(label: np.ndarray, palette) -> np.ndarray:
+    """(H, W) class map -> (H, W, 3) uint8 RGB; labels outside the palette (255) are black."""
+    palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: min(len(palette), 256)] = palette[:256]
+    return lut[np.asarray(label).astype(np.int64).clip(0, 255)]
+
+
+def blend_images(im: np.ndarray, seg_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """50/50 blend as the reference (`PIL.Image.blend`)."""
+    return np.asarray(Image.blend(Image.fromarray(im), Image.fromarray(seg_rgb), alpha).convert("RGB"))
+
+
+def save_png(array: np.ndarray, path) -> None:
+    """Writes a PNG atomically (`segm.utils.atomic.atomic_write`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
+def checkpoint_palette(variant: dict, n_cls: int) -> tuple[list, str | None]:
+    """The palette of the checkpoint's dataset, or a generated one (and why) when its classes
+    cannot be found or do not match the model."""
+    dkw = variant.get("dataset_kwargs") or {}
+    name = dkw.get("dataset")
+    try:
+        if name is None:
+            raise ValueError("the variant names no dataset")
+        info = dataset_info(name, data_root=dkw.get("data_root"), classes_file=dkw.get("classes_file"))
+        if info.n_cls == n_cls:
+            return [list(c) for c in info.palette], None
+        reason = f"dataset {name} has {info.n_cls} classes, the model {n_cls}"
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        reason = str(e).splitlines()[0]
+    return generated_palette(n_cls), f"using a generated palette ({reason})"
+
+
+def sharing_maps(records, view_shape, ori_shape, ws):
+    """(shared, block_id) maps at `ori_shape` from the windows' layouts.
+
+    `records` holds, per window batch, the windows' top-left corners on the view and their
+    `mask2` (n, Gh/2, Gw/2). Each window paints its shared superpatches at its position on the
+    view (the last one wins where windows overlap); the maps are then resized (nearest) to the
+    original image."""
+    shared = torch.zeros(view_shape, dtype=torch.bool)
+    block_id = torch.full(view_shape, -1, dtype=torch.int64)
+    n_windows = 0
+    for boxes, mask2 in records:
+        mask2 = mask2.cpu()
+        g_h, g_w = mask2.shape[-2:]
+        bs = ws // g_h  # superpatch side in pixels (2·patch)
+        ids = torch.arange(g_h * g_w).view(g_h, g_w).repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+        for (y, x), m in zip(boxes, mask2):
+            shared[y : y + ws, x : x + ws] = m.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+            block_id[y : y + ws, x : x + ws] = ids + n_windows * g_h * g_w
+            n_windows += 1
+    if view_shape != ori_shape:
+        both = torch.stack([shared.double(), block_id.double()])[None]
+        shared_f, block_f = F.interpolate(both, ori_shape, mode="nearest")[0]
+        shared, block_id = shared_f.bool(), block_f.long()
+    return shared.numpy(), block_id.numpy()
+
+
+def sharing_overlay(image: np.ndarray, shared: np.ndarray, block_id: np.ndarray, color=SHARING_COLOR) -> np.ndarray:
+    """The image with shared superpatches tinted (40 %) and outlined (1 px) in `color`."""
+    out = image.astype(np.float32)
+    color = np.asarray(color, dtype=np.float32)
+    out[shared] = 0.6 * out[shared] + 0.4 * color
+    edge = np.zeros_like(shared)
+    dy = block_id[1:] != block_id[:-1]
+    dx = block_id[:, 1:] != block_id[:, :-1]
+    edge[1:] |= dy
+    edge[:-1] |= dy
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    edge[[0, -1], :] = True
+    edge[:, [0, -1]] = True
+    out[edge & shared] = color
+    return out.round().clip(0, 255).astype(np.uint8)
