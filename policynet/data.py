@@ -30,12 +30,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from segm.config import load_config
-from segm.data.base import canonical_name, dataset_info
+from segm.data.base import DATASET_CHOICES, canonical_name, dataset_info
 from segm.data.io import read_image, read_label
 from segm.data.layout import dataset_root, pair_files, split_layout
 
-# --dataset of policynet.train and policynet.eval: the dataset names, Pascal Context as `pcontext`.
-DATASET_CHOICES = ("ade20k", "cityscapes", "pcontext", "synthetic", "custom")
 
 
 @dataclass(frozen=True)

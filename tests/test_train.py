@@ -251,11 +251,14 @@ def poison_loss(monkeypatch, at_call: int) -> None:
     monkeypatch.setattr(loop, "segmentation_loss", poisoned)
 
 
+def no_sharing_run(log_dir, root, *extra):
+    return run_cli(tiny_args(log_dir, root, "--policy-method", "no_sharing", "--batch-size", "8", *extra))
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path, monkeypatch):
     poison_loss(monkeypatch, at_call=3)
     log_dir = tmp_path / "run"
-    result = run_cli(tiny_args(log_dir, synthetic_root, "--policy-method", "no_sharing", "--batch-size", "8",
-                               "--epochs", "2", "--ckpt-every", "2"))
+    result = no_sharing_run(log_dir, synthetic_root, "--epochs", "2", "--ckpt-every", "2")
     assert result.exit_code == 3
     assert "loss is nan at iteration 3" in result.output and "iteration 2" in result.output
     ckpt = load_ckpt(log_dir)
@@ -267,8 +270,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root
 def test_non_finite_loss_before_any_checkpoint_says_there_is_none(synthetic_root, tmp_path, monkeypatch):
     poison_loss(monkeypatch, at_call=1)
     log_dir = tmp_path / "run"
-    result = run_cli(tiny_args(log_dir, synthetic_root, "--policy-method", "no_sharing", "--batch-size", "8",
-                               "--epochs", "1", "--ckpt-every", "2"))
+    result = no_sharing_run(log_dir, synthetic_root, "--epochs", "1", "--ckpt-every", "2")
     assert result.exit_code == 3
     assert "loss is nan at iteration 1" in result.output
     assert "No checkpoint was written yet" in result.output and "(iteration None)" not in result.output
@@ -298,8 +300,7 @@ def test_exploded_loss_stops_before_the_update(synthetic_root, tmp_path, monkeyp
     monkeypatch.setattr(loop, "segmentation_loss",
                         lambda logits, target, world_size=1: [v * 1e6 for v in real_loss(logits, target, world_size)])
     log_dir = tmp_path / "run"
-    result = run_cli(tiny_args(log_dir, synthetic_root, "--policy-method", "no_sharing", "--batch-size", "8",
-                               "--iterations", "2"))
+    result = no_sharing_run(log_dir, synthetic_root, "--iterations", "2")
     assert result.exit_code == 3
     assert "at iteration 1" in result.output and "exploded: above 100·ln K" in result.output
 

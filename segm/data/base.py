@@ -33,7 +33,8 @@ STATS = {
 }
 
 DATASET_NAMES = ("ade20k", "pascal_context", "cityscapes", "synthetic", "custom")
-_ALIASES = {"pcontext": "pascal_context"}
+_ALIASES = {"pcontext": "pascal_context"}  # the reference's spelling
+DATASET_CHOICES = DATASET_NAMES + tuple(_ALIASES)  # what the command lines accept
 
 # Folder under $DATASET and the command that creates it.
 _ROOT_DIRS = {

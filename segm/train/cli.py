@@ -5,9 +5,10 @@ from pathlib import Path
 
 import click
 
+from segm.data.base import DATASET_CHOICES
 from segm.model.spec import POLICY_METHODS
 from segm.train.loss import NonFiniteLossError
-from segm.train.options import AMP_DTYPES, DATASETS, ConfigError
+from segm.train.options import AMP_DTYPES, ConfigError
 from segm.train.run import train
 
 _PRESET = " [default: the dataset preset in configs/config.yml]"
@@ -16,7 +17,7 @@ _PRESET = " [default: the dataset preset in configs/config.yml]"
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--log-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: checkpoint.pth, variant.yml, log.txt, TensorBoard events.")
-@click.option("--dataset", required=True, type=click.Choice(DATASETS + ("pcontext",)), help="Training dataset.")
+@click.option("--dataset", required=True, type=click.Choice(DATASET_CHOICES), help="Training dataset.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The dataset's own folder [default: $DATASET/<dataset>]; required for custom.")
 @click.option("--classes", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -20,7 +20,6 @@ from segm.eval.window import check_stride
 from segm.model.spec import check_window
 from segm.utils.checkpoint import CheckpointError
 
-DATASETS = ("ade20k", "pascal_context", "cityscapes", "synthetic", "custom")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -184,32 +184,7 @@ def download(
                     f"{url} answered with an HTML page instead of {path.name} "
                     "(not logged in, wrong credentials, or no access to this package)"
                 )
-            status = getattr(resp, "status", 200)
-            if offset and status == 206 and _start_from_content_range(resp.headers.get("Content-Range")) == offset:
-                mode = "ab"
-            else:  # no resume: the server ignored Range (200) or answered an unexpected range
-                mode, offset = "wb", 0
-            length = resp.headers.get("Content-Length")
-            total = offset + int(length) if length is not None and length.isdigit() else None
-            written = offset
-            try:
-                with open(part, mode) as f, tqdm(
-                    total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=path.name, disable=not progress, leave=False,
-                ) as bar:
-                    while chunk := resp.read(chunk_size):
-                        f.write(chunk)
-                        written += len(chunk)
-                        bar.update(len(chunk))
-            except (OSError, HTTPException, socket.timeout) as e:
-                raise DownloadError(
-                    f"download of {url} was interrupted after {written} bytes ({e}); "
-                    f"run again to resume from {part}"
-                ) from None
-        if total is not None and written != total:
-            raise DownloadError(
-                f"download of {url} stopped at {written} of {total} bytes; run again to resume from {part}"
-            )
+            _stream(resp, part, offset, url, chunk_size=chunk_size, progress=progress)
         break
     else:
         raise DownloadError(f"cannot resume {url} into {part}; delete it and run again")
@@ -217,6 +192,33 @@ def download(
     verify_checksum(part, checksum, display_name=f"the download of {url}")
     os.replace(part, path)
     return path
+
+
+def _stream(resp, part: Path, offset: int, url: str, *, chunk_size: int, progress: bool) -> None:
+    """Writes the response body to `part`, appended when the server resumed at `offset`."""
+    status = getattr(resp, "status", 200)
+    if offset and status == 206 and _start_from_content_range(resp.headers.get("Content-Range")) == offset:
+        mode = "ab"
+    else:  # no resume: the server ignored Range (200) or answered an unexpected range
+        mode, offset = "wb", 0
+    length = resp.headers.get("Content-Length")
+    total = offset + int(length) if length is not None and length.isdigit() else None
+    written = offset
+    try:
+        with open(part, mode) as f, tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=part.name.removesuffix(".part"), disable=not progress, leave=False,
+        ) as bar:
+            while chunk := resp.read(chunk_size):
+                f.write(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
+    except (OSError, HTTPException, socket.timeout) as e:
+        raise DownloadError(
+            f"download of {url} was interrupted after {written} bytes ({e}); run again to resume from {part}"
+        ) from None
+    if total is not None and written != total:
+        raise DownloadError(f"download of {url} stopped at {written} of {total} bytes; run again to resume from {part}")
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
