@@ -46,6 +46,7 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
 @click.option("--num-shared", "--num-tokens-shared", "num_shared", type=int, help="CTS budget S (default: the reference 30 %, S=103 at 512).")
 @click.option("--token-reduction", type=float, help="CTS budget as reduction ρ: S = round(ρN/3).")
 @click.option("--with-random", is_flag=True, help="Also time the random policy on the same budget.")
+@click.option("--with-content", is_flag=True, help="Also time the training-free content policy on the same budget.")
 @click.option("--sweep", help="Comma-separated reductions to time too, e.g. 0,0.1,0.2,0.3,0.4,0.5.")
 @click.option("--batch-size", default=2, type=int)
 @click.option("--warmup", default=2, type=int, help="Untimed interleaved rounds.")
@@ -69,7 +70,7 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Plot images/s against reduction.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 def main(d_model, n_heads, n_layers, decoder_layers, sweep, json_path, plot_path, quiet, **kw):
-    """Time no_sharing against CTS (and optionally the random policy) in one interleaved run."""
+    """Time no_sharing against CTS (and optionally the random and content policies) in one interleaved run."""
     overrides = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, decoder_layers=decoder_layers)
     try:
         _check_output(json_path, "--json")

@@ -85,8 +85,9 @@ def write_json(result: dict, path) -> None:
 def _sweep_series(result: dict) -> list[tuple[str, str, str, str]]:
     """(phase, policy, label, line style) of each plotted line."""
     series = [("inference", "policy_net", "CTS (policy net)", "o-")]
-    if any(r["policy"] == "random" for r in result["variants"]):
-        series.append(("inference", "random", "random policy", "s"))
+    for policy, label in (("random", "random policy"), ("content", "content policy")):
+        if any(r["policy"] == policy for r in result["variants"]):
+            series.append(("inference", policy, label, "s" if policy == "random" else "D"))
     if any("train" in r for r in result["variants"]):
         series.append(("train", "policy_net", "CTS train step", "^--"))
     return series
@@ -103,7 +104,7 @@ def plot_sweep(result: dict, path) -> None:
     base = result["variants"][0]
     for phase, policy, label, style in _sweep_series(result):
         rows = [base] + [r for r in result["variants"] if r["policy"] == policy]
-        if policy == "random":
+        if policy in ("random", "content"):
             rows = rows[1:]
         rows.sort(key=lambda r: r["reduction"])
         x = [100 * r["reduction"] for r in rows]

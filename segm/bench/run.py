@@ -58,7 +58,8 @@ def _measure(cfg: BenchConfig, variants: list[Variant], model_info: dict, batche
 
 def _notes(model_info: dict, device) -> list[str]:
     notes = [
-        "CTS timings include the policy network; random-policy timings do not need one.",
+        "CTS timings include the policy network; random and content policies need none (content scores "
+        "come from the image itself).",
         f"policy network weights: {model_info['policy_weights']}",
         "GFLOPs: torch.utils.flop_counter, 2 FLOPs per multiply-add (fvcore/lab numbers are half); "
         "attention counted via timm's explicit path.",

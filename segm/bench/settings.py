@@ -25,6 +25,7 @@ class BenchConfig:
     num_shared: int | None = None
     token_reduction: float | None = None
     with_random: bool = False
+    with_content: bool = False
     sweep: tuple = ()
     # protocol
     batch_size: int = 2

@@ -1,5 +1,5 @@
 """The timed variants: no_sharing, CTS (policy net) at the main budget, optionally the random
-policy and sweep points, all sharing one encoder and decoder built from a preset or a checkpoint."""
+and content policies and sweep points, all sharing one encoder and decoder built from a preset or a checkpoint."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -83,6 +83,8 @@ def build_variants(cfg: BenchConfig) -> tuple[list[Variant], dict]:
     variants.append(Variant("cts", "policy_net", s_main, make("policy_net", s_main)))
     if cfg.with_random:
         variants.append(Variant("random", "random", s_main, make("random", s_main)))
+    if cfg.with_content:
+        variants.append(Variant("content", "content", s_main, make("content", s_main)))
     for s in sweep:
         variants.append(Variant(f"cts_{3 * s / n:.2f}", "policy_net", s, make("policy_net", s)))
     for v in variants:

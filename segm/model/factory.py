@@ -16,11 +16,17 @@ from segm.config import dump_yaml, load_yaml
 from segm.model.decoder import create_decoder
 from segm.model.policy_net import load_policy_checkpoint
 from segm.model.segmenter import Segmenter
-from segm.model.spec import DEFAULT_POLICY_BACKBONE, build_net_kwargs, check_net_kwargs, complete_net_kwargs
+from segm.model.spec import (
+    DEFAULT_POLICY_BACKBONE,
+    ModelSpec,
+    build_net_kwargs,
+    check_net_kwargs,
+    complete_net_kwargs,
+)
 from segm.model.vit import create_vit, load_pretrained_vit
 from segm.utils.checkpoint import atomic_torch_save, safe_torch_load, state_dict_mismatch
 
-__all__ = ["build_net_kwargs", "create_segmenter", "load_model", "save_model", "write_variant"]
+__all__ = ["build_net_kwargs", "create_segmenter", "load_model", "reshare", "save_model", "write_variant"]
 
 CHECKPOINT_FORMAT = "segm-cts/1"
 
@@ -43,16 +49,48 @@ def create_segmenter(cfg: dict, *, policy_ckpt_required: bool = True) -> Segment
     n_cls = dec.pop("n_cls", net["n_cls"])
     dec.pop("encoder_layer", None)
     decoder = create_decoder(name, n_cls, net["d_model"], layer_norm_eps=eps, **dec)
+    model = _with_policy(encoder, decoder, n_cls, spec, net)
+    if net.get("pretrained"):
+        load_pretrained_vit(model.encoder, net["pretrained"])
+    return model
+
+
+def _with_policy(encoder, decoder, n_cls: int, spec: ModelSpec, net: dict) -> Segmenter:
+    """A Segmenter on `encoder` and `decoder` with the policy and budget of `spec`."""
     model = Segmenter(
         encoder, decoder, n_cls, policy_method=spec.policy_method, num_shared=spec.num_shared,
         policy_backbone=spec.policy_backbone or DEFAULT_POLICY_BACKBONE,
         random_seed=int(net.get("random_seed", 0)), oracle_dataset=net.get("oracle_dataset"),
     )
-    if net.get("pretrained"):
-        load_pretrained_vit(model.encoder, net["pretrained"])
     if spec.policy_method == "policy_net" and spec.policynet_ckpt and Path(spec.policynet_ckpt).is_file():
         load_policy_checkpoint(model.policy_net, spec.policynet_ckpt)
     return model
+
+
+def reshare(model: Segmenter, net_kwargs: dict, policy_method: str, *, num_shared: int | None = None,
+            token_reduction: float | None = None, policynet_ckpt: str | None = None,
+            policy_backbone: str | None = None) -> tuple[Segmenter, dict]:
+    """The same trained encoder and decoder with another token-sharing policy and budget, with
+    no retraining: e.g. a `no_sharing` checkpoint evaluated with the content policy. Validated
+    like any model description (`check_net_kwargs`; a policy_net checkpoint is required).
+    Returns (model in eval mode, its net_kwargs); `model` itself is not changed."""
+    net = {k: v for k, v in net_kwargs.items() if k not in _POLICY_KEYS}
+    net.update(policy_method=policy_method, policy_schedule=(None, num_shared), policynet_ckpt=policynet_ckpt)
+    if token_reduction is not None:
+        net["token_reduction"] = token_reduction
+    if policy_backbone is not None:
+        net["policy_backbone"] = policy_backbone
+    spec = check_net_kwargs(net, policy_ckpt_required=True)
+    net.pop("token_reduction", None)
+    net["policy_schedule"] = (spec.num_notshared, spec.num_shared)
+    if spec.policy_backbone is not None:
+        net["policy_backbone"] = spec.policy_backbone
+    shared = _with_policy(model.encoder, model.decoder, model.n_cls, spec, net)
+    return shared.to(next(model.parameters()).device).eval(), net
+
+
+_POLICY_KEYS = ("policy_method", "policy_schedule", "policynet_ckpt", "policy_backbone", "token_reduction",
+                "random_seed")
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -16,6 +16,7 @@ from torch import nn
 from segm.model import cts
 from segm.model.policy_fastpath import fuse_batchnorm, policy_logits
 from segm.model.policy_net import PolicyNet
+from segm.model.content_policy import content_policy_scores
 from segm.model.spec import DEFAULT_POLICY_BACKBONE, check_policy_method, check_window
 from segm.model.vit import resize_pos_embed
 
@@ -131,6 +132,8 @@ class Segmenter(nn.Module):
             return torch.softmax(logits.float(), dim=1)[:, 1].reshape(b, -1), logits
         if self.policy_method == "random":
             return torch.rand(b, n2, device=im.device, generator=self._generator(im.device)), None
+        if self.policy_method == "content":
+            return content_policy_scores(im, self.patch_size), None
         if self.policy_method == "oracle":
             if seg_gt is None:
                 raise ValueError("the oracle policy needs the ground-truth label map (seg_gt)")

@@ -18,7 +18,7 @@ from pathlib import Path
 from segm.config import load_config
 from segm.model.cts import TokenBudgetError, resolve_token_budget
 
-POLICY_METHODS = ("policy_net", "no_sharing", "random", "oracle")
+POLICY_METHODS = ("policy_net", "no_sharing", "random", "oracle", "content")
 # The policy network the reference builds; also what a policy checkpoint without a record is.
 DEFAULT_POLICY_BACKBONE = "efficientnet_lite0"
 # The policy network scores 2×2 groups of 16-px patches (its output stride is 32).

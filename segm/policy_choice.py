@@ -1,0 +1,76 @@
+"""Token sharing chosen on the command line for a trained checkpoint, with no retraining.
+
+`segm.eval.miou`, `segm.inference` and `segm.bench` accept `--policy-method` (with
+`--num-tokens-shared`/`--token-reduction`, and `--policynet-ckpt` for `policy_net`) to run a
+checkpoint, typically one trained without sharing, with another policy and budget. The
+checkpoint file is never modified; what was used is recorded in the outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import click
+
+from segm.model.spec import POLICY_METHODS, ModelConfigError
+
+
+@dataclass(frozen=True)
+class PolicyChoice:
+    method: str
+    num_shared: int | None = None
+    token_reduction: float | None = None
+    policynet_ckpt: str | None = None
+    policy_backbone: str | None = None
+
+
+def policy_options(command):
+    """The click options of a policy choice (`policy_choice` turns them into a PolicyChoice)."""
+    options = [
+        click.option("--policy-method", type=click.Choice(POLICY_METHODS), default=None,
+                     help="Run the checkpoint with this token-sharing policy instead of its own, without "
+                          "retraining (e.g. content on a no_sharing checkpoint) [default: the checkpoint's]."),
+        click.option("--num-tokens-shared", type=int, default=None,
+                     help="S, shared superpatches per window, with --policy-method."),
+        click.option("--token-reduction", type=float, default=None,
+                     help="Token reduction rho instead of S (S = round(rho*N/3)), with --policy-method."),
+        click.option("--policynet-ckpt", type=str, default=None, help="Policy-network model.pth (policy_net)."),
+        click.option("--policy-backbone", type=str, default=None,
+                     help="The policy network's backbone [default: as recorded beside --policynet-ckpt]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def policy_choice(policy_method=None, num_tokens_shared=None, token_reduction=None, policynet_ckpt=None,
+                  policy_backbone=None) -> PolicyChoice | None:
+    """The choice the options make, or None (the checkpoint's own policy)."""
+    if policy_method is None:
+        given = [name for name, value in (("--num-tokens-shared", num_tokens_shared),
+                                          ("--token-reduction", token_reduction),
+                                          ("--policynet-ckpt", policynet_ckpt),
+                                          ("--policy-backbone", policy_backbone)) if value is not None]
+        if given:
+            raise ModelConfigError(f"{', '.join(given)} choose(s) a token budget or policy: give --policy-method too")
+        return None
+    return PolicyChoice(policy_method, num_tokens_shared, token_reduction, policynet_ckpt, policy_backbone)
+
+
+def apply_policy_choice(model, variant: dict, choice: PolicyChoice | None):
+    """(model, variant) running with `choice`; unchanged when it is None. The returned variant
+    is a copy whose `net_kwargs` describe the model that runs."""
+    if choice is None:
+        return model, variant
+    from segm.model.factory import reshare
+
+    shared, net = reshare(model, variant["net_kwargs"], choice.method, num_shared=choice.num_shared,
+                          token_reduction=choice.token_reduction, policynet_ckpt=choice.policynet_ckpt,
+                          policy_backbone=choice.policy_backbone)
+    return shared, {**variant, "net_kwargs": net}
+
+
+def policy_record(model) -> dict:
+    """What an output file records of the policy that produced it."""
+    grid = model.grid
+    return {"method": model.policy_method, "num_shared": model.num_shared,
+            "num_notshared": grid[0] * grid[1] - 4 * model.num_shared}
