@@ -31,9 +31,8 @@ from torch.utils.data import Dataset, Sampler
 
 from segm.config import load_config
 from segm.data.base import DATASET_CHOICES, canonical_name, dataset_info
-from segm.data.io import read_image, read_label
+from segm.data.io import check_same_size, read_image, read_label
 from segm.data.layout import dataset_root, pair_files, split_layout
-
 
 
 @dataclass(frozen=True)
@@ -83,8 +82,8 @@ def list_files(name: str, split: str, root: Path) -> list[tuple[Path, Path]]:
 
 
 def _read_image(path: Path) -> torch.Tensor:
-    """uint8 (3, H, W) RGB."""
-    return torch.from_numpy(np.ascontiguousarray(read_image(str(path))[:, :, ::-1])).permute(2, 0, 1)
+    """uint8 (3, H, W) RGB, by segm's one image reader."""
+    return torch.from_numpy(read_image(str(path))).permute(2, 0, 1)
 
 
 def _resize_short_side(h: int, w: int, short: int) -> tuple[int, int]:
@@ -130,9 +129,7 @@ class PolicyDataset(Dataset):
         im_path, label_path = self.files[index]
         im = (_read_image(im_path).float() - 127.5) / 127.5
         label = self._read_label(label_path)
-        if im.shape[-2:] != label.shape:
-            raise ValueError(f"image {im_path} {tuple(im.shape[-2:])} and label {label_path} "
-                             f"{tuple(label.shape)} differ in size")
+        check_same_size(im_path, im.shape[-2:], label_path, label.shape)
         im, label = self._geometry(im, label, rng, im_path)
         if rng is not None and self.hflip and rng.random() < 0.5:
             im, label = im.flip(-1), label.flip(-1)

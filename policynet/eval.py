@@ -92,7 +92,9 @@ def main(checkpoint, dataset, split, data_root, classes, backbone, crop_size, nu
         out = Path(output) if output else Path(checkpoint).parent / f"eval_{result['dataset']}_{split}.json"
         write_json(out, result)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        raise click.ClickException(str(e)) from None
+        from segm.data.io import user_message
+
+        raise click.ClickException(user_message(e)) from None
     click.echo(format_table(result))
     click.echo(f"wrote {out}")
 

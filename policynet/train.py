@@ -328,7 +328,9 @@ def main(**kwargs):
     try:
         results = train(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, CheckpointError) as e:
-        raise click.ClickException(str(e)) from None
+        from segm.data.io import user_message
+
+        raise click.ClickException(user_message(e)) from None
     click.echo(json.dumps(json_safe(results), indent=2, sort_keys=True))
 
 

@@ -471,12 +471,51 @@ def test_rgb_and_mismatched_labels(custom_root):
     with pytest.raises(DataError, match="single-channel"):
         ds[0]
     save_image(Path(ds.label_path(1)), np.zeros((10, 10), np.uint8))
-    with pytest.raises(DataError, match="is 10x10 but its image"):
+    with pytest.raises(DataError, match="is 10x10 but its image") as e:
         ds[1]
+    assert ds.image_path(1) in str(e.value) and "must have the same stored size" in str(e.value)
     train = _build(root, classes, "train")
     save_image(Path(train.label_path(1)), np.zeros((10, 10), np.uint8))
-    with pytest.raises(DataError, match="is 10x10 but its image"):
+    with pytest.raises(DataError, match="is 10x10 but its image") as e:
         train[1]
+    assert train.image_path(1) in str(e.value) and "EXIF orientation is ignored" in str(e.value)
+
+
+def test_exif_rotated_images_pair_with_their_labels(custom_root):
+    """A JPEG tagged "rotate 90°" is read in its stored pixel order, the order its label has:
+    a non-square one no longer fails with a size mismatch (a square one no longer trains on a
+    rotated image), in training, evaluation and policynet alike."""
+    from policynet.data import PolicyDataset
+
+    root, classes = custom_root
+    for sub in ("training", "validation"):
+        png = root / "images" / sub / "im0.png"
+        im = Image.open(png)
+        exif = im.getexif()
+        exif[0x0112] = 6
+        im.save(png.with_suffix(".jpg"), exif=exif, quality=95)
+        png.unlink()
+    val = _build(root, classes, "val")
+    assert val.image_path(0).endswith("im0.jpg")
+    assert val[0]["im_metas"][0]["ori_shape"] == tuple(val[0]["segmentation"].shape) == (20, 24)
+    assert _build(root, classes, "train")[0]["im"].shape == (3, 32, 32)
+    policy = PolicyDataset("custom", "val", data_root=root, classes_file=classes, crop_size=32)
+    assert policy[0][0].shape == (3, 32, 32)
+
+
+def test_two_images_with_one_name_are_refused(custom_root):
+    """`x.png` and `x.jpg` would share the label `x.png` and train twice."""
+    from policynet.data import list_files
+
+    root, classes = custom_root
+    folder = root / "images" / "training"
+    Image.open(folder / "im1.png").save(folder / "im1.jpg")
+    for build in (lambda: _build(root, classes, "train"), lambda: list_files("custom", "train", root)):
+        with pytest.raises(DataError) as e:
+            build()
+        message = str(e.value)
+        assert f"{folder / 'im1.jpg'} and {folder / 'im1.png'}" in message and "keep one of them" in message
+    assert len(_build(root, classes, "val")) == 2
 
 
 def test_missing_label_and_empty_folder(custom_root):

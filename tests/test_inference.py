@@ -164,3 +164,45 @@ def test_cli_errors(synthetic_root, tmp_path, images):
     one_line_error(["--model-path", str(ckpt), "-i", str(empty), "-o", str(tmp_path / "o")], "no images")
     one_line_error(["--model-path", str(ckpt), "-i", str(images), "-o", str(images)], "overwrite its input")
     assert not (tmp_path / "o").exists()
+
+
+def test_16bit_images_are_scaled_like_training_reads_them(synthetic_root, tmp_path):
+    """A 16-bit PNG (file or PIL image) is read as its high byte by the reader training uses,
+    not clipped to white by PIL's convert("RGB"); the CLI writes the same segmentation."""
+    import cv2
+
+    from segm.data.io import read_image
+    from segm.inference import load_image
+
+    grey = (np.arange(70 * 50).reshape(70, 50) * 37 % 65536).astype(np.uint16)
+    rgb = np.stack([grey, grey[::-1], 65535 - grey], -1)
+    d = tmp_path / "in16"
+    d.mkdir()
+    cv2.imwrite(str(d / "grey16.png"), grey)
+    cv2.imwrite(str(d / "rgb16.png"), rgb[..., ::-1])
+    as8 = {"grey16": np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, 2), "rgb16": (rgb >> 8).astype(np.uint8)}
+    for name, want in as8.items():
+        assert np.array_equal(load_image(d / f"{name}.png"), want)
+        assert np.array_equal(load_image(d / f"{name}.png"), read_image(d / f"{name}.png"))
+
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
+    model, variant = segm.load_model(ckpt)
+    with Image.open(d / "grey16.png") as im:
+        assert im.mode == "I;16"
+        assert np.array_equal(segm.predict(model, im, variant=variant), segm.predict(model, as8["grey16"], variant=variant))
+    out = tmp_path / "out16"
+    r = CliRunner().invoke(main, ["--model-path", str(ckpt), "-i", str(d), "-o", str(out), "--no-blend", "--cpu"])
+    assert r.exit_code == 0, r.output
+    palette = np.array(dataset_info("synthetic", data_root=synthetic_root).palette, dtype=np.uint8)
+    for name, want in as8.items():
+        expected = colorize(segm.predict(model, want, variant=variant), palette)
+        assert np.array_equal(np.asarray(Image.open(out / f"{name}.png")), expected)
+
+
+def test_corrupt_input_is_one_line_naming_it(synthetic_root, tmp_path):
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    r = CliRunner().invoke(main, ["--model-path", str(ckpt), "-i", str(bad), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1] == f"Error: cannot decode image {bad}: the file is corrupt or not an image"

@@ -250,3 +250,32 @@ def test_cli_errors(runs, tmp_path):
     assert res.exit_code == 1 and "does not fit the policy network" in res.output
     assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob(".*tmp"))
     assert not math.isnan(runs["full"]["val"]["accuracy"])
+
+
+def test_data_errors_name_the_file_also_from_workers(synthetic_root, tmp_path):
+    """A label of another size is refused by segm's one check; a corrupt image read in a
+    DataLoader worker ends the command with the same single line as without workers."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from segm.data.io import DataError
+
+    root = tmp_path / "synthetic"
+    shutil.copytree(synthetic_root, root)
+    label = sorted((root / "annotations" / "validation").iterdir())[0]
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(label)
+    with pytest.raises(DataError, match=f"label {label} is 10x10 but its image") as e:
+        PolicyDataset("synthetic", "val", data_root=root, crop_size=CROP)[0]
+    assert "must have the same stored size" in str(e.value)
+
+    for image in (root / "images" / "training").iterdir():
+        image.write_bytes(b"not an image")
+    res = _invoke(pn_train.main, ["--dataset", "synthetic", "--data-root", str(root), "--logdir", str(tmp_path / "runs"),
+                                  "--exp_name", "x", "--crop-size", str(CROP), "--pretrained", "none",
+                                  "--num-workers", "1", "--device", "cpu", "--batch_size_train", "2",
+                                  "--num_iterations", "1", "--no-progress"])
+    assert res.exit_code == 1 and "Traceback" not in res.output and "Caught" not in res.output, res.output
+    error = res.output[res.output.index("Error: "):].strip()
+    assert len(error.splitlines()) == 1 and f"cannot decode image {root / 'images' / 'training'}" in error, res.output

@@ -59,9 +59,9 @@ def _tar(path: Path, members: dict[str, bytes]) -> Path:
 
 
 def _resources_for(module_resources, folder: Path) -> tuple[Resource, ...]:
-    """The module's resources with the SHA-1 prefixes of the test archives in `folder`."""
+    """The module's resources with the SHA-1 digests of the test archives in `folder`."""
     return tuple(
-        Resource(r.filename, r.url, Checksum("sha1", file_digest(folder / r.filename)[:8]), r.manual)
+        Resource(r.filename, r.url, Checksum("sha1", file_digest(folder / r.filename)), r.manual)
         for r in module_resources
     )
 
@@ -163,9 +163,9 @@ def test_ade20k_unexpected_archive_name(ade, tmp_path):
 
 def test_ade20k_hash_mismatch(ade, tmp_path):
     src, _, res = ade
-    wrong = tuple(Resource(r.filename, r.url, Checksum("sha1", "00000000"), r.manual) for r in res)
+    wrong = tuple(Resource(r.filename, r.url, Checksum("sha1", "0" * 40), r.manual) for r in res)
     # a user's file is reported, not moved
-    with pytest.raises(PrepareError, match=r"SHA1 of ADEChallengeData2016.zip is [0-9a-f]{40}, expected SHA1 00000000…"):
+    with pytest.raises(PrepareError, match=r"SHA1 of ADEChallengeData2016.zip is [0-9a-f]{40}, expected SHA1 0{40}"):
         prepare_ade20k.prepare_ade20k(tmp_path / "data", download_dir=src, resources=wrong)
     assert (src / "ADEChallengeData2016.zip").is_file()
     # a file in the tool's own downloads folder is moved aside and never trusted again
@@ -494,15 +494,15 @@ def server():
     thread.join(timeout=5)
 
 
-SHA1_PREFIX = Checksum("sha1", hashlib.sha1(PAYLOAD).hexdigest()[:8])
+SHA1 = Checksum("sha1", hashlib.sha1(PAYLOAD).hexdigest())
 
 
 def test_download_full_and_checked(server, tmp_path):
     srv, url = server
-    out = download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1_PREFIX, progress=False, timeout=5)
+    out = download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1, progress=False, timeout=5)
     assert out.read_bytes() == PAYLOAD and not (tmp_path / "f.bin.part").exists()
     # an existing verified file is not downloaded again
-    download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1_PREFIX, progress=False, timeout=5)
+    download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1, progress=False, timeout=5)
     assert len(srv.state["requests"]) == 1
 
 
@@ -511,7 +511,7 @@ def test_download_resumes_part(server, tmp_path, ignore_range):
     srv, url = server
     srv.state["ignore_range"] = ignore_range
     (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:100_000])
-    out = download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1_PREFIX, progress=False, timeout=5)
+    out = download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1, progress=False, timeout=5)
     assert out.read_bytes() == PAYLOAD  # a server ignoring Range restarts cleanly
     assert srv.state["requests"] == [("/f.bin", "bytes=100000-")]
 
@@ -520,9 +520,9 @@ def test_download_interrupted_then_resumed(server, tmp_path):
     srv, url = server
     srv.state["truncate"] = True
     with pytest.raises(DownloadError, match="stopped at 150000 of 300000 bytes; run again to resume"):
-        download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1_PREFIX, progress=False, timeout=5)
+        download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1, progress=False, timeout=5)
     assert not (tmp_path / "f.bin").exists() and (tmp_path / "f.bin.part").stat().st_size == 150_000
-    download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1_PREFIX, progress=False, timeout=5)
+    download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1, progress=False, timeout=5)
     assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
     assert srv.state["requests"][-1] == ("/f.bin", "bytes=150000-")
 
@@ -530,14 +530,29 @@ def test_download_interrupted_then_resumed(server, tmp_path):
 def test_download_complete_part_416(server, tmp_path):
     srv, url = server
     (tmp_path / "f.bin.part").write_bytes(PAYLOAD)
-    download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1_PREFIX, progress=False, timeout=5)
+    download(f"{url}/f.bin", tmp_path / "f.bin", checksum=SHA1, progress=False, timeout=5)
     assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
+
+
+def test_checksums_are_full_digests():
+    """A digest prefix (32 bits for 8 hex digits) would let a forged train.pth/val.pth through to
+    the unpickler: every checksum is the full digest, and a short one is refused."""
+    for module in (prepare_ade20k, prepare_pcontext):
+        for r in module.RESOURCES:
+            assert len(r.checksum.hexdigest) == 40 and r.checksum.algorithm == "sha1", r.filename
+    for algorithm, digest in [("sha1", "bf9985e9"), ("sha1", "0" * 39), ("sha1", "0" * 41), ("md5", "0" * 31),
+                              ("sha1", "BF9985E9F2B064752BF6BD654D89F017C76C395A")]:
+        with pytest.raises(ValueError, match=f"{algorithm.upper()} checksum is the full digest"):
+            Checksum(algorithm, digest)
+    full = Checksum("sha1", "bf9985e9f2b064752bf6bd654d89f017c76c395a")
+    assert full.matches("BF9985E9F2B064752BF6BD654D89F017C76C395A") and not full.matches("bf9985e9")
+    assert str(Checksum("md5", "0" * 32)) == "MD5 " + "0" * 32
 
 
 def test_download_checksum_mismatch(server, tmp_path):
     srv, url = server
-    with pytest.raises(ChecksumError, match="expected SHA1 deadbeef…; the file was moved aside"):
-        download(f"{url}/f.bin", tmp_path / "f.bin", checksum=Checksum("sha1", "deadbeef"), progress=False, timeout=5)
+    with pytest.raises(ChecksumError, match=f"expected SHA1 {'deadbeef' * 5}; the file was moved aside"):
+        download(f"{url}/f.bin", tmp_path / "f.bin", checksum=Checksum("sha1", "deadbeef" * 5), progress=False, timeout=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin.part.bad"]
 
 

@@ -123,11 +123,7 @@ class SegmentationDataset(Dataset):
         out = {"im": [v.contiguous() for v in data["img"]], "im_metas": metas, "ori_filename": metas[0]["ori_filename"]}
         if self.has_labels:
             seg = self.load_label(idx)
-            if tuple(seg.shape) != metas[0]["ori_shape"]:
-                raise pipelines.DataError(
-                    f"label {self.label_path(idx)} is {seg.shape[1]}x{seg.shape[0]} but its image "
-                    f"{self.image_path(idx)} is {metas[0]['ori_shape'][1]}x{metas[0]['ori_shape'][0]}"
-                )
+            pipelines.check_same_size(self.image_path(idx), metas[0]["ori_shape"], self.label_path(idx), seg.shape)
             out["segmentation"] = seg
         return out
 

@@ -1,19 +1,56 @@
 """Reading images and labels with clear errors (no mmcv/mmseg import).
 
-`read_image` decodes as mmcv's cv2 backend does and `read_label` as mmseg's
-`LoadAnnotations` (pillow, `reduce_zero_label`), plus checks that name the file.
+`read_image` is the one image reader: training and evaluation (through the mmseg pipeline's
+loader), the policy network and inference all call it, and `pil_to_rgb` applies the same
+rule to an image already opened with PIL. `read_label` reads as mmseg's `LoadAnnotations`
+(pillow, `reduce_zero_label`). Every check names the file.
+
+The rule, for every image:
+
+- **Decoding** is OpenCV's (mmcv's cv2 backend) with the stored pixel order: EXIF orientation
+  is ignored, because label PNGs carry none and must match the image pixel for pixel.
+- **Channels**: grey is repeated into three channels, alpha is dropped (not composited),
+  palette images are expanded.
+- **Depth** becomes 8 bits: 8-bit values are kept as stored (bit for bit what OpenCV's
+  `IMREAD_COLOR` gives); an unsigned b-bit integer keeps its high byte, v >> (b − 8) (16-bit:
+  v >> 8, as libpng and OpenCV reduce 16-bit PNGs); a signed one is read the same way over
+  its non-negative range (int32: v >> 23) and may not be negative; floating-point values are
+  intensities in [0, 1], scaled by 255 and rounded; values outside, or NaN, are refused.
 """
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 
 from .base import IGNORE_LABEL
 
+# PIL modes holding more than 8 bits per sample (read through the depth rule).
+_PIL_DEEP_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+# How torch's DataLoader re-raises an exception from a worker process or thread.
+_WORKER_ERROR = re.compile(r"Caught (\w+) (in .*?)\.\nOriginal Traceback")
+
 
 class DataError(ValueError):
     """A data file is missing, unreadable or holds invalid values."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of a user error, also when a DataLoader worker raised it: torch re-raises it
+    as "Caught X in DataLoader worker process N.", then the worker's traceback, whose exception
+    line is the original "module.X: message"."""
+    text = str(exc)
+    if not _WORKER_ERROR.match(text):
+        return text if text.strip() else type(exc).__name__
+    lines = text.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    head = re.compile(rf"(?:[\w.]+\.)?{re.escape(type(exc).__name__)}: ")
+    for i in range(frames[-1] + 1 if frames else 0, len(lines)):
+        found = head.match(lines[i])
+        if found:
+            return "\n".join([lines[i][found.end():], *lines[i + 1:]]).strip()
+    return lines[-1]
 
 
 def _read_bytes(path: str, what: str) -> bytes:
@@ -24,15 +61,84 @@ def _read_bytes(path: str, what: str) -> bytes:
         raise DataError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-def read_image(path: str) -> np.ndarray:
-    """BGR uint8 (H, W, 3), as mmcv's cv2 backend; grey and RGBA files become 3 channels."""
+def _decode(buf: np.ndarray):
+    """OpenCV's decoding, stored pixel order: BGR(A) or grey, at the file's depth (None if it fails)."""
     import cv2
 
-    buf = np.frombuffer(_read_bytes(path, "image"), np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if not buf.size:
+        return None
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is None:  # e.g. single-channel 32-bit TIFFs, which OpenCV decodes only unchanged
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    return img
+
+
+def read_image(path, *, channel_order: str = "rgb") -> np.ndarray:
+    """uint8 (H, W, 3) in `channel_order` ("rgb", or "bgr" as mmcv's pipelines take it), by the
+    module docstring's rule: EXIF orientation is ignored (the stored pixel order, which labels
+    share), grey is repeated, alpha dropped, 16-bit values reduced to their high byte, floats
+    taken as [0, 1]."""
+    if channel_order not in ("rgb", "bgr"):
+        raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+    img = _decode(np.frombuffer(_read_bytes(path, "image"), np.uint8))
     if img is None:
         raise DataError(f"cannot decode image {path}: the file is corrupt or not an image")
-    return img
+    img = _to_uint8_3ch(img, f"image {path}")  # BGR order kept
+    return np.ascontiguousarray(img[:, :, ::-1]) if channel_order == "rgb" else img
+
+
+def pil_to_rgb(image) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of a PIL image, by `read_image`'s rule (8-bit modes through PIL's own
+    `convert("RGB")`, as before; 16- and 32-bit modes through the depth rule)."""
+    if image.mode in _PIL_DEEP_MODES:
+        return _to_uint8_3ch(np.asarray(image), f"the {image.mode} image")
+    return np.asarray(image.convert("RGB"))
+
+
+def _to_uint8_3ch(img: np.ndarray, what: str) -> np.ndarray:
+    """(H, W[, C]) of any depth -> uint8 (H, W, 3) by the module's channel and depth rule; the
+    channel order is kept. `what` names the source in errors."""
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 2, 3, 4):
+        raise DataError(f"{what} has shape {img.shape}: expected grey, grey + alpha, 3 or 4 channels")
+    if img.shape[2] in (2, 4):  # alpha dropped
+        img = img[:, :, : img.shape[2] - 1]
+    img = _to_uint8(img, what)
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def _to_uint8(img: np.ndarray, what: str) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img
+    kind, bits = img.dtype.kind, img.dtype.itemsize * 8
+    if kind == "b":
+        return img.astype(np.uint8) * 255
+    if kind == "f":
+        bad = ~((img >= 0) & (img <= 1))  # NaN included
+        if bad.any():
+            raise DataError(f"{what} holds floating-point values outside [0, 1] (e.g. {img[bad].flat[0]}): "
+                            "floating-point images must hold intensities in [0, 1]; save it as 8 or 16 bits")
+        return np.rint(img.astype(np.float64) * 255).astype(np.uint8)
+    if kind not in "iu":
+        raise DataError(f"{what} has unsupported pixel type {img.dtype}")
+    if kind == "i":
+        if (img < 0).any():
+            raise DataError(f"{what} holds negative values (min {img.min()}): integer images must not be negative")
+        bits -= 1  # the sign bit
+    if bits <= 8:
+        return img.astype(np.uint8) << (8 - bits)
+    return (img >> (bits - 8)).astype(np.uint8)
+
+
+def check_same_size(image_path, image_shape, label_path, label_shape) -> None:
+    """An image and its label must have the same stored size (the one check, wherever pairs are read)."""
+    (ih, iw), (lh, lw) = tuple(image_shape)[:2], tuple(label_shape)[:2]
+    if (ih, iw) != (lh, lw):
+        raise DataError(
+            f"label {label_path} is {lw}x{lh} but its image {image_path} is {iw}x{ih}: an image and its label "
+            "must have the same stored size (EXIF orientation is ignored; rotate the pixels, not the tag)"
+        )
 
 
 def read_label(path: str, n_cls: int, *, reduce_zero_label: bool, ignore_value: int = IGNORE_LABEL) -> np.ndarray:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import IMAGE_EXTENSIONS, PREPARE_COMMANDS, canonical_name, default_root
+from .io import DataError
 
 SPLITS = ("train", "val", "test")
 # The folder names of ADE20K-style layouts.
@@ -111,7 +112,23 @@ def _image_names(layout: SplitLayout) -> list[Path]:
         found = (p for p in layout.img_dir.rglob("*") if p.suffix.lower() in layout.img_suffix)
     else:
         found = (p for p in layout.img_dir.rglob("*") if p.name.endswith(layout.img_suffix))
-    return sorted(p.relative_to(layout.img_dir) for p in found)
+    names = sorted(p.relative_to(layout.img_dir) for p in found)
+    _refuse_shared_labels(layout, names)
+    return names
+
+
+def _refuse_shared_labels(layout: SplitLayout, names: list[Path]) -> None:
+    """Two images with one stem (`x.jpg`, `x.png`) would share a label and train twice."""
+    seen: dict[Path, Path] = {}
+    for image in names:
+        label = label_name(layout, image)
+        if label in seen:
+            raise DataError(
+                f"images {layout.img_dir / seen[label]} and {layout.img_dir / image} have the same name and would "
+                f"share the label {layout.ann_dir / label if layout.ann_dir else label}: keep one of them "
+                "(remove or rename the other)"
+            )
+        seen[label] = image
 
 
 def label_name(layout: SplitLayout, image: Path) -> Path:

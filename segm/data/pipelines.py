@@ -12,7 +12,7 @@ import os.path as osp
 import numpy as np
 
 from .base import IGNORE_LABEL, normalization_stats
-from .io import DataError, read_image, read_label  # noqa: F401  (re-exported)
+from .io import DataError, check_same_size, read_image, read_label  # noqa: F401  (re-exported)
 from .mmseg_compat import PIPELINES
 
 MULTISCALE_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
@@ -20,14 +20,15 @@ MULTISCALE_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 
 @PIPELINES.register_module(force=True)
 class CheckedLoadImageFromFile:
-    """mmseg `LoadImageFromFile` (cv2, color, uint8) with clear errors."""
+    """mmseg `LoadImageFromFile` (cv2, color, uint8, BGR) with clear errors and `read_image`'s
+    rule (stored pixel order, 16-bit and float images scaled)."""
 
     def __call__(self, results):
         if results.get("img_prefix") is not None:
             filename = osp.join(results["img_prefix"], results["img_info"]["filename"])
         else:
             filename = results["img_info"]["filename"]
-        img = read_image(filename)
+        img = read_image(filename, channel_order="bgr")
         results["filename"] = filename
         results["ori_filename"] = results["img_info"]["filename"]
         results["img"] = img
@@ -58,11 +59,8 @@ class CheckedLoadAnnotations:
         seg = read_label(
             filename, self.n_cls, reduce_zero_label=self.reduce_zero_label, ignore_value=self.ignore_value
         )
-        if "img" in results and seg.shape != results["img"].shape[:2]:
-            raise DataError(
-                f"label {filename} is {seg.shape[1]}x{seg.shape[0]} but its image "
-                f"{results.get('filename')} is {results['img'].shape[1]}x{results['img'].shape[0]}"
-            )
+        if "img" in results:
+            check_same_size(results.get("filename"), results["img"].shape, filename, seg.shape)
         results["gt_semantic_seg"] = seg
         results["seg_fields"].append("gt_semantic_seg")
         return results

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from segm.data.io import read_image
 from segm.eval.window import check_stride, inference_views, resize_to_window
 from segm.metrics import IoUAccumulator
 from segm.utils.distributed import all_reduce_sum, is_main_process
@@ -124,8 +124,7 @@ def _original_image(meta: dict, view: torch.Tensor, ori_shape, norm_cfg=None) ->
     """The input image (H, W, 3) uint8: read from disk, else the de-normalised first view."""
     filename = meta.get("filename")
     if filename and os.path.isfile(filename):
-        with Image.open(filename) as im:
-            return np.asarray(im.convert("RGB"))
+        return read_image(filename)
     cfg = meta.get("img_norm_cfg") or norm_cfg or {"mean": [0.0] * 3, "std": [1.0] * 3}
     view = view[0] if view.dim() == 4 else view
     mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=view.device)[:, None, None]

@@ -27,13 +27,12 @@ from segm.scripts._prepare_common import (
 from segm.utils.download import Checksum, DownloadError
 
 _URL = "http://data.csail.mit.edu/places/ADEchallenge"
-# Only SHA-1 prefixes are known (the full digests were not available): the prefix of
-# the computed digest is compared.
+# SHA-1 digests as published with PyTorch-Encoding's and the reference's prepare scripts.
 RESOURCES = (
-    Resource("ADEChallengeData2016.zip", f"{_URL}/ADEChallengeData2016.zip", Checksum("sha1", "219e1696"),
-             "see http://sceneparsing.csail.mit.edu/"),
-    Resource("release_test.zip", f"{_URL}/release_test.zip", Checksum("sha1", "e0574789"),
-             "see http://sceneparsing.csail.mit.edu/"),
+    Resource("ADEChallengeData2016.zip", f"{_URL}/ADEChallengeData2016.zip",
+             Checksum("sha1", "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7"), "see http://sceneparsing.csail.mit.edu/"),
+    Resource("release_test.zip", f"{_URL}/release_test.zip",
+             Checksum("sha1", "e05747892219d10e9243933371a497e905a4860c"), "see http://sceneparsing.csail.mit.edu/"),
 )
 
 LAYOUT = [

@@ -12,7 +12,8 @@ Result:
 Trusted-file exception: the labels come from PyTorch-Encoding's `train.pth`/`val.pth`,
 pickled {int id: label image} dicts that can only be read by unpickling
 (`torch.load(..., weights_only=False)`), which can run arbitrary code. This is the one
-place the project unpickles; use only the published files (their SHA-1 is checked).
+place the project unpickles; use only the published files (their full SHA-1 is checked before
+unpickling).
 """
 from __future__ import annotations
 
@@ -39,17 +40,19 @@ from segm.utils.download import Checksum, DownloadError
 
 _PTH_URL = "https://hangzh.s3.amazonaws.com/encoding/data/pcontext"
 _PTH_NOTE = "the label files of PyTorch-Encoding (https://github.com/zhanghang1989/PyTorch-Encoding)"
-# Only SHA-1 prefixes are known (the full digests were not available): the prefix of
-# the computed digest is compared.
+# SHA-1 digests as published with PyTorch-Encoding's and the reference's prepare scripts.
 RESOURCES = (
     Resource("VOCtrainval_03-May-2010.tar",
              "https://www.dropbox.com/s/wtdibo9lb2fur70/VOCtrainval_03-May-2010.tar?dl=1",
-             Checksum("sha1", "bf9985e9"),
+             Checksum("sha1", "bf9985e9f2b064752bf6bd654d89f017c76c395a"),
              "also at http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar"),
     Resource("trainval_merged.json", "https://codalabuser.blob.core.windows.net/public/trainval_merged.json",
-             Checksum("sha1", "169325d9"), "the Pascal-Context annotations in Detail-API format"),
-    Resource("train.pth", f"{_PTH_URL}/train.pth", Checksum("sha1", "4bfb49e8"), _PTH_NOTE),
-    Resource("val.pth", f"{_PTH_URL}/val.pth", Checksum("sha1", "ebedc942"), _PTH_NOTE),
+             Checksum("sha1", "169325d9f7e9047537fedca7b04de4dddf10b881"),
+             "the Pascal-Context annotations in Detail-API format"),
+    Resource("train.pth", f"{_PTH_URL}/train.pth", Checksum("sha1", "4bfb49e8c1cefe352df876c9b5434e655c9c1d07"),
+             _PTH_NOTE),
+    Resource("val.pth", f"{_PTH_URL}/val.pth", Checksum("sha1", "ebedc94247ec616c57b9a2df15091784826a7b0c"),
+             _PTH_NOTE),
 )
 SPLITS = ("train", "val")
 VOC = Path("VOCdevkit/VOC2010")
@@ -145,7 +148,7 @@ def prepare_pcontext(
     "Download (or take local copies of) Pascal-Context and build DATASET/pcontext. "
     "Trusted-file exception: train.pth/val.pth (PyTorch-Encoding) are unpickled "
     "(torch.load weights_only=False), which can run code; only use the published files "
-    "(their SHA-1 prefix is checked)."
+    "(their full SHA-1 is checked)."
 ))
 @click.argument("dataset", type=click.Path(file_okay=False))
 @local_file_options("file")

@@ -77,7 +77,7 @@ _PRESET = " [default: the dataset preset in configs/config.yml]"
               help="Deterministic algorithms (bit-exact on CPU; a few CUDA kernels have no deterministic version).")
 def main(**options):
     """Train Segmenter (+ CTS) with the reference recipe. Re-running the same command resumes."""
-    from segm.data import DataError
+    from segm.data.io import DataError, user_message
 
     try:
         train(options)
@@ -86,4 +86,4 @@ def main(**options):
         err.exit_code = 3
         raise err from None
     except (ConfigError, DataError) as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(user_message(e)) from None

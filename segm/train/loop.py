@@ -114,20 +114,23 @@ def evaluate(net: torch.nn.Module, run: Run) -> dict:
 
 
 def finish_epoch(net: torch.nn.Module, state: TrainState, run: Run, epoch: int, end_batch: int) -> None:
-    """The end of an epoch (or of the run): evaluate when due, checkpoint, write the log line."""
+    """The end of an epoch (or of the run): evaluate when due, checkpoint, write the log line.
+    An evaluation first checkpoints the epoch without its scores, so bad validation data or a
+    crash while evaluating never loses the epoch's training; the checkpoint is then rewritten
+    with the scores, as it would be without that first save."""
     meters = state.meters
-    record = {"train_loss": meters["loss_sum"] / meters["count"],
-              "train_learning_rate": meters["lr_sum"] / meters["count"]}
+    train = {"train_loss": meters["loss_sum"] / meters["count"],
+             "train_learning_rate": meters["lr_sum"] / meters["count"]}
+    position = (epoch + 1, 0) if end_batch == run.data.iters_per_epoch else (epoch, end_batch)
+    scores = {}
     last = state.iteration >= run.data.total_iters
     if last or (run.opts.eval_freq and epoch % run.opts.eval_freq == 0):
-        record.update(evaluate(net, run))
-    record["epoch"] = epoch
-    record["num_updates"] = state.iteration
+        state.log_record = {**train, "epoch": epoch, "num_updates": state.iteration}
+        state.save(run, *position)
+        scores = evaluate(net, run)
+    record = {**train, **scores, "epoch": epoch, "num_updates": state.iteration}
     state.log_record = record
-    if end_batch == run.data.iters_per_epoch:
-        state.save(run, epoch + 1, 0)
-    else:
-        state.save(run, epoch, end_batch)
+    state.save(run, *position)
     if run.is_main:
         log_epoch(run, record, state.iteration)
 

@@ -1,9 +1,8 @@
 """Resumable, checksum-verified HTTP downloads (standard library only).
 
 `download()` streams a URL into `<name>.part` with a tqdm progress bar, resumes an
-existing `.part` with an HTTP Range request, verifies a digest (or a digest prefix)
-and only then renames the file to its final name, so a file under its final name
-is always complete. A file whose digest does not match is moved aside to
+existing `.part` with an HTTP Range request, verifies its full digest and only then
+renames the file to its final name, so a file under its final name is always complete. A file whose digest does not match is moved aside to
 `<name>.bad` and never used.
 
 `cityscapes_login()` performs the Cityscapes website login (a form POST answered by a
@@ -51,24 +50,24 @@ class ChecksumError(DownloadError):
 
 @dataclass(frozen=True)
 class Checksum:
-    """An expected digest. `hexdigest` may be a full digest or only a prefix of it."""
+    """An expected digest: the full lowercase hex digest (40 digits for SHA-1, 32 for MD5)."""
 
     algorithm: str  # a hashlib name: "sha1", "md5", ...
     hexdigest: str
 
     def __post_init__(self):
-        hashlib.new(self.algorithm)  # fails early on an unknown algorithm
-        if not re.fullmatch(r"[0-9a-f]{8,}", self.hexdigest):
-            raise ValueError(f"a checksum needs at least 8 lowercase hex digits, got {self.hexdigest!r}")
+        size = hashlib.new(self.algorithm).digest_size * 2  # fails early on an unknown algorithm
+        if not re.fullmatch(rf"[0-9a-f]{{{size}}}", self.hexdigest):
+            raise ValueError(
+                f"a {self.algorithm.upper()} checksum is the full digest, {size} lowercase hex digits; "
+                f"got {self.hexdigest!r}"
+            )
 
     def matches(self, digest: str) -> bool:
-        return digest.lower().startswith(self.hexdigest)
+        return digest.lower() == self.hexdigest
 
     def __str__(self) -> str:
-        return f"{self.algorithm.upper()} {self.hexdigest}" + ("" if self._is_full() else "…")
-
-    def _is_full(self) -> bool:
-        return len(self.hexdigest) == hashlib.new(self.algorithm).digest_size * 2
+        return f"{self.algorithm.upper()} {self.hexdigest}"
 
 
 def file_digest(path, algorithm: str = "sha1", chunk_size: int = 1 << 20) -> str:
