@@ -1,9 +1,11 @@
 """`make demo`: the whole CTS pipeline on generated data, on the CPU, with no network.
 
-Generates the synthetic dataset, trains the policy network, trains Segmenter (ViT-Tiny) with
-CTS, without sharing and with the random policy on the same token budget, evaluates the three,
-benchmarks them, writes inference overlays and sharing maps, and prints a table. Every step is
-the real command line a researcher would run, so the demo is also an end-to-end check.
+Generates the synthetic dataset, trains the policy network, trains Segmenter (ViT-Tiny) without
+sharing, with CTS (the learned policy), with the random policy and with the training-free
+content policy on the same token budget, evaluates them, evaluates the no-sharing checkpoint
+with each policy without retraining, benchmarks, writes inference overlays and sharing maps,
+and prints a table. Every step is the real command line a researcher would run, so the demo
+is also an end-to-end check.
 
     python scripts/demo.py [--out demo_out] [--quick]
 
@@ -17,25 +19,59 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 PY = sys.executable
 BACKBONE = "vit_tiny_patch16_384"
+# Windows of 128 px on images of 256 px (configs/config.yml: synthetic): N = 64 patches,
+# 16 superpatches per window. S = 4 shared (U = 48, T = 52, 19 % fewer tokens).
+S = 4
+# Trained models: name → the policy options of segm.train.
+TRAINED = {
+    "no_sharing": ["--policy-method", "no_sharing"],
+    "cts": ["--policy-method", "policy_net", "--num-tokens-shared", S],  # + --policynet-ckpt
+    "random": ["--policy-method", "random", "--num-tokens-shared", S],
+    "content": ["--policy-method", "content", "--num-tokens-shared", S],
+}
+TRAINED_POLICY = {"no_sharing": "no_sharing", "cts": "policy_net", "random": "random", "content": "content"}
+# The no_sharing checkpoint evaluated with a policy chosen on the command line (no retraining).
+RESHARED = ("content", "policy_net", "random")
 
 
-def run(args: list[str], log: Path) -> None:
-    """Runs one command, echoing it; its output goes to `log` (and the tail to the console on failure)."""
-    print(f"$ {' '.join(str(a) for a in args)}", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, env=os.environ)
-    if proc.returncode != 0:
-        tail = log.read_text().splitlines()[-25:]
-        print("\n".join(tail))
-        raise SystemExit(f"demo step failed (exit {proc.returncode}); full log: {log}")
-    print(f"  done in {time.perf_counter() - t0:.0f} s (log: {log})", flush=True)
+@dataclass
+class Demo:
+    out: Path
+    quick: bool
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    @property
+    def data_root(self) -> Path:
+        return self.out / "datasets" / "synthetic"
+
+    @property
+    def policy(self) -> Path:
+        return self.out / "policynet" / "synthetic" / "model.pth"
+
+    def ckpt(self, name: str) -> Path:
+        return self.out / "runs" / name / "checkpoint.pth"
+
+    def run(self, args: list, log: str) -> None:
+        """Runs one command, echoing it; its output goes to logs/<log> (the tail to the console on failure)."""
+        print(f"$ {' '.join(str(a) for a in args)}", flush=True)
+        path = self.logs / log
+        t0 = time.perf_counter()
+        with open(path, "w") as f:
+            proc = subprocess.run([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, env=os.environ)
+        if proc.returncode != 0:
+            print("\n".join(path.read_text().splitlines()[-25:]))
+            raise SystemExit(f"demo step failed (exit {proc.returncode}); full log: {path}")
+        print(f"  done in {time.perf_counter() - t0:.0f} s (log: {path})", flush=True)
 
 
 @click.command()
@@ -43,92 +79,101 @@ def run(args: list[str], log: Path) -> None:
 @click.option("--quick", is_flag=True, help="A much shorter run (smoke test; figures not meaningful).")
 @click.option("--fresh", is_flag=True, help="Delete --out first.")
 def main(out, quick, fresh):
-    out = Path(out).resolve()
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    demo = Demo(Path(out).resolve(), quick)
+    if fresh and demo.out.exists():
+        shutil.rmtree(demo.out)
+    demo.logs.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.perf_counter()
-
-    n_train, n_val = (40, 12) if quick else (400, 100)
-    policy_iters = 20 if quick else 500
-    seg_iters = 20 if quick else 600
-    crop = 128  # windows of 128 px on images of 256 px (configs/config.yml: synthetic)
-    # N = 64 patches, 16 superpatches per window. S = 4 shared (U = 48, T = 52, 19 % fewer tokens);
-    # the paper's 30 % budget (S = 6) has not been re-measured since the policy-backbone fix
-    # (BENCHMARKS.md, "demo").
-    s = 4
-    data_root = out / "datasets" / "synthetic"
-
-    print(f"== 1. synthetic dataset ({n_train} train / {n_val} val)")
-    run([PY, "-m", "segm.scripts.prepare_synthetic", out / "datasets", "--num-train", n_train,
-         "--num-val", n_val, "--size", 256, "--seed", 0], logs / "prepare.log")
-
-    print(f"== 2. policy network ({policy_iters} iterations)")
-    policy = out / "policynet" / "synthetic" / "model.pth"
-    if not policy.is_file():
-        run([PY, "-m", "policynet.train", "--dataset", "synthetic", "--data-root", data_root,
-             "--exp_name", "synthetic", "--logdir", out / "policynet", "--backbone", "tf_efficientnet_lite0",
-             "--pretrained", "lite0", "--num_iterations", policy_iters, "--eval_iterations", policy_iters,
-             "--batch_size_train", 8, "--num-workers", 2, "--device", "cpu", "--num-shared", s,
-             # the reference lr 5e-5 is tuned for 50 000 iterations; 500 need a larger step
-             "--lr", "2e-4",
-             "--no-progress"], logs / "policynet.log")
-
-    runs = {
-        "no_sharing": ["--policy-method", "no_sharing"],
-        "cts": ["--policy-method", "policy_net", "--num-tokens-shared", s, "--policynet-ckpt", policy],
-        "random": ["--policy-method", "random", "--num-tokens-shared", s],
-    }
-    for name, args in runs.items():
-        print(f"== 3. Segmenter {BACKBONE} [{name}] ({seg_iters} iterations)")
-        run([PY, "-m", "segm.train", "--log-dir", out / "runs" / name, "--dataset", "synthetic",
-             "--data-root", data_root, "--backbone", BACKBONE, "--pretrained", "none",
-             "--decoder", "mask_transformer", "--iterations", seg_iters, "--batch-size", 8,
-             "-lr", "1e-3", "--eval-freq", 0, "--num-workers", 2, "--device", "cpu", "--seed", 0,
-             *args], logs / f"train_{name}.log")
-
-    scores = {}
-    for name in runs:
-        print(f"== 4. evaluate [{name}]")
-        ckpt = out / "runs" / name / "checkpoint.pth"
-        run([PY, "-m", "segm.eval.miou", ckpt, "synthetic", "--data-root", data_root, "--singlescale",
-             "--device", "cpu"], logs / f"eval_{name}.log")
-        from segm.config import load_yaml
-
-        scores[name] = load_yaml(ckpt.parent / "scores_ss.yml")
-
-    print("== 5. benchmark (no_sharing vs CTS vs random, interleaved, validation images)")
-    bench_json = out / "bench.json"
-    run([PY, "-m", "segm.bench", "--model-path", out / "runs" / "cts" / "checkpoint.pth",
-         "--with-random", "--inputs", "synthetic:val", "--data-root", data_root, "--batch-size", 8,
-         "--warmup", 2, "--repeats", 3 if quick else 10, "--json", bench_json, "--quiet"],
-        logs / "bench.log")
-    bench = json.loads(bench_json.read_text())
-    print("== 5b. where CTS pays: ViT-S/16 at 512 (150 classes, batch 2, random weights, timing only)")
-    big_json = out / "bench_vit_s_512.json"
-    run([PY, "-m", "segm.bench", "--backbone", "vit_small_patch16_384", "--crop", 512, "--n-cls", 150,
-         "--batch-size", 2, "--warmup", 1, "--repeats", 2 if quick else 5, "--no-memory",
-         "--json", big_json, "--quiet"], logs / "bench_vit_s_512.log")
-    big = json.loads(big_json.read_text())
-
-    print("== 6. inference overlays and sharing maps")
-    images = sorted((data_root / "images" / "validation").iterdir())[:4]
-    sample_dir = out / "inference_input"
-    sample_dir.mkdir(exist_ok=True)
-    for im in images:
-        shutil.copy(im, sample_dir / im.name)
-    run([PY, "-m", "segm.inference", "--model-path", out / "runs" / "cts" / "checkpoint.pth",
-         "-i", sample_dir, "-o", out / "inference", "--show-sharing", "--cpu"], logs / "inference.log")
-
+    prepare_data(demo)
+    train_policy(demo)
+    train_segmenters(demo)
+    scores = evaluate(demo)
+    bench, big = benchmark(demo)
+    inference(demo)
     print()
     print(summary_table(scores, bench))
     print()
     print(speed_table(big))
-    elapsed = time.perf_counter() - t_start
-    print(f"\ntotal demo time: {elapsed / 60:.1f} min; everything is in {out}")
+    print(f"\ntotal demo time: {(time.perf_counter() - t_start) / 60:.1f} min; everything is in {demo.out}")
     check(scores, quick)
+
+
+def prepare_data(demo: Demo) -> None:
+    n_train, n_val = (40, 12) if demo.quick else (400, 100)
+    print(f"== 1. synthetic dataset ({n_train} train / {n_val} val)")
+    demo.run([PY, "-m", "segm.scripts.prepare_synthetic", demo.out / "datasets", "--num-train", n_train,
+              "--num-val", n_val, "--size", 256, "--seed", 0], "prepare.log")
+
+
+def train_policy(demo: Demo) -> None:
+    iters = 20 if demo.quick else 500
+    print(f"== 2. policy network ({iters} iterations)")
+    if demo.policy.is_file():
+        return
+    demo.run([PY, "-m", "policynet.train", "--dataset", "synthetic", "--data-root", demo.data_root,
+              "--exp_name", "synthetic", "--logdir", demo.out / "policynet", "--backbone", "tf_efficientnet_lite0",
+              "--pretrained", "lite0", "--num_iterations", iters, "--eval_iterations", iters,
+              "--batch_size_train", 8, "--num-workers", 2, "--device", "cpu", "--num-shared", S,
+              # the reference lr 5e-5 is tuned for 50 000 iterations; 500 need a larger step
+              "--lr", "2e-4", "--no-progress"], "policynet.log")
+
+
+def train_segmenters(demo: Demo) -> None:
+    iters = 20 if demo.quick else 600
+    for name, policy_args in TRAINED.items():
+        print(f"== 3. Segmenter {BACKBONE} [{name}] ({iters} iterations)")
+        if name == "cts":
+            policy_args = [*policy_args, "--policynet-ckpt", demo.policy]
+        demo.run([PY, "-m", "segm.train", "--log-dir", demo.ckpt(name).parent, "--dataset", "synthetic",
+                  "--data-root", demo.data_root, "--backbone", BACKBONE, "--pretrained", "none",
+                  "--decoder", "mask_transformer", "--iterations", iters, "--batch-size", 8,
+                  "-lr", "1e-3", "--eval-freq", 0, "--num-workers", 2, "--device", "cpu", "--seed", 0,
+                  *policy_args], f"train_{name}.log")
+
+
+def evaluate(demo: Demo) -> dict:
+    """mIoU of every trained model, and of the no_sharing checkpoint run with each policy."""
+    from segm.config import load_yaml
+
+    scores = {}
+    common = ["synthetic", "--data-root", demo.data_root, "--singlescale", "--device", "cpu"]
+    for name in TRAINED:
+        print(f"== 4. evaluate [{name}]")
+        demo.run([PY, "-m", "segm.eval.miou", demo.ckpt(name), *common], f"eval_{name}.log")
+        scores[name] = load_yaml(demo.ckpt(name).parent / "scores_ss.yml")
+    plain = demo.ckpt("no_sharing")
+    for policy in RESHARED:
+        print(f"== 4b. evaluate [no_sharing checkpoint with the {policy} policy, S = {S}, no retraining]")
+        extra = ["--policynet-ckpt", demo.policy] if policy == "policy_net" else []
+        demo.run([PY, "-m", "segm.eval.miou", plain, *common, "--policy-method", policy,
+                  "--num-tokens-shared", S, *extra], f"eval_no_sharing_{policy}.log")
+        scores[f"no_sharing+{policy}"] = load_yaml(plain.parent / f"scores_ss_{policy}_s{S}.yml")
+    return scores
+
+
+def benchmark(demo: Demo) -> tuple[dict, dict]:
+    print("== 5. benchmark (no_sharing vs CTS vs random vs content, interleaved, validation images)")
+    bench_json = demo.out / "bench.json"
+    demo.run([PY, "-m", "segm.bench", "--model-path", demo.ckpt("cts"), "--with-random", "--with-content",
+              "--inputs", "synthetic:val", "--data-root", demo.data_root, "--batch-size", 8, "--warmup", 2,
+              "--repeats", 3 if demo.quick else 10, "--json", bench_json, "--quiet"], "bench.log")
+    print("== 5b. where CTS pays: ViT-S/16 at 512 (150 classes, batch 2, random weights, timing only)")
+    big_json = demo.out / "bench_vit_s_512.json"
+    demo.run([PY, "-m", "segm.bench", "--backbone", "vit_small_patch16_384", "--crop", 512, "--n-cls", 150,
+              "--batch-size", 2, "--warmup", 1, "--repeats", 2 if demo.quick else 5, "--no-memory",
+              "--with-content", "--json", big_json, "--quiet"], "bench_vit_s_512.log")
+    return json.loads(bench_json.read_text()), json.loads(big_json.read_text())
+
+
+def inference(demo: Demo) -> None:
+    print("== 6. inference overlays and sharing maps")
+    sample_dir = demo.out / "inference_input"
+    sample_dir.mkdir(exist_ok=True)
+    for im in sorted((demo.data_root / "images" / "validation").iterdir())[:4]:
+        shutil.copy(im, sample_dir / im.name)
+    demo.run([PY, "-m", "segm.inference", "--model-path", demo.ckpt("cts"), "-i", sample_dir,
+              "-o", demo.out / "inference", "--show-sharing", "--cpu"], "inference.log")
 
 
 def _bench_row(bench: dict, policy: str) -> dict:
@@ -140,15 +185,16 @@ def _bench_row(bench: dict, policy: str) -> dict:
 
 def summary_table(scores: dict, bench: dict) -> str:
     lines = [
-        "| model | policy | tokens | mIoU | pixel acc | images/s (median) | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| model | trained with | evaluated with | tokens | mIoU | pixel acc | images/s (median) | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, policy in (("no_sharing", "no_sharing"), ("cts", "policy_net"), ("random", "random")):
-        row = _bench_row(bench, policy)
-        sc = scores[name]
-        inf = row["inference"]
+    rows = [(name, TRAINED_POLICY[name], TRAINED_POLICY[name]) for name in TRAINED]
+    rows += [(f"no_sharing+{p}", "no_sharing", p) for p in RESHARED]
+    for key, trained, used in rows:
+        bench_row = _bench_row(bench, used)
+        inf, sc = bench_row["inference"], scores[key]
         lines.append(
-            f"| Segmenter ViT-Ti/16 | {policy} | {row['tokens']} | {sc['mean_iou']:.2f} | "
+            f"| Segmenter ViT-Ti/16 | {trained} | {used} | {bench_row['tokens']} | {sc['mean_iou']:.2f} | "
             f"{sc['pixel_accuracy']:.2f} | {inf['img_s']['median']:.1f} | {inf['speedup']:.2f}× |"
         )
     return "\n".join(lines)
@@ -157,7 +203,7 @@ def summary_table(scores: dict, bench: dict) -> str:
 def speed_table(bench: dict) -> str:
     lines = ["| model (random weights) | policy | tokens | GFLOPs/img | images/s (median) | speed-up |",
              "|---|---|---|---|---|---|"]
-    for policy in ("no_sharing", "policy_net"):
+    for policy in ("no_sharing", "policy_net", "content"):
         row = _bench_row(bench, policy)
         inf = row["inference"]
         lines.append(f"| Segmenter ViT-S/16 @512 | {policy} | {row['tokens']} | {row['gflops']:.1f} | "
@@ -171,8 +217,11 @@ def check(scores: dict, quick: bool) -> None:
     ok_random = rnd < cts
     print(f"CTS within 1.0 mIoU of no sharing: {'yes' if ok_gap else 'NO'} ({cts:.2f} vs {nos:.2f})")
     print(f"random policy below the learned policy: {'yes' if ok_random else 'NO'} ({rnd:.2f} vs {cts:.2f})")
+    content, reshared = scores["content"]["mean_iou"], scores["no_sharing+content"]["mean_iou"]
+    print(f"content policy: trained with it {content:.2f}, no_sharing checkpoint with it {reshared:.2f} "
+          f"(learned policy {cts:.2f}, no sharing {nos:.2f})")
     if quick:
-        print("(--quick: short training, the two checks above are not meaningful)")
+        print("(--quick: short training, the checks above are not meaningful)")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from segm.data.base import STATS
+from segm.data.io import pil_to_rgb, read_image
 from segm.eval.window import inference_views, resize_to_window, resolve_window
+from segm.policy_choice import policy_options
 from segm.visualize import blend_images, checkpoint_palette, colorize, save_png, sharing_maps, sharing_overlay
 
 __all__ = ["predict", "predict_image", "load_image"]
@@ -31,17 +33,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 
 # ----------------------------------------------------------------------------- inputs
 def load_image(path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB (grey, palette and RGBA files are converted)."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    """An image file as (H, W, 3) uint8 RGB, by the reader training and evaluation use
+    (`segm.data.io.read_image`: stored pixel order, 16-bit and float images scaled)."""
+    return read_image(path)
 
 
 def _as_rgb_array(image) -> np.ndarray:
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return pil_to_rgb(image)
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a PIL image or a numpy array (H, W, 3) uint8, got {type(image).__name__}")
     if image.dtype != np.uint8:
@@ -161,11 +160,13 @@ def _list_inputs(input_path: Path) -> list[Path]:
 @click.option("--window-batch-size", default=2, show_default=True, type=int)
 @click.option("--show-sharing", is_flag=True, help="Also write <name>_sharing.png (CTS models).")
 @click.option("--blend/--no-blend", default=True, show_default=True, help="Blend the colours with the input.")
-def main(model_path, input_path, output_dir, device, gpu, window_batch_size, show_sharing, blend):
+@policy_options
+def main(model_path, input_path, output_dir, device, gpu, window_batch_size, show_sharing, blend, **policy):
     """Segment the images of INPUT into OUTPUT with a trained checkpoint."""
     from tqdm import tqdm
 
     from segm.model.factory import load_model
+    from segm.policy_choice import apply_policy_choice, policy_choice
     from segm.utils.checkpoint import CheckpointError
 
     if device is None:
@@ -179,7 +180,8 @@ def main(model_path, input_path, output_dir, device, gpu, window_batch_size, sho
         clash = [p for p in files if (output_dir / f"{p.stem}.png").resolve() == p.resolve()]
         if clash:
             raise ValueError(f"the output {output_dir / clash[0].name} would overwrite its input: choose another -o")
-        model, variant = load_model(model_path)
+        choice = policy_choice(**policy)
+        model, variant = apply_policy_choice(*load_model(model_path), choice)
         model.variant = variant
         model.to(device)
         palette, note = checkpoint_palette(variant, model.n_cls)

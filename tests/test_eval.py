@@ -201,7 +201,9 @@ def test_cli_writes_reference_scores_file(synthetic_root, tmp_path):
                                             "--save-images", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     scores = load_yaml(ckpt.parent / "scores_ss.yml")
-    assert list(scores) == ["cat_iou", "inference", "mean_accuracy", "mean_iou", "pixel_accuracy"]
+    # the reference's keys, sorted, plus the policy that produced the scores
+    assert list(scores) == ["cat_iou", "inference", "mean_accuracy", "mean_iou", "pixel_accuracy", "policy"]
+    assert scores["policy"] == {"method": "random", "num_shared": 2, "num_notshared": 8, "policynet_ckpt": None}
     assert scores["inference"] == "single_scale" and len(scores["cat_iou"]) == K
     assert f"mean_iou: {scores['mean_iou']}" in result.output
 

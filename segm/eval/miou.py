@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segm.config import dataset_dir, dump_yaml, load_config
 from segm.data import canonical_name
 from segm.eval.window import resolve_window
+from segm.policy_choice import PolicyChoice, apply_policy_choice, policy_choice, policy_options, policy_record
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.distributed import barrier, cleanup, init_distributed, is_main_process
 
@@ -63,8 +64,9 @@ def _same_name(a: str, b: str) -> bool:
         return False
 
 
-def scores_for_yaml(scores: dict, multiscale: bool) -> dict:
-    """The reference's scores file: sorted keys, `inference` = single_scale | multi_scale."""
+def scores_for_yaml(scores: dict, multiscale: bool, policy: dict | None = None) -> dict:
+    """The reference's scores file: sorted keys, `inference` = single_scale | multi_scale; plus
+    the token-sharing policy and budget that produced the scores."""
     out = {
         "cat_iou": list(scores["cat_iou"]),
         "inference": "multi_scale" if multiscale else "single_scale",
@@ -72,7 +74,18 @@ def scores_for_yaml(scores: dict, multiscale: bool) -> dict:
         "mean_iou": scores["mean_iou"],
         "pixel_accuracy": scores["pixel_accuracy"],
     }
+    if policy is not None:
+        out["policy"] = policy
     return out
+
+
+def scores_path(model_dir: Path, multiscale: bool, choice: PolicyChoice | None, model) -> Path:
+    """`scores_ss.yml`/`scores_ms.yml`; with a policy chosen on the command line
+    `scores_ss_<policy>_s<S>.yml`, so the checkpoint's own scores are not replaced."""
+    name = "scores_ms" if multiscale else "scores_ss"
+    if choice is not None:
+        name += f"_{model.policy_method}_s{model.num_shared}"
+    return model_dir / f"{name}.yml"
 
 
 def _zip_images(images_dir: Path) -> Path:
@@ -87,9 +100,10 @@ def _zip_images(images_dir: Path) -> Path:
 def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, window_size=None,
                         window_stride=None, window_batch_size=4, save_images=False, blend=True,
                         frac_dataset=1.0, data_root=None, classes_file=None, device=None,
-                        amp_dtype=None, num_workers=2, progress=True) -> dict:
+                        amp_dtype=None, num_workers=2, progress=True, policy: PolicyChoice | None = None) -> dict:
     """Library form of the command: evaluates, writes the scores file (rank 0), returns the
-    scores (with `inference_time` and the resolved settings under `settings`)."""
+    scores (with `inference_time` and the resolved settings under `settings`). `policy`: run
+    the checkpoint with another token-sharing policy and budget (the file is not modified)."""
     from segm.data import build_dataset, dataset_info, val_collate
     from segm.eval.evaluate import evaluate_dataset
     from segm.model.factory import load_model
@@ -104,6 +118,7 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
     device = torch.device(device) if device is not None else dist_info.device
 
     model, variant = load_model(model_path)
+    model, variant = apply_policy_choice(model, variant, policy)
     settings = resolve_settings(variant, model, dataset, im_size=im_size, window_size=window_size,
                                 window_stride=window_stride, data_root=data_root, classes_file=classes_file)
     if settings["data_root"] is None and dataset != "custom":
@@ -137,10 +152,12 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
     )
     barrier()
     if is_main_process():
-        dump_yaml(scores_for_yaml(scores, multiscale), model_dir / f"scores_{'ms' if multiscale else 'ss'}.yml")
+        record = {**policy_record(model), "policynet_ckpt": variant["net_kwargs"].get("policynet_ckpt")}
+        dump_yaml(scores_for_yaml(scores, multiscale, record), scores_path(model_dir, multiscale, policy, model))
         if images_dir is not None and images_dir.is_dir():
             _zip_images(images_dir)
     scores["settings"] = settings
+    scores["policy"] = policy_record(model)
     return scores
 
 
@@ -163,26 +180,31 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
 @click.option("--device", default=None, type=str, help="Default: cuda:LOCAL_RANK if available, else cpu.")
 @click.option("--amp-dtype", type=click.Choice(list(AMP_DTYPES)), default="none", show_default=True)
 @click.option("--num-workers", default=2, show_default=True, type=int, help="Data loading processes.")
+@policy_options
 def main(model_path, dataset_name, im_size, multiscale, blend, window_size, window_stride, window_batch_size,
-         save_images, frac_dataset, data_root, classes_file, device, amp_dtype, num_workers):
+         save_images, frac_dataset, data_root, classes_file, device, amp_dtype, num_workers, **policy):
     """Evaluate MODEL_PATH (checkpoint.pth, variant.yml beside it) on DATASET_NAME
     (ade20k, pascal_context, cityscapes, synthetic, custom)."""
     try:
+        choice = policy_choice(**policy)
         scores = evaluate_checkpoint(
             model_path, dataset_name, multiscale=multiscale, im_size=im_size, window_size=window_size,
             window_stride=window_stride, window_batch_size=window_batch_size, save_images=save_images,
             blend=blend, frac_dataset=frac_dataset, data_root=data_root, classes_file=classes_file,
-            device=device, amp_dtype=AMP_DTYPES[amp_dtype], num_workers=num_workers,
+            device=device, amp_dtype=AMP_DTYPES[amp_dtype], num_workers=num_workers, policy=choice,
         )
         main_process = is_main_process()
     except USER_ERRORS as e:
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        from segm.data.io import user_message
+
+        raise click.ClickException(user_message(e).splitlines()[0]) from None
     finally:
         cleanup()
     if main_process:
         s = scores["settings"]
+        p = scores["policy"]
         print(f"window {s['window_size']}, stride {s['window_stride']}, im_size {s['im_size']}, "
-              f"{scores['num_images']} images")
+              f"{scores['num_images']} images; policy {p['method']} (U, S) = ({p['num_notshared']}, {p['num_shared']})")
         for key in ("pixel_accuracy", "mean_accuracy", "mean_iou"):
             print(f"{key}: {scores[key]}")
         print(f"inference: {'multi_scale' if multiscale else 'single_scale'}")

@@ -87,7 +87,7 @@ def resolve_token_budget(
         if num_shared not in (None, 0):
             raise TokenBudgetError(
                 f"policy 'no_sharing' shares no tokens, but S={num_shared} was asked; "
-                "use --policy-method policy_net (or random/oracle) to share tokens"
+                "use --policy-method policy_net (or content, random, oracle) to share tokens"
             )
         num_shared = 0
     elif num_shared is None:

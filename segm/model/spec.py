@@ -239,7 +239,7 @@ def check_net_kwargs(net: dict, *, policy_ckpt_required: bool = True) -> ModelSp
         if p != POLICY_PATCH_SIZE:
             raise TokenBudgetError(
                 f"the policy network scores 32-px superpatches, which needs patch size {POLICY_PATCH_SIZE} "
-                f"(got {p}); use --policy-method random/oracle or a /16 backbone"
+                f"(got {p}); use --policy-method content, random or oracle, or a /16 backbone"
             )
         if policy_ckpt_required:
             check_policy_checkpoint(ckpt)
