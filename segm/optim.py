@@ -1,30 +1,26 @@
 """Optimiser factory and the per-iteration polynomial schedule (docs/DESIGN.md, "Training recipe")."""
 from __future__ import annotations
 
+import glob
+
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 __all__ = ["param_groups", "create_optimizer", "PolynomialLR"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters, split as timm 0.4.12 `add_weight_decay` does when wd > 0:
-    [no-decay group (1-D params, biases, `model.no_weight_decay()` names), decay group].
-    At wd = 0 there is a single group. Frozen parameters (requires_grad False) are left out.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
+    """Trainable parameters, split by timm's `param_groups_weight_decay` as timm 0.4.12's
+    `add_weight_decay` did for the reference: [no-decay group (1-D params, biases,
+    `model.no_weight_decay()` names), decay group]; at wd = 0 a single group. Frozen parameters
+    (requires_grad False) are left out."""
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    if not weight_decay:
-        return [{"params": [p for _, p in named], "weight_decay": 0.0}]
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in named:
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    skip = sorted(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else ()
+    # the names are exact: escape the characters timm's pattern matching would interpret
+    exact = [glob.escape(name) for name in skip]
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=exact)
 
 
 def create_optimizer(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -66,21 +66,18 @@ def num_prefix_tokens(vit: VisionTransformer) -> int:
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid, num_extra: int) -> torch.Tensor:
-    """Bilinear (align_corners=False) resize of the grid part of a (1, extra + h·w, D) embedding
-    (e.g. 24→32 at crop 512). The source grid is assumed square unless `new_grid` matches."""
-    extra, grid = pos_embed[:, :num_extra], pos_embed[:, num_extra:]
-    n_old = grid.shape[1]
+    """Bilinear (align_corners=False, no antialiasing: the reference's) resize of the grid part
+    of a (1, extra + h·w, D) embedding (e.g. 24→32 at crop 512) with timm's
+    `resample_abs_pos_embed`. The source grid is square unless its size already matches."""
     gh, gw = _pair(new_grid)
-    if n_old == gh * gw:
+    n_old = pos_embed.shape[1] - num_extra
+    if n_old == gh * gw:  # timm would assume a square source here
         return pos_embed
-    old = int(math.sqrt(n_old))
+    old = math.isqrt(n_old)
     if old * old != n_old:
         raise ValueError(f"cannot resize a non-square position embedding of {n_old} cells")
-    d = grid.shape[-1]
-    grid = grid.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, d).to(pos_embed.dtype)
-    return torch.cat([extra, grid], dim=1)
+    return resample_abs_pos_embed(pos_embed, [gh, gw], [old, old], num_prefix_tokens=num_extra,
+                                  interpolation="bilinear", antialias=False)
 
 
 def _load_npz(vit: VisionTransformer, path: Path) -> dict:
