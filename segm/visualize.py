@@ -43,6 +43,9 @@ def save_png(array: np.ndarray, path) -> None:
 def checkpoint_palette(variant: dict, n_cls: int) -> tuple[list, str | None]:
     """The palette of the checkpoint's dataset, or a generated one (and why) when its classes
     cannot be found or do not match the model."""
+    embedded = (variant.get("classes") or {}).get("palette")  # a shared model carries its own
+    if embedded and len(embedded) == n_cls:
+        return [list(c) for c in embedded], None
     dkw = variant.get("dataset_kwargs") or {}
     name = dkw.get("dataset")
     try:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segm.config import dataset_dir, dump_yaml, load_config
 from segm.data import canonical_name
 from segm.eval.window import resolve_window
+from segm.model.hub import is_shared_folder
 from segm.policy_choice import PolicyChoice, apply_policy_choice, policy_choice, policy_options, policy_record
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.distributed import barrier, cleanup, init_distributed, is_main_process
@@ -112,7 +113,7 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
     if window_batch_size < 1:
         raise ValueError(f"--window-batch-size must be >= 1, got {window_batch_size}")
     model_path = Path(model_path)
-    if model_path.is_dir():
+    if model_path.is_dir() and not is_shared_folder(model_path):
         model_path = model_path / "checkpoint.pth"
     dist_info = init_distributed()
     device = torch.device(device) if device is not None else dist_info.device
@@ -142,7 +143,7 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
                         collate_fn=val_collate, pin_memory=device.type == "cuda")
     model.to(device)
 
-    model_dir = model_path.parent
+    model_dir = model_path if model_path.is_dir() else model_path.parent
     images_dir = model_dir / "images" if save_images else None
     scores = evaluate_dataset(
         model, loader, n_cls=model.n_cls, window_size=settings["window_size"],

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from segm.config import dump_yaml, load_yaml
 from segm.model.decoder import create_decoder
+from segm.model.hub import is_shared_folder, load_shared
 from segm.model.policy_net import load_policy_checkpoint
 from segm.model.segmenter import Segmenter
 from segm.model.spec import (
@@ -103,8 +104,12 @@ def save_model(model: Segmenter, variant: dict, path, **extra) -> None:
 
 def load_model(path, map_location="cpu") -> tuple[Segmenter, dict]:
     """Loads a checkpoint of this project or of the reference (`checkpoint.pth` with its
-    `variant.yml` beside it). Returns (model in eval mode, variant)."""
+    `variant.yml` beside it), or a shared model folder (`segm.share`: safetensors + config.json).
+    Returns (model in eval mode, variant)."""
     path = Path(path)
+    if is_shared_folder(path):
+        model, variant = load_shared(path)
+        return model.to(map_location), variant
     if path.is_dir():
         path = path / "checkpoint.pth"
     if not path.is_file():

@@ -1,0 +1,159 @@
+"""A trained model in one shareable folder: weights as safetensors, a `config.json` and a model
+card, in the layout of Hugging Face's `PyTorchModelHubMixin` (so the folder can be pushed to a
+hub as it is). Loading reads only JSON and safetensors: nothing is unpickled.
+
+    python -m segm.share runs/ade20k_vit_s_cts/checkpoint.pth shared/ade20k_vit_s_cts
+    model, variant = segm.load_model("shared/ade20k_vit_s_cts")
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from segm.utils.atomic import atomic_write, atomic_write_text
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CARD = "README.md"
+FORMAT = "segm-cts-model/1"
+# The variant parts a shared model keeps: what builds it and what inference needs.
+_VARIANT_KEYS = ("net_kwargs", "dataset_kwargs", "inference_kwargs")
+_PRIVATE_DATASET_KEYS = ("data_root", "classes_file", "num_workers", "batch_size", "split")
+# Files that would have to be unpickled: never loaded from a shared folder.
+_PICKLED = ("pytorch_model.bin", "checkpoint.pth", "model.pth", "model.pt")
+
+
+def is_shared_folder(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / CONFIG).is_file() and not (Path(path) / "checkpoint.pth").is_file()
+
+
+def model_config(model, variant: dict) -> dict:
+    """config.json: the variant's model part plus what a colleague needs to use the model."""
+    from segm.data.base import STATS
+    from segm.policy_choice import policy_record
+
+    kept = {k: variant[k] for k in _VARIANT_KEYS if k in variant}
+    kept["dataset_kwargs"] = {k: v for k, v in (kept.get("dataset_kwargs") or {}).items()
+                              if k not in _PRIVATE_DATASET_KEYS}
+    net = variant["net_kwargs"]
+    normalization = kept["dataset_kwargs"].get("normalization") or net.get("normalization", "vit")
+    names, palette = _classes(variant, model.n_cls)
+    return {
+        "format": FORMAT,
+        "variant": _jsonable(kept),
+        "dataset": kept["dataset_kwargs"].get("dataset"),
+        "class_names": names,
+        "palette": palette,
+        "normalization": {"name": normalization, **{k: list(v) for k, v in STATS[normalization].items()}},
+        "crop_size": list(model.crop_size),
+        "policy": {**policy_record(model), "policy_backbone": net.get("policy_backbone")},
+    }
+
+
+def _classes(variant: dict, n_cls: int) -> tuple[list | None, list]:
+    from segm.visualize import checkpoint_palette
+
+    palette, _ = checkpoint_palette(variant, n_cls)
+    embedded = variant.get("classes") or {}
+    if embedded.get("names"):
+        return list(embedded["names"]), palette
+    dkw = variant.get("dataset_kwargs") or {}
+    try:
+        from segm.data.base import dataset_info
+
+        info = dataset_info(dkw.get("dataset"), data_root=dkw.get("data_root"), classes_file=dkw.get("classes_file"))
+        return (list(info.class_names) if info.n_cls == n_cls else None), palette
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError):
+        return None, palette
+
+
+def _jsonable(data):
+    if isinstance(data, dict):
+        return {k: _jsonable(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_jsonable(v) for v in data]
+    return data
+
+
+def share_model(model, variant: dict, out_dir, *, overwrite: bool = False) -> Path:
+    """Writes `out_dir/{model.safetensors, config.json, README.md}` (each atomically)."""
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; choose another folder or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    config = model_config(model, variant)
+    atomic_write(out / WEIGHTS, lambda f: f.write(save(state, metadata={"format": FORMAT})))
+    atomic_write_text(out / CONFIG, json.dumps(config, indent=1) + "\n")
+    atomic_write_text(out / CARD, model_card(config, out.name))
+    return out
+
+
+def load_shared(folder):
+    """(model in eval mode, variant) from a shared folder; reads JSON and safetensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from segm.model.factory import create_segmenter
+    from segm.utils.checkpoint import state_dict_mismatch
+
+    folder = Path(folder)
+    if not (folder / WEIGHTS).is_file():
+        pickled = [name for name in _PICKLED if (folder / name).exists()]
+        hint = f" ({pickled[0]} is a pickle and is never loaded from a shared folder)" if pickled else ""
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS}{hint}: export it with `python -m segm.share`")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        state = load_file(str(folder / WEIGHTS))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ValueError(f"cannot read the shared model in {folder}: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{folder / CONFIG} is not a shared segm-cts model (format {FORMAT})")
+    variant = _restore_tuples(config["variant"])
+    variant["classes"] = {"names": config.get("class_names"), "palette": config.get("palette")}
+    model = create_segmenter(variant["net_kwargs"], policy_ckpt_required=False)
+    problem = state_dict_mismatch(model, state)
+    if problem:
+        raise ValueError(f"{folder / WEIGHTS} does not fit its {CONFIG}: {problem}")
+    model.load_state_dict(state, strict=True)
+    return model.eval(), variant
+
+
+def _restore_tuples(variant: dict) -> dict:
+    """JSON has no tuples; the model description holds two."""
+    net = dict(variant["net_kwargs"])
+    for key in ("image_size", "policy_schedule"):
+        if isinstance(net.get(key), list):
+            net[key] = tuple(net[key])
+    return {**variant, "net_kwargs": net}
+
+
+def model_card(config: dict, name: str) -> str:
+    net = config["variant"]["net_kwargs"]
+    policy = config["policy"]
+    h, w = config["crop_size"]
+    classes = config["class_names"]
+    return f"""---
+library_name: segm-cts
+tags: [semantic-segmentation, vision-transformer, token-sharing]
+---
+# {name}
+
+Segmenter ({net.get('backbone')}, {net['decoder'].get('name')} decoder) trained on
+{config.get('dataset')} ({net['n_cls']} classes), with Content-aware Token Sharing policy
+`{policy['method']}`: {policy['num_shared']} shared superpatches per {h}×{w} window
+(U = {policy['num_notshared']} non-shared patches).
+
+Inputs: RGB, normalised with mean {config['normalization']['mean']} and std
+{config['normalization']['std']} (0–1 scale); sliding windows of {h}×{w}.
+
+```python
+import segm
+model, variant = segm.load_model("{name}")          # this folder
+labels = segm.predict(model, image, variant=variant)   # (H, W) class indices
+```
+
+Classes: {', '.join(classes) if classes else 'not recorded'}.
+"""

@@ -1,0 +1,33 @@
+"""Share a trained model as one folder: `python -m segm.share CHECKPOINT OUT_DIR`.
+
+Writes `model.safetensors` (the weights alone), `config.json` (the model description, class
+names and palette, normalisation, crop, policy and budget) and a model card `README.md`, in the
+layout of Hugging Face's `PyTorchModelHubMixin`. Every command that takes a checkpoint takes
+the folder too (`segm.load_model(OUT_DIR)`); loading never unpickles. To publish it:
+`huggingface-cli upload USER/NAME OUT_DIR` (or `huggingface_hub.upload_folder`).
+"""
+from __future__ import annotations
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=str)
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace the files of a non-empty OUT_DIR.")
+def main(checkpoint, out_dir, overwrite):
+    """Export CHECKPOINT (checkpoint.pth with variant.yml, or a shared folder) to OUT_DIR."""
+    from segm.model.factory import load_model
+    from segm.model.hub import share_model
+    from segm.utils.checkpoint import CheckpointError
+
+    try:
+        model, variant = load_model(checkpoint)
+        out = share_model(model, variant, out_dir, overwrite=overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError, PermissionError) as e:
+        raise click.ClickException(str(e).splitlines()[0]) from None
+    click.echo(f"wrote {out}: model.safetensors, config.json, README.md")
+
+
+if __name__ == "__main__":
+    main()
