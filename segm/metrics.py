@@ -20,7 +20,7 @@ import torch
 
 from segm.utils.distributed import all_reduce_sum
 
-__all__ = ["intersect_and_union", "compute_metrics", "IoUAccumulator"]
+__all__ = ["intersect_and_union", "compute_metrics", "per_class_table", "IoUAccumulator"]
 
 
 def intersect_and_union(pred: torch.Tensor, label: torch.Tensor, n_cls: int, ignore_index: int = 255):
@@ -62,7 +62,8 @@ def compute_metrics(area_intersect, area_union, area_pred, area_label) -> dict:
     `pixel_accuracy` = 100·ΣI/Σlabel, `mean_accuracy` = 100·nanmean(I/label),
     `mean_iou` = 100·nanmean(I/U), each rounded to 2 decimals; `cat_iou` is the list of
     per-class IoU in % (2 decimals), `nan` for a class absent from both prediction and
-    label (zero union), which nanmean skips. `area_pred` is accepted for completeness.
+    label (zero union), which nanmean skips; `cat_acc` the per-class accuracy (`nan` for a
+    class absent from the labels). `area_pred` is accepted for completeness.
     """
     def f64(a):
         return torch.as_tensor(a).detach().cpu().double().numpy()
@@ -81,7 +82,19 @@ def compute_metrics(area_intersect, area_union, area_pred, area_label) -> dict:
         "mean_accuracy": _pct(nanmean(acc)),
         "mean_iou": _pct(nanmean(iou)),
         "cat_iou": [_pct(float(v)) for v in iou],
+        "cat_acc": [_pct(float(v)) for v in acc],
     }
+
+
+def per_class_table(class_names, scores: dict) -> str:
+    """IoU and accuracy per class, with the class names, as mmseg's evaluation prints them."""
+    from prettytable import PrettyTable
+
+    table = PrettyTable(["Class", "IoU", "Acc"])
+    table.align["Class"] = "l"
+    for name, iou, acc in zip(class_names, scores["cat_iou"], scores["cat_acc"]):
+        table.add_row([name, f"{iou:.2f}", f"{acc:.2f}"])
+    return table.get_string()
 
 
 class IoUAccumulator:

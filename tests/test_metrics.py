@@ -151,3 +151,15 @@ def test_all_reduce_without_process_group_is_identity():
     before = acc.areas.clone()
     acc.all_reduce()
     assert torch.equal(acc.areas, before)
+
+
+def test_per_class_accuracy_and_table():
+    from segm.metrics import per_class_table
+
+    s = compute_metrics(torch.tensor([2, 1, 0]), torch.tensor([3, 2, 0]), torch.tensor([2, 2, 0]),
+                        torch.tensor([4, 1, 0]))
+    assert s["cat_acc"][:2] == [50.0, 100.0] and math.isnan(s["cat_acc"][2])
+    table = per_class_table(["sky", "road", "car"], s)
+    lines = table.splitlines()
+    assert "Class" in lines[1] and "IoU" in lines[1] and "Acc" in lines[1]
+    assert "| sky " in table and "66.67" in table and "100.00" in table and "nan" in lines[-2]

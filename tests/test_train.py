@@ -305,6 +305,9 @@ def test_exploded_loss_stops_before_the_update(synthetic_root, tmp_path, monkeyp
     assert "at iteration 1" in result.output and "exploded: above 100·ln K" in result.output
 
 
+SYNTHETIC_CLASSES = ("sky", "wall", "floor", "grass", "road", "water", "tree", "ball", "box", "sign")
+
+
 def test_tensorboard_keeps_every_step_across_a_resume(synthetic_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -316,6 +319,8 @@ def test_tensorboard_keeps_every_step_across_a_resume(synthetic_root, tmp_path):
     events = EventAccumulator(str(log_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    per_class = [t for t in events.Tags()["scalars"] if t.startswith("val_iou/")]
+    assert per_class and all(t.split("/")[1] in SYNTHETIC_CLASSES for t in per_class)  # by class name
 
 
 # ----------------------------------------------------------------------------- loss and determinism

@@ -168,7 +168,7 @@ def evaluate_dataset(
     DistributedSampler). The model must already be on `device`; it is put in eval mode
     and left there.
 
-    Returns {pixel_accuracy, mean_accuracy, mean_iou, cat_iou (list, % per class),
+    Returns {pixel_accuracy, mean_accuracy, mean_iou, cat_iou and cat_acc (lists, % per class),
     inference_time (seconds, this rank), num_images (scored, all ranks)}, identical on
     every rank. `frac_dataset` in (0, 1] evaluates the first ceil(frac·len(loader)) items
     of each rank. With `save_dir`, writes `{input,pred,gt}/<name>.png` coloured with

@@ -17,6 +17,7 @@ from segm.utils.distributed import DistInfo
 @dataclass(frozen=True)
 class TrainData:
     n_cls: int
+    class_names: tuple
     train_set: SeededDataset
     val_set: Dataset
     sampler: ResumableSampler
@@ -28,8 +29,8 @@ class TrainData:
     num_epochs: int
 
 
-def dataset_classes(opts: TrainOptions) -> int:
-    """The number of classes of the dataset (raises ConfigError when it cannot be found)."""
+def dataset_classes(opts: TrainOptions):
+    """The dataset's `DatasetInfo` (classes; raises ConfigError when it cannot be found)."""
     from segm.data import dataset_info
 
     with user_errors():
@@ -38,10 +39,11 @@ def dataset_classes(opts: TrainOptions) -> int:
                 dataset_dir()
             except RuntimeError as e:  # $DATASET unset
                 raise ConfigError(str(e)) from None
-        return dataset_info(opts.dataset, data_root=opts.data_root, classes_file=opts.classes).n_cls
+        return dataset_info(opts.dataset, data_root=opts.data_root, classes_file=opts.classes)
 
 
-def build_data(opts: TrainOptions, dist: DistInfo, n_cls: int) -> TrainData:
+def build_data(opts: TrainOptions, dist: DistInfo, classes) -> TrainData:
+    """The loaders and the iteration plan; `classes`: the dataset's `DatasetInfo`."""
     from segm.data import build_dataset, val_collate
 
     with user_errors():
@@ -62,5 +64,5 @@ def build_data(opts: TrainOptions, dist: DistInfo, n_cls: int) -> TrainData:
         )
         val_sampler = DistributedSampler(val_set, shuffle=False) if dist.distributed else None
         val_loader = DataLoader(val_set, batch_size=1, sampler=val_sampler, collate_fn=val_collate, **loader_kw)
-    return TrainData(n_cls, train_set, val_set, sampler, train_loader, val_loader, local_batch, iters_per_epoch,
+    return TrainData(classes.n_cls, tuple(classes.class_names), train_set, val_set, sampler, train_loader, val_loader, local_batch, iters_per_epoch,
                      total_iters, math.ceil(total_iters / iters_per_epoch))

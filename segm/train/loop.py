@@ -100,8 +100,9 @@ def autocast(run: Run):
     return torch.autocast(device_type=run.device.type, dtype=run.opts.autocast_dtype)
 
 
-def evaluate(net: torch.nn.Module, run: Run) -> dict:
-    """Single-scale sliding-window scores on the val set, as `val_*` log entries."""
+def evaluate(net: torch.nn.Module, run: Run) -> tuple[dict, list]:
+    """Single-scale sliding-window scores on the val set, as `val_*` log entries, and the
+    per-class IoU (for TensorBoard)."""
     from segm.eval.evaluate import evaluate_dataset
 
     opts = run.opts
@@ -110,7 +111,7 @@ def evaluate(net: torch.nn.Module, run: Run) -> dict:
         window_stride=opts.window_stride, window_batch_size=EVAL_WINDOW_BATCH, device=run.device,
         amp_dtype=opts.autocast_dtype, progress=run.is_main,
     )
-    return {f"val_{key}": scores[key] for key in VAL_SCORES}
+    return {f"val_{key}": scores[key] for key in VAL_SCORES}, scores["cat_iou"]
 
 
 def finish_epoch(net: torch.nn.Module, state: TrainState, run: Run, epoch: int, end_batch: int) -> None:
@@ -122,24 +123,27 @@ def finish_epoch(net: torch.nn.Module, state: TrainState, run: Run, epoch: int, 
     train = {"train_loss": meters["loss_sum"] / meters["count"],
              "train_learning_rate": meters["lr_sum"] / meters["count"]}
     position = (epoch + 1, 0) if end_batch == run.data.iters_per_epoch else (epoch, end_batch)
-    scores = {}
+    scores, cat_iou = {}, None
     last = state.iteration >= run.data.total_iters
     if last or (run.opts.eval_freq and epoch % run.opts.eval_freq == 0):
         state.log_record = {**train, "epoch": epoch, "num_updates": state.iteration}
         state.save(run, *position)
-        scores = evaluate(net, run)
+        scores, cat_iou = evaluate(net, run)
     record = {**train, **scores, "epoch": epoch, "num_updates": state.iteration}
     state.log_record = record
     state.save(run, *position)
     if run.is_main:
-        log_epoch(run, record, state.iteration)
+        log_epoch(run, record, state.iteration, cat_iou)
 
 
-def log_epoch(run: Run, record: dict, iteration: int) -> None:
+def log_epoch(run: Run, record: dict, iteration: int, cat_iou: list | None = None) -> None:
     append_log(run.log_dir / "log.txt", record)
     for key, value in record.items():
         if key.startswith("val_"):
             run.writer.add_scalar(f"val/{key[4:]}", value, iteration)
+    for name, iou in zip(run.data.class_names, cat_iou or ()):
+        if iou == iou:  # NaN: the class is absent from labels and predictions
+            run.writer.add_scalar(f"val_iou/{name}", iou, iteration)
     run.writer.flush()
     print(f"epoch {record['epoch']}: " + ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"

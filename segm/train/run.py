@@ -95,9 +95,9 @@ def plan_run(opts: TrainOptions) -> tuple[Run, Path | None, list[str]]:
     resume, decided on rank 0); nothing is written yet. Returns the run, the checkpoint to
     resume from (or None) and the configuration differences to report."""
     info = start_process(opts)
-    n_cls = dataset_classes(opts)
-    net_kwargs = model_description(opts, n_cls)
-    data = build_data(opts, info, n_cls)
+    classes = dataset_classes(opts)
+    net_kwargs = model_description(opts, classes.n_cls)
+    data = build_data(opts, info, classes)
     variant = build_variant(opts, net_kwargs, info.world_size, data.total_iters, data.num_epochs)
     resume_from, diffs = agree_on_plan(opts.log_dir, variant, opts.resume, opts.overwrite, info)
     return Run(opts, info, data, variant), resume_from, diffs
