@@ -11,12 +11,10 @@ OPTIMIZERS = ("AdamW", "SGD", "Adam")
 
 
 def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; pass --device cpu")
-    return dev
+    """--device of the policy commands: the project's one device rule (`segm.utils.device`)."""
+    from segm.utils.device import resolve_device as resolve
+
+    return resolve(device)
 
 
 def pretrained_path(pretrained: str | None) -> Path | None:

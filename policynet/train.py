@@ -34,6 +34,7 @@ from segm.data.policy_labels import policy_labels, rules_for
 from segm.model.spec import DEFAULT_POLICY_BACKBONE
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.determinism import seed_everything
+from segm.utils.writable import check_writable
 
 from .data import DATASET_CHOICES, PolicyDataset, TrainBatchSampler, eval_subset
 from .evaluation import build_eval_set, eval_loader, evaluate
@@ -122,6 +123,7 @@ def resolve_run(cfg: TrainConfig) -> Run:
     cfg.check()
     name = canonical_name(cfg.dataset)
     device = resolve_device(cfg.device)
+    check_writable(Path(cfg.logdir) / cfg.exp_name, "--logdir")
     data = dict(data_root=cfg.data_root, classes_file=cfg.classes, crop_size=cfg.crop_size)
     train_set = PolicyDataset(name, "train", train=True, hflip=cfg.hflip, **data)
     crop = train_set.geometry.size

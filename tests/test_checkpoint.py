@@ -33,6 +33,41 @@ def test_failing_save_leaves_no_file_and_keeps_old_one(tmp_path):
     assert safe_torch_load(path) == {"epoch": 1}
 
 
+def _torch_write_fails(context):
+    def save(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        try:
+            if context is not None:
+                raise context
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    return save
+
+
+@pytest.mark.parametrize("context, reason", [(OSError(28, "No space left on device"), "the disk is full"),
+                                             (None, "the write failed")])
+def test_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, context, reason):
+    path = tmp_path / "checkpoint.pth"
+    atomic_torch_save({"epoch": 1}, path)
+    monkeypatch.setattr(torch, "save", _torch_write_fails(context))
+    with pytest.raises(CheckpointError, match=f"cannot write {path}: {reason}"):
+        atomic_torch_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+    assert safe_torch_load(path) == {"epoch": 1}
+
+
+def test_corrupt_file_message_is_one_sentence_of_torch(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    atomic_torch_save({"w": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as info:
+        safe_torch_load(path)
+    assert "is corrupt or not a torch checkpoint" in str(info.value)
+    assert "If you are seeing this error" not in str(info.value) and "\n" not in str(info.value)
+
+
 def test_save_into_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         atomic_torch_save({}, tmp_path / "nope" / "checkpoint.pth")

@@ -47,8 +47,10 @@ def test_torchrun_env_wins_over_slurm():
 
 
 def test_torchrun_without_master_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="MASTER_ADDR, MASTER_PORT"):
+    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT are not: launch .*torchrun"):
         dist_env_from_environ({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="but MASTER_PORT is not"):
+        dist_env_from_environ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "x"})
 
 
 def test_slurm_env():
@@ -72,7 +74,7 @@ def test_bad_env_values():
         dist_env_from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "two"})
     with pytest.raises(ValueError, match="rank 4 with world size 4"):
         dist_env_from_environ({"RANK": "4", "WORLD_SIZE": "4", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
-    with pytest.raises(RuntimeError, match="MASTER_PORT"):
+    with pytest.raises(ValueError, match="MASTER_PORT"):
         dist_env_from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"})
 
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from segm.config import load_config, load_yaml
+from segm.config import load_yaml
 from segm.data import build_dataset, val_collate
 from segm.eval.evaluate import evaluate_dataset
 from segm.eval.miou import main as miou_main
@@ -183,6 +183,14 @@ def test_reference_window_defaults(dataset, crop, stride, im_size):
     assert (s["window_size"], s["window_stride"], s["im_size"]) == (crop, stride, im_size)
 
 
+def test_image_size_defaults_to_the_training_size_on_the_training_dataset():
+    variant = {"dataset_kwargs": {"dataset": "ade20k", "image_size": 640, "crop_size": 512, "normalization": "vit"}}
+    assert resolve_settings(variant, _fake_model(512), "ade20k")["im_size"] == 640
+    assert resolve_settings(variant, _fake_model(512), "ade20k", im_size=512)["im_size"] == 512
+    # another dataset: its preset (pascal_context 520), not the training size
+    assert resolve_settings(variant, _fake_model(512), "pascal_context", window_stride=320)["im_size"] == 520
+
+
 def test_settings_errors():
     variant = {"dataset_kwargs": {"dataset": "ade20k", "crop_size": 512, "normalization": "vit"}}
     with pytest.raises(ValueError, match="--window-size 512"):
@@ -196,22 +204,25 @@ def test_settings_errors():
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_writes_reference_scores_file(synthetic_root, tmp_path):
-    ckpt, model, _ = make_model_dir(tmp_path, synthetic_root)
+    ckpt, model, variant = make_model_dir(tmp_path, synthetic_root)
     result = CliRunner().invoke(miou_main, [str(ckpt), "synthetic", "--frac-dataset", "0.25", "--num-workers", "0",
                                             "--save-images", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     scores = load_yaml(ckpt.parent / "scores_ss.yml")
-    # the reference's keys, sorted, plus the policy that produced the scores
-    assert list(scores) == ["cat_iou", "inference", "mean_accuracy", "mean_iou", "pixel_accuracy", "policy"]
+    # the reference's keys plus the policy and the settings that produced the scores, sorted
+    assert list(scores) == ["cat_iou", "dataset", "im_size", "inference", "mean_accuracy", "mean_iou",
+                            "pixel_accuracy", "policy", "window_size", "window_stride"]
     assert scores["policy"] == {"method": "random", "num_shared": 2, "num_notshared": 8, "policynet_ckpt": None}
+    trained_im_size = variant["dataset_kwargs"]["image_size"]  # the default on the training dataset
+    assert (scores["dataset"], scores["im_size"], scores["window_size"], scores["window_stride"]) == (
+        "synthetic", trained_im_size, CROP, 32)
     assert scores["inference"] == "single_scale" and len(scores["cat_iou"]) == K
     assert f"mean_iou: {scores['mean_iou']}" in result.output
 
     # Defaults: window = the crop, stride = the variant's 32 (config's synthetic 128 > window).
     model.reset_random_policy()
-    preset_im_size = load_config()["dataset"]["synthetic"]["im_size"]  # the CLI's default
-    direct = evaluate_dataset(model, val_loader(synthetic_root, im_size=preset_im_size), n_cls=K, window_size=CROP, window_stride=32,
-                              window_batch_size=4, device="cpu", frac_dataset=0.25, progress=False)
+    direct = evaluate_dataset(model, val_loader(synthetic_root, im_size=trained_im_size), n_cls=K, window_size=CROP,
+                              window_stride=32, window_batch_size=4, device="cpu", frac_dataset=0.25, progress=False)
     assert {k: scores[k] for k in ("mean_iou", "pixel_accuracy", "mean_accuracy")} == {
         k: direct[k] for k in ("mean_iou", "pixel_accuracy", "mean_accuracy")}
     assert sorted(p.name for p in (ckpt.parent / "images" / "pred").iterdir()) == ["syn_val_00000.png", "syn_val_00001.png"]

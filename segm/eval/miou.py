@@ -23,7 +23,9 @@ from segm.eval.window import resolve_window
 from segm.model.hub import is_shared_folder
 from segm.policy_choice import PolicyChoice, apply_policy_choice, policy_choice, policy_options, policy_record
 from segm.utils.checkpoint import CheckpointError
+from segm.utils.device import DEVICE_HELP, resolve_device
 from segm.utils.distributed import barrier, cleanup, init_distributed, is_main_process
+from segm.utils.writable import NotWritableError, check_writable, write_error_message
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Errors that are the user's to fix: reported as one line, without a traceback.
@@ -37,19 +39,22 @@ def _dataset_defaults(name: str) -> dict:
 def resolve_settings(variant: dict, model, dataset: str, *, im_size=None, window_size=None, window_stride=None,
                      data_root=None, classes_file=None) -> dict:
     """Fills the command's defaults from configs/config.yml and the checkpoint's variant (the
-    window and stride: `segm.eval.window.resolve_window`)."""
+    window and stride: `segm.eval.window.resolve_window`). The image size defaults to the one
+    the model was trained at on this dataset, else the dataset preset's."""
     dkw = variant.get("dataset_kwargs") or {}
     preset = _dataset_defaults(dataset)
     window_size, window_stride = resolve_window(model, variant, dataset, window_size, window_stride)
+    same_dataset = dkw.get("dataset") is not None and _same_name(dkw["dataset"], dataset)
     if im_size is None:
-        im_size = preset.get("im_size") or dkw.get("image_size")
+        im_size = (same_dataset and dkw.get("image_size")) or preset.get("im_size") or dkw.get("image_size")
     if im_size is None:
         raise ValueError(f"no default image size for dataset {dataset!r}: pass --im-size")
+    if int(im_size) < 1:
+        raise ValueError(f"--im-size must be positive, got {im_size}")
     normalization = dkw.get("normalization") or variant.get("net_kwargs", {}).get("normalization")
     if normalization is None:
         raise ValueError("the checkpoint's variant names no normalization (dataset_kwargs.normalization)")
     # The training run's own data folder, when evaluating on the dataset it was trained on.
-    same_dataset = dkw.get("dataset") is not None and _same_name(dkw["dataset"], dataset)
     if data_root is None and same_dataset:
         data_root = dkw.get("data_root")
     if classes_file is None and same_dataset:
@@ -65,9 +70,10 @@ def _same_name(a: str, b: str) -> bool:
         return False
 
 
-def scores_for_yaml(scores: dict, multiscale: bool, policy: dict | None = None) -> dict:
+def scores_for_yaml(scores: dict, multiscale: bool, policy: dict | None = None, settings: dict | None = None) -> dict:
     """The reference's scores file: sorted keys, `inference` = single_scale | multi_scale; plus
-    the token-sharing policy and budget that produced the scores."""
+    the token-sharing policy and budget that produced the scores, and the evaluation `settings`
+    (dataset, im_size, window_size, window_stride)."""
     out = {
         "cat_iou": list(scores["cat_iou"]),
         "inference": "multi_scale" if multiscale else "single_scale",
@@ -77,7 +83,9 @@ def scores_for_yaml(scores: dict, multiscale: bool, policy: dict | None = None) 
     }
     if policy is not None:
         out["policy"] = policy
-    return out
+    if settings is not None:
+        out.update({k: settings[k] for k in ("dataset", "im_size", "window_size", "window_stride")})
+    return dict(sorted(out.items()))
 
 
 def scores_path(model_dir: Path, multiscale: bool, choice: PolicyChoice | None, model) -> Path:
@@ -98,6 +106,17 @@ def _zip_images(images_dir: Path) -> Path:
     return target
 
 
+def _write_scores(record: dict, path: Path, images_dir: Path | None) -> None:
+    target = path  # named in the error rather than the temporary file the write failed on
+    try:
+        dump_yaml(record, path)
+        if images_dir is not None and images_dir.is_dir():
+            target = images_dir.with_suffix(".zip")
+            _zip_images(images_dir)
+    except OSError as e:
+        raise NotWritableError(write_error_message(e, target)) from None
+
+
 def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, window_size=None,
                         window_stride=None, window_batch_size=4, save_images=False, blend=True,
                         frac_dataset=1.0, data_root=None, classes_file=None, device=None,
@@ -116,7 +135,7 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
     if model_path.is_dir() and not is_shared_folder(model_path):
         model_path = model_path / "checkpoint.pth"
     dist_info = init_distributed()
-    device = torch.device(device) if device is not None else dist_info.device
+    device = dist_info.device if device is None else resolve_device(device, local_rank=dist_info.local_rank)
 
     model, variant = load_model(model_path)
     model, variant = apply_policy_choice(model, variant, policy)
@@ -144,6 +163,9 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
     model.to(device)
 
     model_dir = model_path if model_path.is_dir() else model_path.parent
+    if is_main_process():  # before the evaluation, not after it
+        check_writable(model_dir, "the scores file goes beside the checkpoint, in",
+                       fix="copy the checkpoint and its variant.yml to a folder you can write to")
     images_dir = model_dir / "images" if save_images else None
     scores = evaluate_dataset(
         model, loader, n_cls=model.n_cls, window_size=settings["window_size"],
@@ -154,9 +176,8 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
     barrier()
     if is_main_process():
         record = {**policy_record(model), "policynet_ckpt": variant["net_kwargs"].get("policynet_ckpt")}
-        dump_yaml(scores_for_yaml(scores, multiscale, record), scores_path(model_dir, multiscale, policy, model))
-        if images_dir is not None and images_dir.is_dir():
-            _zip_images(images_dir)
+        _write_scores(scores_for_yaml(scores, multiscale, record, {**settings, "dataset": dataset}),
+                      scores_path(model_dir, multiscale, policy, model), images_dir)
     scores["settings"] = settings
     scores["policy"] = policy_record(model)
     return scores
@@ -165,7 +186,9 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model_path", type=str)
 @click.argument("dataset_name", type=str)
-@click.option("--im-size", default=None, type=int, help="Test short side (default: config.yml, else the variant's).")
+@click.option("--im-size", default=None, type=int,
+              help="Test short side (default: the size the model was trained at when DATASET_NAME is its "
+                   "training dataset, else the dataset preset of configs/config.yml).")
 @click.option("--multiscale/--singlescale", default=False, show_default=True)
 @click.option("--blend/--no-blend", default=True, show_default=True, help="Blend saved images with the input.")
 @click.option("--window-size", default=None, type=int, help="Default: the checkpoint's crop size.")
@@ -178,7 +201,7 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
               help="Fraction of the dataset to evaluate, in (0, 1].")
 @click.option("--data-root", default=None, type=str, help="The dataset's folder (default: $DATASET/<name>).")
 @click.option("--classes", "classes_file", default=None, type=str, help="Classes file (custom datasets).")
-@click.option("--device", default=None, type=str, help="Default: cuda:LOCAL_RANK if available, else cpu.")
+@click.option("--device", default=None, type=str, help=f"{DEVICE_HELP} (default: auto, cuda:LOCAL_RANK).")
 @click.option("--amp-dtype", type=click.Choice(list(AMP_DTYPES)), default="none", show_default=True)
 @click.option("--num-workers", default=2, show_default=True, type=int, help="Data loading processes.")
 @policy_options

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from segm.utils.atomic import atomic_write_text
 from segm.utils.download import Checksum, ChecksumError, DownloadError, download, move_aside, verify_checksum
+from segm.utils.writable import NotWritableError, check_writable
 
 MARKER_NAME = ".prepared.json"
 LOCK_NAME = ".prepare.lock"
@@ -80,15 +81,9 @@ def _where_to_get(r: Resource) -> str:
     return text + (f"; {r.manual}" if r.manual else "")
 
 
-def obtain(
-    resources: Sequence[Resource],
-    downloads: Path,
-    *,
-    download_dir=None,
-    archives: Iterable = (),
-    fetch: Fetch | None = None,
-) -> dict[str, Path]:
-    """Map each resource's file name to a verified local file (see the module docstring)."""
+def local_sources(resources: Sequence[Resource], download_dir,
+                  archives: Iterable) -> tuple[dict[str, Path], Path | None]:
+    """The `--archive` files by file name and the `--download-dir`, checked (no file is read)."""
     by_name: dict[str, Path] = {}
     for a in map(Path, archives):
         if not a.is_file():
@@ -104,6 +99,19 @@ def obtain(
     download_dir = Path(download_dir) if download_dir is not None else None
     if download_dir is not None and not download_dir.is_dir():
         raise PrepareError(f"--download-dir {download_dir}: no such folder")
+    return by_name, download_dir
+
+
+def obtain(
+    resources: Sequence[Resource],
+    downloads: Path,
+    *,
+    download_dir=None,
+    archives: Iterable = (),
+    fetch: Fetch | None = None,
+) -> dict[str, Path]:
+    """Map each resource's file name to a verified local file (see the module docstring)."""
+    by_name, download_dir = local_sources(resources, download_dir, archives)
     offline = download_dir is not None or bool(by_name)
 
     located: dict[str, Path | None] = {}
@@ -249,6 +257,11 @@ def run_prepare(
     if not force and is_prepared(root, name):
         print(f"{name} is already prepared in {root} (pass --force to prepare it again)")
         return False
+    local_sources(resources, download_dir, archives)  # bad options fail before anything is written
+    try:
+        check_writable(root, f"{name} goes to")
+    except NotWritableError as e:
+        raise PrepareError(str(e)) from None
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive(root, name):
         return _run_locked(root, name, resources, build, download_dir, archives, fetch)
@@ -287,6 +300,17 @@ def _run_locked(root, name, resources, build, download_dir, archives, fetch) -> 
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{name} prepared in {root}")
     return True
+
+
+@contextlib.contextmanager
+def cli_errors():
+    """A preparation that cannot go on ends the command with one line (click's `Error: ...`)."""
+    import click
+
+    try:
+        yield
+    except (PrepareError, DownloadError, OSError) as e:  # OSError: a full disk, a read-only folder
+        raise click.ClickException(str(e)) from None
 
 
 def local_file_options(what: str = "archive"):

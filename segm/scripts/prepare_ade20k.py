@@ -15,16 +15,16 @@ from typing import Iterable, Sequence
 import click
 
 from segm.scripts._prepare_common import (
+    cli_errors,
     local_file_options,
     Fetch,
-    PrepareError,
     Resource,
     extract,
     is_downloaded,
     require_layout,
     run_prepare,
 )
-from segm.utils.download import Checksum, DownloadError
+from segm.utils.download import Checksum
 
 _URL = "http://data.csail.mit.edu/places/ADEchallenge"
 # SHA-1 digests as published with PyTorch-Encoding's and the reference's prepare scripts.
@@ -69,10 +69,8 @@ def prepare_ade20k(
 @click.argument("dataset", type=click.Path(file_okay=False))
 @local_file_options("archive")
 def main(dataset, download_dir, archives, force):
-    try:
+    with cli_errors():
         prepare_ade20k(dataset, download_dir=download_dir, archives=archives, force=force)
-    except (PrepareError, DownloadError) as e:
-        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":

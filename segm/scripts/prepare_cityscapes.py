@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from segm.scripts._prepare_common import (
+    cli_errors,
     local_file_options,
     PrepareError,
     Resource,
@@ -42,7 +43,7 @@ from segm.scripts._prepare_common import (
     require_layout,
     run_prepare,
 )
-from segm.utils.download import CITYSCAPES_URL, Checksum, DownloadError, cityscapes_login, download
+from segm.utils.download import CITYSCAPES_URL, Checksum, cityscapes_login, download
 
 PACKAGES = {"gtFine_trainvaltest.zip": 1, "leftImg8bit_trainvaltest.zip": 3}
 SPLITS = ("train", "val", "test")
@@ -202,11 +203,9 @@ def prepare_cityscapes(
               help="Processes for the label conversion.")
 @local_file_options("archive")
 def main(dataset, username, password, nproc, download_dir, archives, force):
-    try:
+    with cli_errors():
         prepare_cityscapes(dataset, username=username, password=password, nproc=nproc,
                            download_dir=download_dir, archives=archives, force=force)
-    except (PrepareError, DownloadError) as e:
-        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":

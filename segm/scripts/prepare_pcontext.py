@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from segm.scripts._prepare_common import (
+    cli_errors,
     local_file_options,
     Fetch,
     PrepareError,
@@ -36,7 +37,7 @@ from segm.scripts._prepare_common import (
     require_layout,
     run_prepare,
 )
-from segm.utils.download import Checksum, DownloadError
+from segm.utils.download import Checksum
 
 _PTH_URL = "https://hangzh.s3.amazonaws.com/encoding/data/pcontext"
 _PTH_NOTE = "the label files of PyTorch-Encoding (https://github.com/zhanghang1989/PyTorch-Encoding)"
@@ -153,10 +154,8 @@ def prepare_pcontext(
 @click.argument("dataset", type=click.Path(file_okay=False))
 @local_file_options("file")
 def main(dataset, download_dir, archives, force):
-    try:
+    with cli_errors():
         prepare_pcontext(dataset, download_dir=download_dir, archives=archives, force=force)
-    except (PrepareError, DownloadError) as e:
-        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from segm.config import dump_yaml, load_yaml
+from segm.utils.writable import check_writable
 
 GENERATOR_VERSION = 1
 IGNORE = 255
@@ -262,6 +263,7 @@ def generate_synthetic(dataset_root, *, num_train=400, num_val=100, size=256, se
             what = (f"other arguments ({_fmt_args(found)}; asked {_fmt_args(args)})"
                     if isinstance(found, dict) else "unknown content")
             raise FileExistsError(f"{target} already exists with {what}: pass --overwrite to replace it")
+    check_writable(root, "DATASET_ROOT")
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".synthetic.tmp-{os.getpid()}"
     old = root / f".synthetic.old-{os.getpid()}"

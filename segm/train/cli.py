@@ -78,6 +78,8 @@ _PRESET = " [default: the dataset preset in configs/config.yml]"
 def main(**options):
     """Train Segmenter (+ CTS) with the reference recipe. Re-running the same command resumes."""
     from segm.data.io import DataError, user_message
+    from segm.utils.checkpoint import CheckpointError
+    from segm.utils.writable import is_out_of_space, write_error_message
 
     try:
         train(options)
@@ -85,5 +87,10 @@ def main(**options):
         err = click.ClickException(str(e))
         err.exit_code = 3
         raise err from None
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         raise click.ClickException(user_message(e)) from None
+    except OSError as e:  # the run folder's disk filled up while writing a log or the settings
+        if not is_out_of_space(e):
+            raise
+        raise click.ClickException(f"{write_error_message(e, e.filename or options['log_dir'])}; training "
+                                   "stopped (run the command again to resume from the last checkpoint)") from None

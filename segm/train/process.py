@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from segm.train.options import ConfigError, TrainOptions, user_errors
+from segm.train.options import TrainOptions, user_errors
+from segm.utils.device import resolve_device
 from segm.utils.distributed import DistInfo, dist_env_from_environ, init_distributed, silence_print
 
 
@@ -28,10 +29,9 @@ def start_process(opts: TrainOptions) -> DistInfo:
 
 
 def init_device(opts: TrainOptions) -> DistInfo:
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu)")
-    if opts.device == "cpu" and torch.cuda.is_available():
-        env = dist_env_from_environ()
+    env = dist_env_from_environ()
+    device = resolve_device(opts.device, local_rank=env.local_rank)  # refuses CUDA without CUDA
+    if device.type == "cpu" and torch.cuda.is_available():
         if env.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("gloo", init_method=f"tcp://{env.master_addr}:{env.master_port}",
                                     rank=env.rank, world_size=env.world_size)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from segm.config import load_yaml
-from segm.train.options import ConfigError
+from segm.train.options import ConfigError, user_errors
 from segm.train.process import broadcast_object
 from segm.train.variant import config_differences
 from segm.utils.distributed import DistInfo
+from segm.utils.writable import check_writable
 
 CHECKPOINT = "checkpoint.pth"
 RUN_FILES = (CHECKPOINT, "variant.yml", "log.txt")
@@ -18,8 +19,11 @@ def plan_log_dir(log_dir: Path, variant: dict, resume: bool | None, overwrite: b
     """Decides between a fresh start and resuming (changes nothing on disk).
 
     Returns (checkpoint to resume or None, configuration differences to report).
-    Raises ConfigError when the folder holds a run this command must not touch.
+    Raises ConfigError when the folder holds a run this command must not touch, or cannot be
+    written (a read-only folder, a file on its path).
     """
+    with user_errors():
+        check_writable(log_dir, "--log-dir")
     ckpt = log_dir / CHECKPOINT
     present = [f for f in RUN_FILES if (log_dir / f).exists()]
     if overwrite or not present:

@@ -10,7 +10,8 @@ import torch
 
 from segm.train.loss import NonFiniteLossError, check_finite_parameters
 from segm.train.options import ConfigError, user_errors
-from segm.utils.checkpoint import safe_torch_load
+from segm.train.process import broadcast_object
+from segm.utils.checkpoint import CheckpointError, safe_torch_load
 from segm.utils.determinism import gather_rng_states, set_rng_state
 
 if TYPE_CHECKING:
@@ -72,15 +73,22 @@ class TrainState:
             raise NonFiniteLossError(f"{e} at iteration {self.iteration}; training stopped. "
                                      + self.last_checkpoint_note(run)) from None
         rngs = gather_rng_states(run.device, run.world_size, self.model)
+        failure = None
         if run.is_main:
-            save_model(self.model, run.variant, run.ckpt_path,
-                       **self.checkpoint_entries(rngs, run.world_size, run.opts.seed))
+            try:
+                save_model(self.model, run.variant, run.ckpt_path,
+                           **self.checkpoint_entries(rngs, run.world_size, run.opts.seed))
+            except CheckpointError as e:  # disk full, permission denied: the old file is untouched
+                failure = f"{e}; training stopped at iteration {self.iteration}. {self.last_checkpoint_note(run)}"
+        failure = broadcast_object(failure, run.dist)  # every rank stops, none waits on the others
+        if failure is not None:
+            raise CheckpointError(failure)
         self.last_saved = self.iteration
 
     def last_checkpoint_note(self, run: Run) -> str:
         if self.last_saved is None:
             return f"No checkpoint was written yet ({run.ckpt_path} does not exist)"
-        return f"The last good checkpoint is {run.ckpt_path} (iteration {self.last_saved})"
+        return f"The last good checkpoint is {run.ckpt_path} (iteration {self.last_saved}), intact"
 
     def restore(self, run: Run, path) -> None:
         """Continues from the checkpoint at `path`: this project's (exact position, meters, RNG

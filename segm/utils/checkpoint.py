@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from segm.utils.atomic import atomic_write
+from segm.utils.writable import write_error_message
 
 __all__ = ["CheckpointError", "atomic_torch_save", "safe_torch_load", "state_dict_mismatch"]
 
@@ -18,8 +19,23 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_torch_save(obj, path) -> None:
-    """`torch.save` through `atomic_write`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """`torch.save` through `atomic_write`. A write that fails (disk full, permission denied)
+    raises CheckpointError naming the file; whatever `path` held before is then unchanged."""
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CheckpointError(write_error_message(e, path)) from None
+    except RuntimeError as e:
+        # torch reports a failed write of its zip container as "[enforce fail at inline_container.cc]",
+        # with the OSError, when there was one, as the context
+        if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+            raise
+        cause = e.__context__
+        if isinstance(cause, OSError):
+            raise CheckpointError(write_error_message(cause, path)) from None
+        raise CheckpointError(f"cannot write {path}: the write failed (is the disk full?)") from None
 
 
 def safe_torch_load(path, map_location="cpu"):
@@ -57,9 +73,10 @@ def _is_pickle(path: Path) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-    """The first line of an error, without torch's advice to load with weights_only=False."""
+    """The first sentence of an error, without torch's advice to load with weights_only=False
+    (nor its paragraph on what may have corrupted the file)."""
     lines = [ln for ln in str(e).splitlines() if ln.strip() and "weights_only" not in ln]
-    return lines[0] if lines else type(e).__name__
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(e).__name__
 
 
 def state_dict_mismatch(module: torch.nn.Module, state: dict, *, ignore_missing: tuple[str, ...] = ()) -> str | None:

@@ -152,9 +152,10 @@ def dist_env_from_environ(env: Mapping[str, str] | None = None) -> DistEnv:
         if world > 1:
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
             if missing:
-                raise RuntimeError(
-                    f"RANK/WORLD_SIZE are set but {', '.join(missing)} is not; launch with torchrun "
-                    "or export MASTER_ADDR and MASTER_PORT"
+                raise ValueError(
+                    f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                    f"not: launch several processes with `torchrun --nproc_per_node {world} -m ...`, export "
+                    f"{' and '.join(missing)}, or unset RANK and WORLD_SIZE to run one process"
                 )
         addr = env.get("MASTER_ADDR", "127.0.0.1")
         port = _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500
@@ -173,7 +174,7 @@ def dist_env_from_environ(env: Mapping[str, str] | None = None) -> DistEnv:
         elif "SLURM_JOB_ID" in env:
             port = slurm_port(env["SLURM_JOB_ID"])
         elif world > 1:
-            raise RuntimeError("SLURM_JOB_ID is not set: export MASTER_PORT so all ranks agree on a port")
+            raise ValueError("SLURM_JOB_ID is not set: export MASTER_PORT so all ranks agree on a port")
         else:
             port = _PORT_BASE
         launcher = "slurm"
@@ -206,7 +207,7 @@ def init_distributed(timeout_min: float = 30.0) -> DistInfo:
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         if env.local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise ValueError(
                 f"local rank {env.local_rank} but only {torch.cuda.device_count()} visible GPU(s): "
                 "launch one process per GPU"
             )
