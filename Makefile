@@ -27,3 +27,18 @@ demo: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The GPU path. `make gpu-wheels` (here, with network): the wheels a bare GPU machine lacks
+# (gpu/requirements.txt) into gpu/wheels/, checked; not committed, carried to a GPU session.
+# `make gpu-check OUT=dir` (on the GPU machine, with its own python3, no .venv): the CUDA tests
+# and the GPU benchmarks in about 8 minutes; results only under OUT, summary.md first.
+GPU_PY ?= python3
+
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels: install
+	$(BIN)/python gpu/fetch_wheels.py
+
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=dir"; exit 2; }
+	@$(GPU_PY) scripts/gpu_check.py "$(OUT)"
