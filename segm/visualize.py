@@ -1,4 +1,5 @@
-"""Pictures of predictions: class colours, blends with the input, token-sharing overlays, PNGs.
+"""Pictures of predictions: class colours, blends with the input, class legends, token-sharing
+overlays, PNGs.
 
 Used by the evaluation's saved images (`segm.eval.evaluate`) and by `segm.inference`.
 """
@@ -14,8 +15,8 @@ from PIL import Image
 from segm.data.base import dataset_info, generated_palette
 from segm.utils.atomic import atomic_write
 
-__all__ = ["SHARING_COLOR", "colorize", "blend_images", "save_png", "checkpoint_palette", "sharing_maps",
-           "sharing_overlay"]
+__all__ = ["SHARING_COLOR", "colorize", "blend_images", "with_legend", "save_png", "checkpoint_classes",
+           "checkpoint_palette", "sharing_maps", "sharing_overlay"]
 
 SHARING_COLOR = (255, 0, 255)
 
@@ -33,6 +34,36 @@ def blend_images(im: np.ndarray, seg_rgb: np.ndarray, alpha: float = 0.5) -> np.
     return np.asarray(Image.blend(Image.fromarray(im), Image.fromarray(seg_rgb), alpha).convert("RGB"))
 
 
+def with_legend(picture: np.ndarray, label: np.ndarray, palette, class_names=None) -> np.ndarray:
+    """`picture` (H, W, 3) with a white strip below listing the classes present in `label`, each
+    as a swatch of its colour and its name (`class i` without names), wrapped to the width."""
+    from PIL import ImageDraw, ImageFont
+
+    try:  # text that scales with the picture: 12 px at 512, 25 px at 1024 × 2048
+        font = ImageFont.load_default(size=int(np.clip(min(picture.shape[:2]) / 40, 10, 32)))
+    except TypeError:  # Pillow < 10.1: its one bitmap font
+        font = ImageFont.load_default()
+    present = [int(c) for c in np.unique(label) if c < len(palette)]
+    names = [class_names[c] if class_names else f"class {c}" for c in present]
+    width, pad = picture.shape[1], 4
+    line = font.getbbox("Ag")[3] + 2 * pad
+    box = line - 2 * pad
+    places, x, y = [], pad, pad
+    for name in names:
+        entry = box + pad + int(np.ceil(font.getlength(name)))
+        if x > pad and x + entry > width:  # wrap; an entry wider than the picture is cut
+            x, y = pad, y + line
+        places.append((x, y))
+        x += entry + 3 * pad
+    strip = Image.new("RGB", (width, y + line if names else 0), "white")
+    draw = ImageDraw.Draw(strip)
+    for c, name, (x, y) in zip(present, names, places):
+        draw.rectangle((x, y, x + box - 1, y + box - 1), fill=tuple(int(v) for v in palette[c]), outline="black")
+        top, bottom = font.getbbox(name)[1::2]
+        draw.text((x + box + pad, y + (box - top - bottom) // 2), name, fill="black", font=font)
+    return np.concatenate([picture, np.asarray(strip)], axis=0)
+
+
 def save_png(array: np.ndarray, path) -> None:
     """Writes a PNG atomically (`segm.utils.atomic.atomic_write`)."""
     path = Path(path)
@@ -40,12 +71,14 @@ def save_png(array: np.ndarray, path) -> None:
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
-def checkpoint_palette(variant: dict, n_cls: int) -> tuple[list, str | None]:
-    """The palette of the checkpoint's dataset, or a generated one (and why) when its classes
+def checkpoint_classes(variant: dict, n_cls: int) -> tuple[list | None, list, str | None]:
+    """(class names or None, palette, note) of the checkpoint's dataset: those a shared model
+    carries, else its dataset's; a generated palette (and why, in `note`) when its classes
     cannot be found or do not match the model."""
-    embedded = (variant.get("classes") or {}).get("palette")  # a shared model carries its own
-    if embedded and len(embedded) == n_cls:
-        return [list(c) for c in embedded], None
+    embedded = variant.get("classes") or {}  # a shared model carries its own
+    names = list(embedded["names"]) if len(embedded.get("names") or ()) == n_cls else None
+    if len(embedded.get("palette") or ()) == n_cls:
+        return names, [list(c) for c in embedded["palette"]], None
     dkw = variant.get("dataset_kwargs") or {}
     name = dkw.get("dataset")
     try:
@@ -53,11 +86,17 @@ def checkpoint_palette(variant: dict, n_cls: int) -> tuple[list, str | None]:
             raise ValueError("the variant names no dataset")
         info = dataset_info(name, data_root=dkw.get("data_root"), classes_file=dkw.get("classes_file"))
         if info.n_cls == n_cls:
-            return [list(c) for c in info.palette], None
+            return names or list(info.class_names), [list(c) for c in info.palette], None
         reason = f"dataset {name} has {info.n_cls} classes, the model {n_cls}"
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         reason = str(e).splitlines()[0]
-    return generated_palette(n_cls), f"using a generated palette ({reason})"
+    return names, generated_palette(n_cls), f"using a generated palette ({reason})"
+
+
+def checkpoint_palette(variant: dict, n_cls: int) -> tuple[list, str | None]:
+    """(palette, note) of `checkpoint_classes`."""
+    _, palette, note = checkpoint_classes(variant, n_cls)
+    return palette, note
 
 
 def sharing_maps(records, view_shape, ori_shape, ws):

@@ -211,13 +211,22 @@ def test_cli_writes_reference_scores_file(synthetic_root, tmp_path):
     scores = load_yaml(ckpt.parent / "scores_ss.yml")
     # the reference's keys plus the policy and the settings that produced the scores, sorted
     assert list(scores) == ["cat_iou", "dataset", "im_size", "inference", "mean_accuracy", "mean_iou",
-                            "pixel_accuracy", "policy", "window_size", "window_stride"]
+                            "per_class", "pixel_accuracy", "policy", "window_size", "window_stride"]
     assert scores["policy"] == {"method": "random", "num_shared": 2, "num_notshared": 8, "policynet_ckpt": None}
     trained_im_size = variant["dataset_kwargs"]["image_size"]  # the default on the training dataset
     assert (scores["dataset"], scores["im_size"], scores["window_size"], scores["window_stride"]) == (
         "synthetic", trained_im_size, CROP, 32)
     assert scores["inference"] == "single_scale" and len(scores["cat_iou"]) == K
     assert f"mean_iou: {scores['mean_iou']}" in result.output
+    # per class, with the dataset's names: in the file and as a table after the scores
+    names = val_loader(synthetic_root).dataset.info.class_names
+    assert [c["name"] for c in scores["per_class"]] == names
+    assert [c["iou"] for c in scores["per_class"]] == pytest.approx(scores["cat_iou"], nan_ok=True)
+    assert all(set(c) == {"name", "iou", "acc"} for c in scores["per_class"])
+    table = result.output[result.output.index("mean_iou:"):]
+    assert "| Class" in table and "IoU" in table and "Acc" in table
+    for name, c in zip(names, scores["per_class"]):
+        assert f"| {name}" in table and f"{c['iou']:.2f}" in table
 
     # Defaults: window = the crop, stride = the variant's 32 (config's synthetic 128 > window).
     model.reset_random_policy()
@@ -242,7 +251,10 @@ def _one_line_error(result, *fragments):
 def test_cli_errors(synthetic_root, tmp_path, monkeypatch):
     runner = CliRunner()
     _one_line_error(runner.invoke(miou_main, [str(tmp_path / "nope.pth"), "synthetic"]), "checkpoint not found")
-    _one_line_error(runner.invoke(miou_main, [str(tmp_path / "nope.pth"), "imagenet"]), "unknown dataset 'imagenet'")
+    result = runner.invoke(miou_main, [str(tmp_path / "nope.pth"), "imagenet"])  # a choice: a usage error
+    assert result.exit_code == 2 and "'imagenet' is not one of 'ade20k'" in result.output
+    result = runner.invoke(miou_main, [str(tmp_path / "nope.pth"), "synthetic", "--format", "index"])
+    assert result.exit_code == 2 and "add --save-images" in result.output
 
     ckpt, model, variant = make_model_dir(tmp_path, synthetic_root)
     _one_line_error(runner.invoke(miou_main, [str(ckpt), "synthetic", "--data-root", str(tmp_path / "missing"),
@@ -294,3 +306,34 @@ def test_amp_dtype_autocasts_the_forward(synthetic_root):
                               device="cpu", amp_dtype=torch.bfloat16, frac_dataset=0.125, progress=False)
     assert seen and all(s == (True, torch.bfloat16) for s in seen)
     assert scores["num_images"] == 1
+
+
+def test_saved_index_maps_are_in_the_label_space(synthetic_root, tmp_path):
+    """`--format index`: pred/<name>.png alone, 8-bit single-channel train labels (synthetic keeps
+    them; the benchmark datasets' mapping is tested in tests/test_label_space.py)."""
+    from PIL import Image
+
+    out = tmp_path / "images"
+    evaluate_dataset(OracleStub(K), val_loader(synthetic_root), n_cls=K, window_size=CROP, window_stride=CROP,
+                     device="cpu", frac_dataset=0.125, progress=False, save_dir=out, save_format="index")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == ["pred/syn_val_00000.png"]
+    with Image.open(out / "pred" / "syn_val_00000.png") as im:
+        assert im.mode == "L"
+        pred = np.asarray(im)
+    label = val_loader(synthetic_root).dataset[0]["segmentation"].numpy()
+    valid = label != 255
+    assert np.array_equal(pred[valid], label[valid])
+    with pytest.raises(ValueError, match="save_format"):
+        evaluate_dataset(OracleStub(K), val_loader(synthetic_root), n_cls=K, window_size=CROP, window_stride=CROP,
+                         device="cpu", frac_dataset=0.125, progress=False, save_dir=out, save_format="rgb")
+
+
+def test_cli_index_format_writes_pred_maps_and_zip(synthetic_root, tmp_path):
+    import zipfile
+
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root)
+    result = CliRunner().invoke(miou_main, [str(ckpt), "synthetic", "--frac-dataset", "0.125", "--num-workers", "0",
+                                            "--save-images", "--format", "index", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(ckpt.parent / "images.zip") as z:
+        assert sorted(z.namelist()) == ["pred/", "pred/syn_val_00000.png"]

@@ -279,3 +279,40 @@ def test_data_errors_name_the_file_also_from_workers(synthetic_root, tmp_path):
     assert res.exit_code == 1 and "Traceback" not in res.output and "Caught" not in res.output, res.output
     error = res.output[res.output.index("Error: "):].strip()
     assert len(error.splitlines()) == 1 and f"cannot decode image {root / 'images' / 'training'}" in error, res.output
+
+
+# ----------------------------------------------------------------------------- command line
+@pytest.mark.parametrize("args, hflip", [([], True), (["--hflip"], True), (["--no-hflip"], False),
+                                         (["--hflip", "1"], True), (["--hflip", "0"], False),
+                                         (["--hflip=false"], False), (["--hflip", "0", "--lr", "1e-4"], False)])
+def test_hflip_flag_and_reference_spelling(monkeypatch, args, hflip):
+    seen = []
+    monkeypatch.setattr(pn_train, "train", lambda cfg: seen.append(cfg) or {})
+    res = CliRunner().invoke(pn_train.main, ["--dataset", "synthetic", *args])
+    assert res.exit_code == 0, res.output
+    assert seen[0].hflip is hflip
+
+
+def test_hflip_refuses_a_non_boolean(monkeypatch):
+    monkeypatch.setattr(pn_train, "train", lambda cfg: {})
+    res = CliRunner().invoke(pn_train.main, ["--dataset", "synthetic", "--hflip", "maybe"])
+    assert res.exit_code == 2 and "'maybe' is not a boolean" in res.output
+
+
+def test_eval_takes_s_from_the_runs_config(runs, tmp_path):
+    """Without --num-shared, S is the one the run reported on its dataset and crop."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pth").write_bytes((runs["logdir"] / "full" / "model.pth").read_bytes())
+    record = json.loads((runs["logdir"] / "full" / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**record, "num_shared": 3, "num_shared_eval": 3}))
+    assert reference_budget("synthetic", CROP) != 3
+    common = [str(run / "model.pth"), "--dataset", "synthetic", "--data-root", str(runs["root"]), "--num-workers", "0",
+              "--device", "cpu", "--max-images", "2"]
+    for extra, s in [([], 3), (["--num-shared", "2"], 2), (["--crop-size", str(2 * CROP)], None)]:
+        res = CliRunner().invoke(pn_eval.main, [*common, *extra, "-o", str(tmp_path / "e.json")])
+        assert res.exit_code == 0, res.output
+        crop = json.loads((tmp_path / "e.json").read_text())["crop"]
+        expected = s if s is not None else reference_budget("synthetic", crop)
+        assert json.loads((tmp_path / "e.json").read_text())["num_shared"] == expected
+        assert f"S={expected}" in res.output

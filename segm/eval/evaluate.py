@@ -32,13 +32,24 @@ from segm.metrics import IoUAccumulator
 from segm.utils.distributed import all_reduce_sum, is_main_process
 from segm.visualize import blend_images, colorize, save_png
 
-__all__ = ["evaluate_dataset", "predict_views", "make_window_forward"]
+__all__ = ["AMP_DTYPES", "SAVE_FORMATS", "autocast", "evaluate_dataset", "predict_views", "make_window_forward"]
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --amp-dtype / --amp
+# Saved predictions: colours blended with the input (with input and gt), or the dataset's label values.
+SAVE_FORMATS = ("overlay", "index")
 
 
 def _unwrap(model):
     """The bare model behind DDP / torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def autocast(device_type: str, amp_dtype=None):
+    """`torch.autocast` to `amp_dtype` on `device_type`; no autocast when it is None."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=amp_dtype)
 
 
 def make_window_forward(model, amp_dtype=None, label_view: torch.Tensor | None = None):
@@ -52,12 +63,7 @@ def make_window_forward(model, amp_dtype=None, label_view: torch.Tensor | None =
         if label_view is not None:
             ws = windows.shape[-1]
             seg_gt = torch.stack([label_view[y : y + ws, x : x + ws] for y, x in boxes])
-        amp = (
-            torch.autocast(device_type=windows.device.type, dtype=amp_dtype)
-            if amp_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with amp:
+        with autocast(windows.device.type, amp_dtype):
             logits = model(windows, seg_gt) if seg_gt is not None else model(windows)
         return logits.float()
 
@@ -146,6 +152,35 @@ def _save_triplet(save_dir: Path, name: str, image, pred, label, palette, blend:
         save_png(gt_rgb, save_dir / "gt" / rel)
 
 
+def _image_saver(save_dir, save_format: str, palette, blend: bool, dataset):
+    """`save(name, metas, views, ori_shape, pred, label)` writing one image's files: the
+    overlay triplet, or `pred/<name>.png` alone as an index map in the label space of the
+    loader's `dataset` (named by its `info`; test-server files, `segm.data.label_space`)."""
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got {save_format!r}")
+    info = getattr(dataset, "info", None)
+    if save_format == "index":
+        from segm.data.label_space import to_label_space
+
+        if info is None:
+            raise ValueError("saving index maps needs the loader's dataset info (its label space)")
+
+        def save(name, metas, views, ori_shape, pred, label):
+            save_png(to_label_space(pred, info.name), save_dir / "pred" / Path(name).with_suffix(".png"))
+
+        return save
+    if palette is None:
+        if info is None:
+            raise ValueError("saving images needs a palette: pass palette=[(r, g, b), ...]")
+        palette = info.palette
+
+    def save(name, metas, views, ori_shape, pred, label):
+        image = _original_image(metas[0], views[0], ori_shape)
+        _save_triplet(save_dir, name, image, pred.cpu().numpy(), label.cpu().numpy(), palette, blend)
+
+    return save
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()  # not inference_mode: the training loop reuses the model afterwards
 def evaluate_dataset(
@@ -163,6 +198,7 @@ def evaluate_dataset(
     save_dir=None,
     palette=None,
     blend: bool = True,
+    save_format: str = "overlay",
 ) -> dict:
     """Scores a model on a val loader (batch size 1, `val_collate` items, possibly a
     DistributedSampler). The model must already be on `device`; it is put in eval mode
@@ -172,7 +208,8 @@ def evaluate_dataset(
     inference_time (seconds, this rank), num_images (scored, all ranks)}, identical on
     every rank. `frac_dataset` in (0, 1] evaluates the first ceil(frac·len(loader)) items
     of each rank. With `save_dir`, writes `{input,pred,gt}/<name>.png` coloured with
-    `palette` (default: the dataset's), blended 50/50 with the input when `blend`.
+    `palette` (default: the dataset's), blended 50/50 with the input when `blend`; with
+    `save_format="index"`, only `pred/<name>.png`, 8-bit index maps in the dataset's label space.
     """
     if not 0.0 < frac_dataset <= 1.0:
         raise ValueError(f"frac_dataset must be in (0, 1], got {frac_dataset}")
@@ -180,13 +217,7 @@ def evaluate_dataset(
     device = torch.device(device)
     model = getattr(model, "module", model)  # DDP / DataParallel: forward the bare module
     model.eval()
-    if save_dir is not None:
-        save_dir = Path(save_dir)
-        if palette is None:
-            info = getattr(loader.dataset, "info", None)
-            if info is None:
-                raise ValueError("saving images needs a palette: pass palette=[(r, g, b), ...]")
-            palette = info.palette
+    save = None if save_dir is None else _image_saver(Path(save_dir), save_format, palette, blend, loader.dataset)
 
     n_items = min(_real_items_on_rank(loader), math.ceil(len(loader) * frac_dataset))
     acc = IoUAccumulator(n_cls, device=device)
@@ -208,9 +239,8 @@ def evaluate_dataset(
         pred = probs.argmax(0)
         acc.update(pred, label)
         n_scored += 1
-        if save_dir is not None:
-            image = _original_image(metas[0], views[0], ori_shape)
-            _save_triplet(save_dir, name, image, pred.cpu().numpy(), label.cpu().numpy(), palette, blend)
+        if save is not None:
+            save(name, metas, views, ori_shape, pred, label)
         bar.update(1)
     bar.close()
     if device.type == "cuda":

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 4 -m segm.eval.miou runs/NAME/checkpoint.pth cityscapes
 
 Works on this project's checkpoints and on reference ones (`checkpoint.pth` with the run's
-`variant.yml` beside it). Prints the scores and writes `scores_ss.yml` / `scores_ms.yml`
-next to the checkpoint, in the reference's format (keys sorted as its `yaml.dump` does).
+`variant.yml` beside it). Prints the scores and the per-class table (as mmseg's evaluation) and
+writes `scores_ss.yml` / `scores_ms.yml` next to the checkpoint, in the reference's format (keys
+sorted as its `yaml.dump` does) plus `per_class`: [{name, iou, acc}, ...].
 """
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ import tempfile
 from pathlib import Path
 
 import click
-import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from segm import __version__
 from segm.config import dataset_dir, dump_yaml, load_config
 from segm.data import canonical_name
+from segm.data.base import DATASET_CHOICES
+from segm.eval.evaluate import AMP_DTYPES, SAVE_FORMATS
 from segm.eval.window import resolve_window
+from segm.metrics import per_class_table
 from segm.model.hub import is_shared_folder
 from segm.policy_choice import PolicyChoice, apply_policy_choice, policy_choice, policy_options, policy_record
 from segm.utils.checkpoint import CheckpointError
@@ -27,7 +31,6 @@ from segm.utils.device import DEVICE_HELP, resolve_device
 from segm.utils.distributed import barrier, cleanup, init_distributed, is_main_process
 from segm.utils.writable import NotWritableError, check_writable, write_error_message
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Errors that are the user's to fix: reported as one line, without a traceback.
 USER_ERRORS = (FileNotFoundError, ValueError, CheckpointError)
 
@@ -70,10 +73,12 @@ def _same_name(a: str, b: str) -> bool:
         return False
 
 
-def scores_for_yaml(scores: dict, multiscale: bool, policy: dict | None = None, settings: dict | None = None) -> dict:
+def scores_for_yaml(scores: dict, multiscale: bool, policy: dict | None = None, settings: dict | None = None,
+                    class_names=None) -> dict:
     """The reference's scores file: sorted keys, `inference` = single_scale | multi_scale; plus
-    the token-sharing policy and budget that produced the scores, and the evaluation `settings`
-    (dataset, im_size, window_size, window_stride)."""
+    the token-sharing policy and budget that produced the scores, the evaluation `settings`
+    (dataset, im_size, window_size, window_stride) and, with `class_names`, `per_class`:
+    [{name, iou, acc}, ...] in class order."""
     out = {
         "cat_iou": list(scores["cat_iou"]),
         "inference": "multi_scale" if multiscale else "single_scale",
@@ -85,6 +90,9 @@ def scores_for_yaml(scores: dict, multiscale: bool, policy: dict | None = None, 
         out["policy"] = policy
     if settings is not None:
         out.update({k: settings[k] for k in ("dataset", "im_size", "window_size", "window_stride")})
+    if class_names is not None:
+        out["per_class"] = [{"name": n, "iou": iou, "acc": acc}
+                            for n, iou, acc in zip(class_names, scores["cat_iou"], scores["cat_acc"])]
     return dict(sorted(out.items()))
 
 
@@ -120,10 +128,13 @@ def _write_scores(record: dict, path: Path, images_dir: Path | None) -> None:
 def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, window_size=None,
                         window_stride=None, window_batch_size=4, save_images=False, blend=True,
                         frac_dataset=1.0, data_root=None, classes_file=None, device=None,
-                        amp_dtype=None, num_workers=2, progress=True, policy: PolicyChoice | None = None) -> dict:
+                        amp_dtype=None, num_workers=2, progress=True, policy: PolicyChoice | None = None,
+                        save_format: str = "overlay") -> dict:
     """Library form of the command: evaluates, writes the scores file (rank 0), returns the
-    scores (with `inference_time` and the resolved settings under `settings`). `policy`: run
-    the checkpoint with another token-sharing policy and budget (the file is not modified)."""
+    scores (with `inference_time`, the resolved settings under `settings` and the dataset's
+    `class_names`). `policy`: run the checkpoint with another token-sharing policy and budget
+    (the file is not modified). `save_format`: saved images as overlays or as index maps in
+    the dataset's label space (`segm.eval.evaluate.SAVE_FORMATS`)."""
     from segm.data import build_dataset, dataset_info, val_collate
     from segm.eval.evaluate import evaluate_dataset
     from segm.model.factory import load_model
@@ -171,44 +182,53 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
         model, loader, n_cls=model.n_cls, window_size=settings["window_size"],
         window_stride=settings["window_stride"], window_batch_size=window_batch_size, device=device,
         amp_dtype=amp_dtype, frac_dataset=frac_dataset, progress=progress, save_dir=images_dir,
-        palette=info.palette, blend=blend,
+        palette=info.palette, blend=blend, save_format=save_format,
     )
     barrier()
     if is_main_process():
         record = {**policy_record(model), "policynet_ckpt": variant["net_kwargs"].get("policynet_ckpt")}
-        _write_scores(scores_for_yaml(scores, multiscale, record, {**settings, "dataset": dataset}),
+        _write_scores(scores_for_yaml(scores, multiscale, record, {**settings, "dataset": dataset}, info.class_names),
                       scores_path(model_dir, multiscale, policy, model), images_dir)
     scores["settings"] = settings
+    scores["class_names"] = list(info.class_names)
     scores["policy"] = policy_record(model)
     return scores
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="segm.eval.miou")
 @click.argument("model_path", type=str)
-@click.argument("dataset_name", type=str)
+@click.argument("dataset_name", type=click.Choice(DATASET_CHOICES, case_sensitive=False), metavar="DATASET_NAME")
 @click.option("--im-size", default=None, type=int,
               help="Test short side (default: the size the model was trained at when DATASET_NAME is its "
                    "training dataset, else the dataset preset of configs/config.yml).")
-@click.option("--multiscale/--singlescale", default=False, show_default=True)
+@click.option("--multiscale/--singlescale", default=False, show_default=True,
+              help="Multi-scale: 12 views (ratios 0.5-1.75, each also flipped), probabilities averaged.")
 @click.option("--blend/--no-blend", default=True, show_default=True, help="Blend saved images with the input.")
 @click.option("--window-size", default=None, type=int, help="Default: the checkpoint's crop size.")
 @click.option("--window-stride", default=None, type=int,
               help="Default: config.yml per dataset (ade20k 512, cityscapes 512, pascal_context 320).")
-@click.option("--window-batch-size", default=4, show_default=True, type=int)
+@click.option("--window-batch-size", default=4, show_default=True, type=int, help="Windows per forward pass.")
 @click.option("--save-images/--no-save-images", default=False, show_default=True,
               help="Write MODEL_DIR/images/{input,pred,gt} and images.zip.")
+@click.option("--format", "save_format", type=click.Choice(SAVE_FORMATS), default="overlay", show_default=True,
+              help="--save-images as colour overlays, or as index maps in the dataset's label space "
+                   "(images/pred only; ADE20K 1..150, Cityscapes label ids), as test servers take them.")
 @click.option("-frac-dataset", "--frac-dataset", default=1.0, show_default=True, type=float,
               help="Fraction of the dataset to evaluate, in (0, 1].")
 @click.option("--data-root", default=None, type=str, help="The dataset's folder (default: $DATASET/<name>).")
 @click.option("--classes", "classes_file", default=None, type=str, help="Classes file (custom datasets).")
 @click.option("--device", default=None, type=str, help=f"{DEVICE_HELP} (default: auto, cuda:LOCAL_RANK).")
-@click.option("--amp-dtype", type=click.Choice(list(AMP_DTYPES)), default="none", show_default=True)
+@click.option("--amp-dtype", type=click.Choice(list(AMP_DTYPES)), default="none", show_default=True,
+              help="Autocast the forward passes to this dtype.")
 @click.option("--num-workers", default=2, show_default=True, type=int, help="Data loading processes.")
 @policy_options
 def main(model_path, dataset_name, im_size, multiscale, blend, window_size, window_stride, window_batch_size,
-         save_images, frac_dataset, data_root, classes_file, device, amp_dtype, num_workers, **policy):
+         save_images, save_format, frac_dataset, data_root, classes_file, device, amp_dtype, num_workers, **policy):
     """Evaluate MODEL_PATH (checkpoint.pth, variant.yml beside it) on DATASET_NAME
     (ade20k, pascal_context, cityscapes, synthetic, custom)."""
+    if save_format == "index" and not save_images:
+        raise click.UsageError("--format index chooses how --save-images writes: add --save-images")
     try:
         choice = policy_choice(**policy)
         scores = evaluate_checkpoint(
@@ -216,6 +236,7 @@ def main(model_path, dataset_name, im_size, multiscale, blend, window_size, wind
             window_stride=window_stride, window_batch_size=window_batch_size, save_images=save_images,
             blend=blend, frac_dataset=frac_dataset, data_root=data_root, classes_file=classes_file,
             device=device, amp_dtype=AMP_DTYPES[amp_dtype], num_workers=num_workers, policy=choice,
+            save_format=save_format,
         )
         main_process = is_main_process()
     except USER_ERRORS as e:
@@ -233,6 +254,7 @@ def main(model_path, dataset_name, im_size, multiscale, blend, window_size, wind
             print(f"{key}: {scores[key]}")
         print(f"inference: {'multi_scale' if multiscale else 'single_scale'}")
         print(f"inference_time: {scores['inference_time']:.1f} s")
+        print(per_class_table(scores["class_names"], scores))
 
 
 if __name__ == "__main__":

@@ -51,20 +51,10 @@ def model_config(model, variant: dict) -> dict:
 
 
 def _classes(variant: dict, n_cls: int) -> tuple[list | None, list]:
-    from segm.visualize import checkpoint_palette
+    from segm.visualize import checkpoint_classes
 
-    palette, _ = checkpoint_palette(variant, n_cls)
-    embedded = variant.get("classes") or {}
-    if embedded.get("names"):
-        return list(embedded["names"]), palette
-    dkw = variant.get("dataset_kwargs") or {}
-    try:
-        from segm.data.base import dataset_info
-
-        info = dataset_info(dkw.get("dataset"), data_root=dkw.get("data_root"), classes_file=dkw.get("classes_file"))
-        return (list(info.class_names) if info.n_cls == n_cls else None), palette
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError):
-        return None, palette
+    names, palette, _ = checkpoint_classes(variant, n_cls)
+    return names, palette
 
 
 def _jsonable(data):

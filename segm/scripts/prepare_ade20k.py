@@ -65,7 +65,7 @@ def prepare_ade20k(
     )
 
 
-@click.command(help="Download (or take local archives of) ADE20K and unpack it into DATASET/ade20k.")
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, help="Download (or take local archives of) ADE20K and unpack it into DATASET/ade20k.")
 @click.argument("dataset", type=click.Path(file_okay=False))
 @local_file_options("archive")
 def main(dataset, download_dir, archives, force):

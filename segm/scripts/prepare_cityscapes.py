@@ -33,6 +33,7 @@ import click
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from segm.data.cityscapes_labels import LABELS
 from segm.scripts._prepare_common import (
     cli_errors,
     local_file_options,
@@ -49,20 +50,6 @@ PACKAGES = {"gtFine_trainvaltest.zip": 1, "leftImg8bit_trainvaltest.zip": 3}
 SPLITS = ("train", "val", "test")
 POLYGONS_SUFFIX = "_gtFine_polygons.json"
 TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
-
-# name: (id, trainId), from cityscapesscripts/helpers/labels.py
-LABELS = {
-    "unlabeled": (0, 255), "ego vehicle": (1, 255), "rectification border": (2, 255),
-    "out of roi": (3, 255), "static": (4, 255), "dynamic": (5, 255), "ground": (6, 255),
-    "road": (7, 0), "sidewalk": (8, 1), "parking": (9, 255), "rail track": (10, 255),
-    "building": (11, 2), "wall": (12, 3), "fence": (13, 4), "guard rail": (14, 255),
-    "bridge": (15, 255), "tunnel": (16, 255), "pole": (17, 5), "polegroup": (18, 255),
-    "traffic light": (19, 6), "traffic sign": (20, 7), "vegetation": (21, 8), "terrain": (22, 9),
-    "sky": (23, 10), "person": (24, 11), "rider": (25, 12), "car": (26, 13), "truck": (27, 14),
-    "bus": (28, 15), "caravan": (29, 255), "trailer": (30, 255), "train": (31, 16),
-    "motorcycle": (32, 17), "bicycle": (33, 18), "license plate": (-1, -1),
-}
-
 
 def resources(base_url: str = CITYSCAPES_URL) -> tuple[Resource, ...]:
     return tuple(
@@ -191,7 +178,7 @@ def prepare_cityscapes(
     )
 
 
-@click.command(help=(
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=(
     "Download (with a Cityscapes account) or take local copies of gtFine_trainvaltest.zip and "
     "leftImg8bit_trainvaltest.zip, unpack them into DATASET/cityscapes and convert the polygons "
     "to *_gtFine_labelTrainIds.png."

@@ -145,7 +145,7 @@ def prepare_pcontext(
     )
 
 
-@click.command(help=(
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=(
     "Download (or take local copies of) Pascal-Context and build DATASET/pcontext. "
     "Trusted-file exception: train.pth/val.pth (PyTorch-Encoding) are unpickled "
     "(torch.load weights_only=False), which can run code; only use the published files "

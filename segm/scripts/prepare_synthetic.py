@@ -301,13 +301,14 @@ def generate_synthetic(dataset_root, *, num_train=400, num_val=100, size=256, se
     return dict(path=target, created=True, single_class_fraction=fraction)
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("dataset_root", envvar="DATASET", type=click.Path(file_okay=False))
-@click.option("--num-train", default=400, show_default=True, type=int)
-@click.option("--num-val", default=100, show_default=True, type=int)
+@click.option("--num-train", default=400, show_default=True, type=int, help="Training images.")
+@click.option("--num-val", default=100, show_default=True, type=int, help="Validation images.")
 @click.option("--size", default=256, show_default=True, type=int, help="Image height in pixels.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--workers", default=min(2, os.cpu_count() or 1), show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the generated scenes.")
+@click.option("--workers", default=min(2, os.cpu_count() or 1), show_default=True, type=int,
+              help="Processes generating images.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthetic folder.")
 def main(dataset_root, num_train, num_val, size, seed, workers, overwrite):
     """Generate DATASET_ROOT/synthetic (DATASET_ROOT defaults to $DATASET)."""

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from segm import __version__
+from segm.config import load_config
 from segm.data.base import DATASET_CHOICES
 from segm.model.spec import POLICY_METHODS
 from segm.train.loss import NonFiniteLossError
@@ -12,9 +14,11 @@ from segm.train.options import AMP_DTYPES, ConfigError
 from segm.train.run import train
 
 _PRESET = " [default: the dataset preset in configs/config.yml]"
+_PRESETS = load_config()  # the backbone and decoder choices
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, "--version", prog_name="segm.train")
 @click.option("--log-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: checkpoint.pth, variant.yml, log.txt, TensorBoard events.")
 @click.option("--dataset", required=True, type=click.Choice(DATASET_CHOICES), help="Training dataset.")
@@ -26,8 +30,10 @@ _PRESET = " [default: the dataset preset in configs/config.yml]"
 @click.option("--crop-size", type=int, default=None, help="Training crop = the encoder's token grid." + _PRESET)
 @click.option("--window-size", type=int, default=None, help="Evaluation window [default: the crop].")
 @click.option("--window-stride", type=int, default=None, help="Evaluation stride." + _PRESET)
-@click.option("--backbone", required=True, help="A `model:` preset of configs/config.yml, e.g. vit_small_patch16_384.")
-@click.option("--decoder", default="mask_transformer", help="linear | mask_transformer.")
+@click.option("--backbone", required=True, type=click.Choice(list(_PRESETS["model"])),
+              help="A `model:` preset of configs/config.yml, e.g. vit_small_patch16_384.")
+@click.option("--decoder", default="mask_transformer", type=click.Choice(list(_PRESETS["decoder"])),
+              help="A `decoder:` preset of configs/config.yml.")
 @click.option("--encoder-layers", type=int, default=None,
               help="Override the backbone depth (for smoke tests and ablations).")
 @click.option("--decoder-layers", type=int, default=2, help="Mask-transformer layers.")
@@ -37,7 +43,8 @@ _PRESET = " [default: the dataset preset in configs/config.yml]"
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", help="sgd = SGD, Nesterov, momentum 0.9.")
 @click.option("--scheduler", type=click.Choice(["polynomial"]), default="polynomial",
               help="Per-iteration polynomial decay, power 0.9.")
-@click.option("--weight-decay", type=float, default=0.0)
+@click.option("--weight-decay", type=float, default=0.0,
+              help="SGD/AdamW weight decay (biases, 1-D parameters, position embedding and tokens exempt).")
 @click.option("--dropout", type=float, default=0.0, help="Encoder dropout.")
 @click.option("--drop-path", type=float, default=0.1, help="Encoder stochastic-depth rate.")
 @click.option("--batch-size", type=int, default=None, help="Global batch, split over the processes." + _PRESET)
