@@ -27,5 +27,8 @@ setup(
         "opencv-python-headless>=4.8",
         "pillow>=9",
         "yapf<=0.40.1",
+        "onnx>=1.18,<2",
+        "onnxscript>=0.5,<1",
+        "onnxruntime>=1.22,<2",
     ],
 )

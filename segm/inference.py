@@ -1,32 +1,44 @@
 """Segment images with a trained checkpoint, from Python or the command line.
 
     python -m segm.inference --model-path runs/NAME/checkpoint.pth -i IMAGES/ -o OUT/ [--show-sharing]
+    python -m segm.inference --model-path ... -i test/ -o submit/ --format index   # test-server files
 
     model, variant = segm.load_model("runs/NAME/checkpoint.pth")
     label_map = segm.predict(model, Image.open("street.jpg"), variant=variant)   # (H, W) int64
+    probs = segm.predict(model, [im1, im2], variant=variant, return_probs=True)  # [(K, H, W) float32]
 
 As in the reference the image is not resized: ws×ws windows slide over it at its own size
 (images smaller than a window are first scaled up so the short side fits, and the result is
 scaled back). Inputs are converted to RGB (grey and RGBA files work) and normalised with the
-checkpoint's statistics; label maps are coloured with the palette of the checkpoint's dataset.
+checkpoint's statistics; label maps are coloured with the palette of the checkpoint's dataset,
+or written as index maps in its label space (`segm.data.label_space`). Test-time flips and
+scales are the evaluation's (`segm.eval.window.inference_views` averages their probabilities).
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from segm import __version__
 from segm.data.base import STATS
-from segm.data.io import pil_to_rgb, read_image
-from segm.eval.window import inference_views, resize_to_window, resolve_window
+from segm.data.io import DataError, pil_to_rgb, read_image
+from segm.data.label_space import to_label_space
+from segm.eval.evaluate import AMP_DTYPES, SAVE_FORMATS, autocast
+from segm.eval.window import inference_views, resize_to_window, resolve_window, window_anchors
 from segm.policy_choice import policy_options
-from segm.visualize import blend_images, checkpoint_palette, colorize, save_png, sharing_maps, sharing_overlay
+from segm.utils.device import DEVICE_HELP, resolve_device
+from segm.utils.writable import check_writable, write_error_message
+from segm.visualize import (blend_images, checkpoint_classes, colorize, save_png, sharing_maps, sharing_overlay,
+                            with_legend)
 
-__all__ = ["predict", "predict_image", "load_image"]
+__all__ = ["predict", "predict_image", "predict_probs", "load_image", "augmented_views"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -49,6 +61,8 @@ def _as_rgb_array(image) -> np.ndarray:
         image = image[..., None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
         raise ValueError(f"expected an image array (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"the image is empty ({image.shape[1]}×{image.shape[0]} pixels): nothing to segment")
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     return image[..., :3]  # RGBA: drop alpha, as PIL's convert("RGB")
@@ -73,12 +87,34 @@ def _to_tensor(image: np.ndarray, normalization: str, device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- prediction
-@torch.no_grad()
-def predict_image(model, image, *, variant: dict, window_size=None, window_stride=None, window_batch_size=4,
-                  device=None, return_sharing: bool = False):
-    """`predict` that can also return where tokens were shared.
+def augmented_views(im: torch.Tensor, *, multiscale: bool = False, flip: bool = False):
+    """(views, metas): the test-time views of one normalised image (3, H, W), the image itself
+    first. `multiscale`: the evaluation's 12 views (`segm.data.pipelines.MULTISCALE_RATIOS` of
+    the image's own size, bilinear, each also mirrored); `flip`: the mirrored image too."""
+    ratios = [1.0]
+    if multiscale:
+        from segm.data.pipelines import MULTISCALE_RATIOS  # imports mmseg: only when asked for
 
-    Returns the label map (H, W) int64 and, with `return_sharing`, `(shared, block_id)`:
+        ratios += [r for r in MULTISCALE_RATIOS if r != 1.0]
+    h, w = im.shape[-2:]
+    views, metas = [], []
+    for r in ratios:
+        size = (int(h * r + 0.5), int(w * r + 0.5))  # mmcv.imrescale's rounding
+        view = im if r == 1.0 else F.interpolate(im[None], size, mode="bilinear", align_corners=False)[0]
+        for mirrored in (False, True) if (flip or multiscale) else (False,):
+            views.append(view.flip(-1) if mirrored else view)
+            metas.append({"flip": mirrored})
+    return views, metas
+
+
+@torch.no_grad()
+def predict_probs(model, image, *, variant: dict, window_size=None, window_stride=None, window_batch_size=4,
+                  device=None, amp_dtype=None, multiscale: bool = False, flip: bool = False,
+                  return_sharing: bool = False):
+    """Class probabilities (K, H, W) float32 of one image, averaged over its test views
+    (`augmented_views`), under autocast to `amp_dtype` when given.
+
+    With `return_sharing`, also `(shared, block_id)` of the image itself (the first view):
     bool and int64 (H, W) maps at the image's size, `shared` true on pixels of a shared
     superpatch and `block_id` numbering superpatches (unique per window). Each window paints
     its whole area in turn, so where windows overlap and disagree the last one wins.
@@ -95,43 +131,68 @@ def predict_image(model, image, *, variant: dict, window_size=None, window_strid
     ws, stride = resolve_window(model, variant, window_size=window_size, window_stride=window_stride)
     im = _to_tensor(image, _normalization(variant), device)
     ori_shape = tuple(im.shape[-2:])
-    view = resize_to_window(im, ws)  # the guard inference_views would apply; done here for the layout
-
+    views, metas = augmented_views(im, multiscale=multiscale, flip=flip)
+    first = resize_to_window(views[0], ws)  # the guard inference_views applies; here for the layout
+    # The layouts shown are the first view's: its windows come first, in batches of their own.
+    first_windows = len(window_anchors(first.shape[-2], ws, stride)) * len(window_anchors(first.shape[-1], ws, stride))
     records = []
 
     def forward(windows, boxes):
-        if not return_sharing:
-            return model(windows).float()
-        out = model.forward_all(windows)
+        with autocast(windows.device.type, amp_dtype):
+            if not return_sharing or sum(len(b) for b, _ in records) >= first_windows:
+                return model(windows).float()
+            out = model.forward_all(windows)
         records.append((boxes, out.layout.masks()[1]))
         return out.logits.float()
 
     try:
-        probs = inference_views(forward, [view], [{"flip": False}], ori_shape, ws, stride, window_batch_size,
-                                model.n_cls)
+        probs = inference_views(forward, views, metas, ori_shape, ws, stride, window_batch_size, model.n_cls)
     finally:
         model.train(was_training)
-    label = probs.argmax(0).cpu().numpy().astype(np.int64)
     if not return_sharing:
-        return label
-    return label, sharing_maps(records, tuple(view.shape[-2:]), ori_shape, ws)
+        return probs
+    return probs, sharing_maps(records, tuple(first.shape[-2:]), ori_shape, ws)
+
+
+def predict_image(model, image, *, variant: dict, window_size=None, window_stride=None, window_batch_size=4,
+                  device=None, return_sharing: bool = False, amp_dtype=None, multiscale: bool = False,
+                  flip: bool = False):
+    """`predict` of one image that can also return where tokens were shared: the label map
+    (H, W) int64 and, with `return_sharing`, `(shared, block_id)` (see `predict_probs`)."""
+    out = predict_probs(model, image, variant=variant, window_size=window_size, window_stride=window_stride,
+                        window_batch_size=window_batch_size, device=device, amp_dtype=amp_dtype,
+                        multiscale=multiscale, flip=flip, return_sharing=return_sharing)
+    probs, maps = out if return_sharing else (out, None)
+    label = probs.argmax(0).cpu().numpy().astype(np.int64)
+    return (label, maps) if return_sharing else label
 
 
 def predict(model, image, *, variant: dict | None = None, window_size: int | None = None,
-            window_stride: int | None = None, window_batch_size: int = 4, device=None) -> np.ndarray:
-    """Label map (H, W) int64 of one image (PIL image or (H, W[, 3|4]) uint8 array) at its own size.
+            window_stride: int | None = None, window_batch_size: int = 4, device=None, amp_dtype=None,
+            multiscale: bool = False, flip: bool = False, return_probs: bool = False):
+    """Label map (H, W) int64 of one image (PIL image or (H, W[, 3|4]) uint8 array) at its own size;
+    with `return_probs`, its class probabilities (K, H, W) float32 instead. A list of images
+    gives a list of results.
 
     Sliding ws×ws windows (default: the checkpoint's window and stride, see `inference_kwargs`)
     over the unresized image. `variant` is what `segm.load_model` returned with the model;
     without it, `model.variant` is used (set by this module's loader). With `device`, the
-    model is moved there; otherwise the image goes to the model's device.
+    model is moved there; otherwise the image goes to the model's device. `amp_dtype`
+    (torch.bfloat16 / torch.float16) autocasts the forward passes; `multiscale` and `flip`
+    average the evaluation's test-time views (`augmented_views`).
     """
     variant = variant if variant is not None else getattr(model, "variant", None)
     if variant is None:
         raise ValueError("predict needs the checkpoint's variant: model, variant = segm.load_model(path); "
                          "predict(model, image, variant=variant)")
-    return predict_image(model, image, variant=variant, window_size=window_size, window_stride=window_stride,
-                         window_batch_size=window_batch_size, device=device)
+    options = dict(variant=variant, window_size=window_size, window_stride=window_stride,
+                   window_batch_size=window_batch_size, device=device, amp_dtype=amp_dtype,
+                   multiscale=multiscale, flip=flip)
+    if isinstance(image, (list, tuple)):
+        return [predict(model, im, **options, return_probs=return_probs) for im in image]
+    if return_probs:
+        return predict_probs(model, image, **options).float().cpu().numpy()
+    return predict_image(model, image, **options)
 
 
 # ----------------------------------------------------------------------------- command
@@ -149,60 +210,115 @@ def _list_inputs(input_path: Path) -> list[Path]:
     return files
 
 
+def _result_picture(out_format: str, dataset: str | None, palette, class_names, blend: bool, legend: bool):
+    """`picture(image, label)`, what `<name>.png` holds: the index map in the label space of
+    `dataset` (8-bit, one channel), or the coloured labels, blended with the image and with a
+    legend of the classes present as asked."""
+    def picture(image, label):
+        if out_format == "index":
+            return to_label_space(label, dataset)
+        seg = colorize(label, palette)
+        seg = blend_images(image, seg) if blend else seg
+        return with_legend(seg, label, palette, class_names) if legend else seg
+
+    return picture
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model-path", required=True, type=str, help="checkpoint.pth (variant.yml beside it).")
+@click.version_option(__version__, "--version", prog_name="segm.inference")
+@click.option("--model-path", default=None, type=str, help="checkpoint.pth (variant.yml beside it); or --onnx.")
+@click.option("--onnx", "onnx_path", default=None, type=str,
+              help="An exported model (python -m segm.export) to run in ONNX Runtime instead of a checkpoint.")
 @click.option("-i", "--input", "input_path", required=True, type=click.Path(exists=True, path_type=Path),
               help="An image or a folder of images.")
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Folder for the results (<name>.png).")
-@click.option("--device", default=None, type=str, help="Default: cuda if available, else cpu.")
+@click.option("--device", default=None, type=str, help=f"{DEVICE_HELP} (default: auto).")
 @click.option("--gpu/--cpu", "gpu", default=None, help="Reference spelling of --device cuda / cpu.")
-@click.option("--window-batch-size", default=2, show_default=True, type=int)
+@click.option("--window-batch-size", default=2, show_default=True, type=int, help="Windows per forward pass.")
 @click.option("--show-sharing", is_flag=True, help="Also write <name>_sharing.png (CTS models).")
 @click.option("--blend/--no-blend", default=True, show_default=True, help="Blend the colours with the input.")
+@click.option("--window-size", default=None, type=int,
+              help="Sliding-window size (default: the run's inference window, else the crop).")
+@click.option("--window-stride", default=None, type=int,
+              help="Sliding-window stride (default: the run's inference stride, at most the window).")
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
+              help="Autocast the forward passes to this dtype (default: fp32).")
+@click.option("--multiscale/--singlescale", default=False, show_default=True,
+              help="Average the evaluation's 12 views: scales 0.5-1.75 of the image, each also mirrored.")
+@click.option("--flip", is_flag=True, help="Also average the mirrored image.")
+@click.option("--format", "out_format", type=click.Choice(SAVE_FORMATS), default="overlay", show_default=True,
+              help="overlay: class colours; index: 8-bit label maps in the dataset's label space, as test "
+                   "servers take them (ADE20K 1..150, Cityscapes label ids, others the train labels).")
+@click.option("--legend/--no-legend", default=True, show_default=True,
+              help="Below each overlay, a strip of the classes present with their colours.")
 @policy_options
-def main(model_path, input_path, output_dir, device, gpu, window_batch_size, show_sharing, blend, **policy):
+def main(model_path, onnx_path, input_path, output_dir, device, gpu, window_batch_size, show_sharing, blend,
+         window_size, window_stride, amp, multiscale, flip, out_format, legend, **policy):
     """Segment the images of INPUT into OUTPUT with a trained checkpoint."""
     from tqdm import tqdm
 
     from segm.model.factory import load_model
+    from segm.onnx_runtime import load_for_inference
     from segm.policy_choice import apply_policy_choice, policy_choice
     from segm.utils.checkpoint import CheckpointError
 
-    if device is None:
-        device = ("cuda" if gpu else "cpu") if gpu is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None and gpu is not None:
+        device = "cuda" if gpu else "cpu"
     try:
+        device = resolve_device(device)
         if window_batch_size < 1:
             raise ValueError(f"--window-batch-size must be >= 1, got {window_batch_size}")
         if output_dir.exists() and not output_dir.is_dir():
             raise ValueError(f"output {output_dir} exists and is not a folder")
+        check_writable(output_dir, "-o/--output")
         files = _list_inputs(input_path)
         clash = [p for p in files if (output_dir / f"{p.stem}.png").resolve() == p.resolve()]
         if clash:
             raise ValueError(f"the output {output_dir / clash[0].name} would overwrite its input: choose another -o")
         choice = policy_choice(**policy)
-        model, variant = apply_policy_choice(*load_model(model_path), choice)
+        if onnx_path is not None or model_path is None:
+            model, variant = load_for_inference(onnx_path, model_path, choice, window_batch_size)
+        else:
+            model, variant = apply_policy_choice(*load_model(model_path), choice)
         model.variant = variant
         model.to(device)
-        palette, note = checkpoint_palette(variant, model.n_cls)
-        if note:
+        names, palette, note = checkpoint_classes(variant, model.n_cls)
+        if note and out_format == "overlay":
             warnings.warn(note, stacklevel=1)
+        dataset = (variant.get("dataset_kwargs") or {}).get("dataset")
+        if out_format == "index":
+            to_label_space(np.arange(model.n_cls), dataset)  # the model's classes exist there, or one error now
+        picture = _result_picture(out_format, dataset, palette, names, blend, legend)
         sharing = show_sharing and model.shares_tokens
         if show_sharing and not sharing:
             click.echo("--show-sharing: this model shares no tokens (policy no_sharing); no sharing images", err=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        unreadable = []
         for path in tqdm(files, desc="inference", disable=len(files) < 2):
-            image = load_image(path)
-            out = predict_image(model, image, variant=variant, window_batch_size=window_batch_size,
-                                return_sharing=sharing)
+            try:
+                image = load_image(path)
+            except DataError as e:  # one bad file does not stop the folder
+                if len(files) == 1:
+                    raise
+                unreadable.append(path.name)
+                tqdm.write(f"skipped: {e}", file=sys.stderr)
+                continue
+            out = predict_image(model, image, variant=variant, window_size=window_size, window_stride=window_stride,
+                                window_batch_size=window_batch_size, return_sharing=sharing,
+                                amp_dtype=AMP_DTYPES[amp or "none"], multiscale=multiscale, flip=flip)
             label, maps = out if sharing else (out, None)
-            seg = colorize(label, palette)
-            save_png(blend_images(image, seg) if blend else seg, output_dir / f"{path.stem}.png")
+            output_dir.mkdir(parents=True, exist_ok=True)  # not before an image could be read
+            save_png(picture(image, label), output_dir / f"{path.stem}.png")
             if maps is not None:
                 save_png(sharing_overlay(image, *maps), output_dir / f"{path.stem}_sharing.png")
     except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
         raise click.ClickException(str(e).splitlines()[0]) from None
-    click.echo(f"wrote {len(files)} image(s) to {output_dir}")
+    except OSError as e:  # the output folder: disk full, permission denied
+        raise click.ClickException(write_error_message(e)) from None
+    click.echo(f"wrote {len(files) - len(unreadable)} image(s) to {output_dir}")
+    if unreadable:
+        raise click.ClickException(
+            f"{len(unreadable)} of {len(files)} images could not be read: {', '.join(unreadable)}")
 
 
 if __name__ == "__main__":

@@ -43,9 +43,11 @@ def test_cli_folder_grey_rgba_odd_sizes(synthetic_root, tmp_path, images):
     ckpt, _, _ = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
     out_blend, out_plain = tmp_path / "blend", tmp_path / "plain"
     runner = CliRunner()
-    r = runner.invoke(main, ["--model-path", str(ckpt), "-i", str(images), "-o", str(out_blend), "--device", "cpu"])
+    r = runner.invoke(main, ["--model-path", str(ckpt), "-i", str(images), "-o", str(out_blend), "--device", "cpu",
+                             "--no-legend"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(main, ["--model-path", str(ckpt), "-i", str(images), "-o", str(out_plain), "--no-blend"])
+    r = runner.invoke(main, ["--model-path", str(ckpt), "-i", str(images), "-o", str(out_plain), "--no-blend",
+                             "--no-legend"])
     assert r.exit_code == 0, r.output
     _check_outputs(out_blend, ["grey.png", "odd.png", "rgba.png"])
 
@@ -73,6 +75,13 @@ def test_cli_show_sharing_single_file(synthetic_root, tmp_path, images):
     assert sharing.shape == src.shape
     changed = (sharing != src).any(-1).mean()
     assert 0.1 < changed < 0.9  # shared superpatches tinted, the rest untouched
+
+
+@pytest.mark.parametrize("shape", [(0, 0, 3), (5, 0, 3), (0, 7)])
+def test_predict_refuses_an_empty_image(synthetic_root, tmp_path, shape):
+    _, model, variant = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
+    with pytest.raises(ValueError, match="the image is empty"):
+        segm.predict(model, np.zeros(shape, np.uint8), variant=variant)
 
 
 def test_predict_equals_one_window_forward(synthetic_root, tmp_path):
@@ -191,7 +200,8 @@ def test_16bit_images_are_scaled_like_training_reads_them(synthetic_root, tmp_pa
         assert im.mode == "I;16"
         assert np.array_equal(segm.predict(model, im, variant=variant), segm.predict(model, as8["grey16"], variant=variant))
     out = tmp_path / "out16"
-    r = CliRunner().invoke(main, ["--model-path", str(ckpt), "-i", str(d), "-o", str(out), "--no-blend", "--cpu"])
+    r = CliRunner().invoke(main, ["--model-path", str(ckpt), "-i", str(d), "-o", str(out), "--no-blend", "--cpu",
+                                  "--no-legend"])
     assert r.exit_code == 0, r.output
     palette = np.array(dataset_info("synthetic", data_root=synthetic_root).palette, dtype=np.uint8)
     for name, want in as8.items():
@@ -206,3 +216,105 @@ def test_corrupt_input_is_one_line_naming_it(synthetic_root, tmp_path):
     r = CliRunner().invoke(main, ["--model-path", str(ckpt), "-i", str(bad), "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.strip().splitlines()[-1] == f"Error: cannot decode image {bad}: the file is corrupt or not an image"
+
+
+# ----------------------------------------------------------------------------- options and outputs
+def test_cli_index_format_and_legend(synthetic_root, tmp_path, images):
+    """--format index: <name>.png alone, 8-bit single channel, the label values (synthetic keeps
+    train labels); overlays carry a legend strip below the image unless --no-legend."""
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
+    model, variant = segm.load_model(ckpt)
+    runner = CliRunner()
+    r = runner.invoke(main, ["--model-path", str(ckpt), "-i", str(images), "-o", str(tmp_path / "idx"), "--cpu",
+                             "--format", "index"])
+    assert r.exit_code == 0, r.output
+    _check_outputs(tmp_path / "idx", ["grey.png", "odd.png", "rgba.png"])
+    r = runner.invoke(main, ["--model-path", str(ckpt), "-i", str(images / "odd.jpg"), "-o", str(tmp_path / "ov"),
+                             "--cpu", "--no-blend"])
+    assert r.exit_code == 0, r.output
+    rgb = Image.open(images / "odd.jpg").convert("RGB")
+    label = segm.predict(model, rgb, variant=variant)
+    with Image.open(tmp_path / "idx" / "odd.png") as im:
+        assert im.mode == "L" and im.size == rgb.size
+        assert np.array_equal(np.asarray(im), label)
+    overlay = np.asarray(Image.open(tmp_path / "ov" / "odd.png"))
+    palette = np.array(dataset_info("synthetic", data_root=synthetic_root).palette, dtype=np.uint8)
+    h = rgb.size[1]
+    assert overlay.shape[0] > h and overlay.shape[1] == rgb.size[0]
+    assert np.array_equal(overlay[:h], colorize(label, palette))
+    strip_colours = {tuple(c) for c in overlay[h:].reshape(-1, 3)}
+    assert {tuple(palette[c]) for c in np.unique(label)} <= strip_colours  # a swatch per class present
+    absent = [tuple(palette[c]) for c in range(K) if c not in np.unique(label)]
+    assert not strip_colours & set(absent)
+
+
+def test_window_and_amp_options_reach_the_model(synthetic_root, tmp_path, images, monkeypatch):
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
+    seen = []
+    forward = segm.model.segmenter.Segmenter.forward
+
+    def spy(self, im, *a, **kw):
+        seen.append((tuple(im.shape), torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(self, im, *a, **kw)
+
+    monkeypatch.setattr(segm.model.segmenter.Segmenter, "forward", spy)
+    args = ["--model-path", str(ckpt), "-i", str(images / "odd.jpg"), "--cpu", "--window-batch-size", "1"]
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a"), "--window-size", "48", "--window-stride", "48",
+                                  "--amp", "bf16"])
+    assert r.exit_code == 0, r.output
+    # 97×131: rows 0, 48, 49; columns 0, 48, 83 → 9 windows of 48, all autocast to bf16
+    assert [s[0] for s in seen] == [(1, 3, 48, 48)] * 9 and all(s[1:] == (True, torch.bfloat16) for s in seen)
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "b"), "--window-stride", "96"])
+    assert r.exit_code == 1 and "window stride 96 must be in 1..64" in r.output
+
+
+def test_flip_and_multiscale_average_the_evaluation_views(synthetic_root, tmp_path):
+    """--flip averages the image and its mirror; --multiscale the evaluation's 12 views, which
+    match those the evaluation pipeline builds for an image at the test size."""
+    from segm.data import build_dataset
+    from segm.eval.evaluate import predict_views
+    from segm.inference import augmented_views, load_image, predict_probs
+
+    _, model, variant = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
+    db = build_dataset("synthetic", "val", im_size=128, crop_size=CROP, normalization="vit",
+                       data_root=synthetic_root, multiscale=True)
+    item = db[0]
+    image = load_image(item["im_metas"][0]["filename"])
+    plain = predict_probs(model, image, variant=variant)
+    mirrored = predict_probs(model, np.ascontiguousarray(image[:, ::-1]), variant=variant).flip(-1)
+    flipped = predict_probs(model, image, variant=variant, flip=True)
+    assert torch.allclose(flipped, (plain + mirrored) / 2, atol=1e-6)
+
+    ms = predict_probs(model, image, variant=variant, multiscale=True)
+    ori = tuple(item["segmentation"].shape)
+    assert len(item["im"]) == 12 and ms.shape == (K, *ori)
+    reference = predict_views(model, item["im"], item["im_metas"], ori, window_size=CROP, window_stride=32)
+    views, metas = augmented_views(torch.zeros(3, *ori), multiscale=True)
+    assert sorted((tuple(v.shape), m["flip"]) for v, m in zip(views, metas)) == sorted(
+        (tuple(v.shape), m["flip"]) for v, m in zip(item["im"], item["im_metas"]))
+    # the same views, resized by torch here and by cv2 on 8-bit pixels in the pipeline
+    assert (ms - reference).abs().mean() < 1e-4 and (ms.argmax(0) == reference.argmax(0)).float().mean() > 0.99
+
+
+def test_predict_probs_and_lists(synthetic_root, tmp_path):
+    _, model, variant = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
+    rng = np.random.default_rng(3)
+    a, b = (rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(64, 80, 3), (70, 66, 3)])
+    probs = segm.predict(model, [a, b], variant=variant, return_probs=True)
+    assert isinstance(probs, list) and [p.shape for p in probs] == [(K, 64, 80), (K, 70, 66)]
+    assert all(p.dtype == np.float32 and np.allclose(p.sum(0), 1, atol=1e-5) for p in probs)
+    labels = segm.predict(model, (a, b), variant=variant)
+    assert [lab.dtype for lab in labels] == [np.int64] * 2
+    assert np.array_equal(labels[1], segm.predict(model, b, variant=variant))
+    assert np.array_equal(labels[0], probs[0].argmax(0))
+
+
+def test_sharing_maps_are_the_first_views_with_test_time_views(synthetic_root, tmp_path):
+    from segm.policy_choice import PolicyChoice, apply_policy_choice
+
+    _, model, variant = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
+    model, variant = apply_policy_choice(model, variant, PolicyChoice("content", num_shared=2))
+    image = np.random.default_rng(4).integers(0, 256, (70, 100, 3), dtype=np.uint8)
+    _, (shared, block) = predict_image(model, image, variant=variant, return_sharing=True)
+    _, (shared_ms, block_ms) = predict_image(model, image, variant=variant, return_sharing=True, multiscale=True)
+    assert shared.any() and np.array_equal(shared, shared_ms) and np.array_equal(block, block_ms)

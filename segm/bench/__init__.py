@@ -16,7 +16,8 @@ timm's fused attention on/off are separately labelled modes. FLOPs come from
 
 Modules: `settings` (BenchConfig and its checks), `budgets` (the S values timed), `variants`
 (the shared-weight models), `inputs`, `timing`, `memory`, `flops`, `machine`, `phases`
-(inference and training step), `run` (run_benchmark), `report` (table, JSON, plot), `cli`.
+(inference and training step), `run` (run_benchmark), `report` (table, JSON, plot), `cli`,
+`onnx` (`--with-onnxruntime`: each variant exported and timed in ONNX Runtime beside eager).
 """
 from segm.bench.budgets import default_num_shared, resolve_budgets
 from segm.bench.cli import main

@@ -5,9 +5,15 @@ from pathlib import Path
 
 import click
 
+from segm import __version__
 from segm.bench.report import format_table, plot_sweep, write_json
 from segm.bench.run import run_benchmark
 from segm.bench.settings import MATMUL_SIZE, BenchConfig, BenchError
+from segm.config import load_config
+from segm.utils.checkpoint import CheckpointError
+from segm.utils.device import DEVICE_HELP, resolve_device
+
+_PRESETS = load_config()  # the backbone and decoder choices
 
 
 def _parse_sweep(text: str | None) -> tuple:
@@ -33,10 +39,13 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
     return cfg
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--backbone", default="vit_small_patch16_384", help="Backbone preset (configs/config.yml).")
-@click.option("--decoder", default="mask_transformer", type=click.Choice(["mask_transformer", "linear"]))
-@click.option("--n-cls", default=150, type=int)
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, "--version", prog_name="segm.bench")
+@click.option("--backbone", default="vit_small_patch16_384", type=click.Choice(list(_PRESETS["model"])),
+              help="Backbone preset (configs/config.yml).")
+@click.option("--decoder", default="mask_transformer", type=click.Choice(list(_PRESETS["decoder"])),
+              help="Decoder preset (configs/config.yml).")
+@click.option("--n-cls", default=150, type=int, help="Classes of the decoder.")
 @click.option("--crop", "crop_size", default=512, type=int, help="Crop (input) size in pixels.")
 @click.option("--model-path", type=click.Path(), help="Benchmark a checkpoint instead of a preset.")
 @click.option("--d-model", type=int, help="Override the preset width.")
@@ -47,11 +56,13 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
 @click.option("--token-reduction", type=float, help="CTS budget as reduction ρ: S = round(ρN/3).")
 @click.option("--with-random", is_flag=True, help="Also time the random policy on the same budget.")
 @click.option("--with-content", is_flag=True, help="Also time the training-free content policy on the same budget.")
+@click.option("--with-onnxruntime", "onnxruntime", is_flag=True,
+              help="Also time every variant exported to ONNX, in ONNX Runtime (CPU, fp32).")
 @click.option("--sweep", help="Comma-separated reductions to time too, e.g. 0,0.1,0.2,0.3,0.4,0.5.")
-@click.option("--batch-size", default=2, type=int)
+@click.option("--batch-size", default=2, type=int, help="Images per timed forward.")
 @click.option("--warmup", default=2, type=int, help="Untimed interleaved rounds.")
 @click.option("--repeats", default=10, type=int, help="Timed interleaved rounds.")
-@click.option("--device", default="cpu", help="cpu or cuda.")
+@click.option("--device", default="auto", help=DEVICE_HELP + ".")
 @click.option("--dtype", default="fp32", type=click.Choice(["fp32", "bf16"]), help="bf16 = autocast.")
 @click.option("--compile/--no-compile", default=False, help="torch.compile every variant.")
 @click.option("--sdpa/--no-sdpa", default=True, help="timm fused attention on/off.")
@@ -65,7 +76,7 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
 @click.option("--train-step", is_flag=True, help="Also time a training step (policy frozen).")
 @click.option("--memory/--no-memory", default=True, help="Measure peak memory per variant.")
 @click.option("--matmul-size", default=MATMUL_SIZE, type=int, help="Side of the fp32 reference matmul.")
-@click.option("--seed", default=0, type=int)
+@click.option("--seed", default=0, type=int, help="Seeds the weights, inputs and random policy.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Plot images/s against reduction.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
@@ -73,6 +84,7 @@ def main(d_model, n_heads, n_layers, decoder_layers, sweep, json_path, plot_path
     """Time no_sharing against CTS (and optionally the random and content policies) in one interleaved run."""
     overrides = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, decoder_layers=decoder_layers)
     try:
+        kw["device"] = str(resolve_device(kw["device"]))
         _check_output(json_path, "--json")
         _check_output(plot_path, "--plot")
         cfg = _config(overrides, sweep, kw)
@@ -82,6 +94,6 @@ def main(d_model, n_heads, n_layers, decoder_layers, sweep, json_path, plot_path
             write_json(result, json_path)
         if plot_path:
             plot_sweep(result, plot_path)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_table(result))

@@ -79,6 +79,8 @@ def inference_phase(cfg: BenchConfig, variants: list[Variant], runners: dict, ba
         _add_latency(cfg, fns, batches, results, device, log)
     if cfg.memory:
         for v, r in zip(variants, results):
+            if v.backend != "eager":  # the tracker sees torch tensors only
+                continue
             r["inference"]["memory"] = variant_memory(cfg, fns[v.name], _inference_fn(cfg, v.model), batches[0],
                                                       device)
     return results, matmul_res

@@ -37,7 +37,7 @@ def _row(r: dict, has_lat: bool, has_mem: bool, has_train: bool) -> list[str]:
         lat = r["latency_b1"]
         row += [f"{lat['ms']['median']:.1f}", f"{lat['speedup']:.2f}×"]
     if has_mem:
-        row += [f"{inf['memory']['delta_mib']:.0f}"]
+        row += [f"{inf['memory']['delta_mib']:.0f}" if "memory" in inf else "n/a"]
     if has_train:
         t = r["train"]
         row += [f"{t['img_s']['median']:.3g} [{t['img_s']['min']:.3g}–{t['img_s']['max']:.3g}]",

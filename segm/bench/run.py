@@ -9,6 +9,7 @@ import torch
 from segm.bench.flops import count_flops
 from segm.bench.inputs import make_batches
 from segm.bench.machine import loadavg, machine_info
+from segm.bench.onnx import add_onnxruntime, onnx_note, onnx_summary
 from segm.bench.phases import inference_phase, train_phase
 from segm.bench.settings import BenchConfig, check_config
 from segm.bench.variants import Variant, build_variants, set_fused_attention
@@ -46,8 +47,11 @@ def _measure(cfg: BenchConfig, variants: list[Variant], model_info: dict, batche
     for v in variants:  # one counted eager fp32 forward per variant, batch 1
         v.counts = count_flops(v, batches[0][:1])
     runners = {v.name: (torch.compile(v.model) if cfg.compile else v.model) for v in variants}
-    results, matmul = inference_phase(cfg, variants, runners, batches, device, log)
-    for v, r in zip(variants, results):
+    timed = variants
+    if cfg.onnxruntime:
+        timed, runners = add_onnxruntime(cfg, variants, runners, batches[0], log)
+    results, matmul = inference_phase(cfg, timed, runners, batches, device, log)
+    for v, r in zip(timed, results):
         r["num_notshared"] = model_info["num_patches"] - 4 * v.num_shared
     if cfg.train_step:
         train = train_phase(cfg, variants, runners, batches, device, log)
@@ -90,6 +94,9 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
     variants, model_info, batches = _prepare(cfg, device, log)
     results, matmul = _measure(cfg, variants, model_info, batches, device, log)
     notes = _notes(model_info, device)
+    onnx = onnx_summary(results) if cfg.onnxruntime else None
+    if onnx:
+        notes.append(onnx_note(onnx))
     return {
         "config": {**asdict(cfg), "sweep": list(cfg.sweep)},
         "model": model_info,
@@ -98,5 +105,6 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
         "protocol": _protocol(cfg),
         "matmul": matmul,
         "variants": results,
+        "onnxruntime": onnx,
         "notes": notes,
     }

@@ -26,6 +26,7 @@ class BenchConfig:
     token_reduction: float | None = None
     with_random: bool = False
     with_content: bool = False
+    onnxruntime: bool = False  # also time every variant exported to ONNX, in ONNX Runtime
     sweep: tuple = ()
     # protocol
     batch_size: int = 2
@@ -86,3 +87,20 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.num_shared is not None and cfg.token_reduction is not None:
         raise BenchError("give --num-shared or --token-reduction, not both")
     parse_inputs(cfg.inputs)
+    check_onnx_config(cfg)
+
+
+def check_onnx_config(cfg: BenchConfig) -> None:
+    """`--with-onnxruntime` (segm.bench.onnx) times batched CPU fp32 inference."""
+    if not cfg.onnxruntime:
+        return
+    if cfg.device != "cpu" or cfg.dtype != "fp32":
+        raise BenchError("--with-onnxruntime times the CPU in fp32: use --device cpu --dtype fp32")
+    if cfg.train_step or cfg.latency:
+        raise BenchError("--with-onnxruntime times batched inference only: drop --train-step and --latency "
+                         "(for batch-1 latency run --batch-size 1)")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise BenchError("--with-onnxruntime needs the onnx, onnxscript and onnxruntime packages "
+                         "(pip install -r requirements.txt)") from None

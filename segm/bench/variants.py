@@ -21,6 +21,7 @@ class Variant:
     model: Segmenter
     reduction: float = 0.0
     counts: dict = field(default_factory=dict)  # FLOPs and tokens, from count_flops
+    backend: str = "eager"  # or "onnxruntime" (segm.bench.onnx)
 
 
 def _base_model(cfg: BenchConfig) -> tuple[Segmenter, dict, tuple[int, list]]:

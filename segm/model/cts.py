@@ -125,8 +125,49 @@ def no_sharing_layout(batch: int, grid: tuple[int, int], device) -> TokenLayout:
 def select_shared(scores: torch.Tensor, num_shared: int) -> torch.Tensor:
     """The S best-scored superpatches per image: scores (B, n2) → indices (B, S) in raster order.
     Ties go to the lower raster index (stable sort)."""
+    if torch.compiler.is_exporting():
+        return _true_indices(_descending_rank(scores) < num_shared, num_shared)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     return order[:, :num_shared].sort(dim=1).values
+
+
+# ONNX has no stable sort, so an exported graph (segm.export) selects without sorting.
+# `_descending_rank` gives each score its place in `torch.sort(descending=True, stable=True)`
+# exactly, with n² comparisons (n = 256 superpatches at 512 px, 576 at 768); eager code keeps the
+# sort, which is 3–10× faster on the CPU.
+def _descending_rank(scores: torch.Tensor) -> torch.Tensor:
+    """(B, n) → (B, n) int64: how many scores beat each one: greater, or equal with a lower
+    index; NaN beats every number (as in torch.sort)."""
+    idx = torch.arange(scores.shape[1], device=scores.device)
+    lower = idx.unsqueeze(0) < idx.unsqueeze(1)  # [i, j]: j < i
+    s_i, s_j = scores.unsqueeze(2), scores.unsqueeze(1)
+    nan = torch.isnan(scores)
+    nan_beats = nan.unsqueeze(1) & (lower | ~nan.unsqueeze(2))
+    return ((s_j > s_i) | ((s_j == s_i) & lower) | nan_beats).sum(2)
+
+
+def _true_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, n) bool with exactly k true per row → (B, k) their indices, ascending (top-k of
+    distinct integer keys: exact whatever the backend's tie rule)."""
+    n = mask.shape[1]
+    key = torch.where(mask, n - torch.arange(n, device=mask.device), 0)
+    return torch.topk(key, k, dim=1).indices
+
+
+def layout_from_shared(shared_idx: torch.Tensor, grid: tuple[int, int]) -> TokenLayout:
+    """The token layout of given shared superpatches (B, S), ascending; equal to what
+    `layout_from_scores` builds after its selection, with masks and cumulative sums, no sort."""
+    gh, gw = grid
+    b, num_shared, h2, w2 = shared_idx.shape[0], shared_idx.shape[1], gh // 2, gw // 2
+    shared = torch.zeros(b, h2 * w2, dtype=torch.bool, device=shared_idx.device).scatter(1, shared_idx, True)
+
+    def per_cell(x):  # (B, h2·w2) per superpatch → (B, Gh·Gw) per base cell
+        return x.view(b, h2, 1, w2, 1).expand(b, h2, 2, w2, 2).reshape(b, gh * gw)
+
+    is_base = per_cell(shared).logical_not()
+    u = gh * gw - 4 * num_shared
+    token_of_cell = torch.where(is_base, is_base.cumsum(1) - 1, per_cell(shared.cumsum(1) - 1 + u))
+    return TokenLayout(_true_indices(is_base, u), shared_idx, token_of_cell, grid)
 
 
 def layout_from_scores(scores: torch.Tensor, num_shared: int, grid: tuple[int, int]) -> TokenLayout:
@@ -146,11 +187,14 @@ def layout_from_scores(scores: torch.Tensor, num_shared: int, grid: tuple[int, i
     if num_shared == 0:
         return no_sharing_layout(b, grid, dev)
     shared_idx = select_shared(scores, num_shared)
+    if torch.compiler.is_exporting():
+        return layout_from_shared(shared_idx, grid)
 
     # Base cells covered by each shared superpatch: its top-left cell + {0, 1, Gw, Gw+1}.
     w2 = gw // 2
     top_left = 2 * (shared_idx // w2) * gw + 2 * (shared_idx % w2)
-    offsets = torch.tensor([0, 1, gw, gw + 1], device=dev)
+    k = torch.arange(4, device=dev)  # built on the device: a tensor from a list would wait for the GPU
+    offsets = k % 2 + (k // 2) * gw  # 0, 1, Gw, Gw + 1
     covered = (top_left.unsqueeze(-1) + offsets).reshape(b, -1)  # (B, 4S)
 
     n = gh * gw

@@ -178,10 +178,15 @@ class Segmenter(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward_all(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None) -> SegmenterOutput:
-        b, _, h, w = im.shape
-        check_window(self.policy_method, self.crop_size, (h, w))
+        check_window(self.policy_method, self.crop_size, tuple(im.shape[-2:]))
         scores, policy_logits = self.policy_scores(im, seg_gt)
+        return self.forward_with_scores(im, scores, policy_logits)
 
+    def forward_with_scores(self, im: torch.Tensor, scores: torch.Tensor | None,
+                            policy_logits: torch.Tensor | None = None) -> SegmenterOutput:
+        """The forward pass from given superpatch scores (B, n2) (None: no sharing), e.g. the
+        random policy's scores drawn once when exporting (segm.export)."""
+        b, _, h, w = im.shape
         p = self.patch_size
         pad_h, pad_w = (-h) % p, (-w) % p
         if pad_h or pad_w:

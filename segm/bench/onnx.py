@@ -1,0 +1,88 @@
+"""`--with-onnxruntime`: every timed variant (sweep points aside) also exported to ONNX and run in
+ONNX Runtime, timed in the same interleaved rounds as eager PyTorch on the same batches.
+
+Each variant is exported at the benchmark's batch (`segm.export`, default opset), checked against
+eager on the first batch and run in a CPU session with as many intra-op threads as torch uses.
+Its idle threads do not spin-wait: with one thread pool per session plus torch's in one process,
+spinning pools took the cores from the one running (ViT-S/16 at 512 px: CTS under ONNX Runtime
+ran 1.31–1.35× its no_sharing with spinning, 1.41–1.46× without, in alternating runs; BENCHMARKS.md).
+The ONNX rows are named `<variant>_ort`; their FLOPs are the eager variant's (the same function).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from segm.bench.settings import BenchConfig, BenchError
+from segm.bench.variants import Variant
+
+SUFFIX = "_ort"
+
+
+def _ort_variant(cfg: BenchConfig, v: Variant, folder: Path, batch: torch.Tensor, log: Callable):
+    """(the ONNX variant, its runner): `v` exported to `folder`, loaded, checked on `batch`."""
+    from segm.export.check import LOGIT_TOL, compare
+    from segm.export.graph import DEFAULT_OPSET
+    from segm.export.write import export_model
+    from segm.onnx_runtime import OnnxSegmenter
+
+    out = folder / f"{v.name}.onnx"
+    # the inputs are normalised already; the sidecar (thrown away with the folder) only records it
+    export_model(v.model, {}, out, normalization="vit", batch_size=cfg.batch_size, opset=DEFAULT_OPSET,
+                 check=False)
+    runner = OnnxSegmenter(out, threads=torch.get_num_threads(), spinning=False)
+    parity = compare(v.model, list(runner.run(batch.cpu()).values()), batch.cpu())
+    worst = max(parity["logit_diff"], parity["end_to_end_diff"])
+    if worst > LOGIT_TOL:
+        raise BenchError(f"{v.name}: ONNX Runtime differs from eager by {worst:.3g} > {LOGIT_TOL:g}")
+    log(f"{v.name}{SUFFIX}: exported, max |Δlogits| {worst:.2g} against eager")
+    ort = Variant(v.name + SUFFIX, v.policy, v.num_shared, v.model, v.reduction, dict(v.counts), backend="onnxruntime")
+    return ort, runner
+
+
+def add_onnxruntime(cfg: BenchConfig, variants: list[Variant], runners: dict, batch: torch.Tensor,
+                    log: Callable) -> tuple[list[Variant], dict]:
+    """The variants and runners to time: the eager ones, then one ONNX Runtime twin per variant."""
+    twins, ort_runners = [], {}
+    with tempfile.TemporaryDirectory(prefix="segm-bench-onnx-") as tmp:  # sessions keep their model in memory
+        for v in variants:
+            if v.name.startswith("cts_"):  # sweep points: eager only
+                continue
+            twin, runner = _ort_variant(cfg, v, Path(tmp), batch, log)
+            twins.append(twin)
+            ort_runners[twin.name] = runner
+    return variants + twins, {**runners, **ort_runners}
+
+
+def onnx_summary(results: list[dict]) -> dict:
+    """CTS speed-ups under ONNX Runtime, and ONNX Runtime against eager, per variant (medians and
+    same-round ratios of the same run)."""
+    times = {r["name"]: r["inference"]["times_s"] for r in results}
+
+    def ratio(slow: str, fast: str) -> dict:
+        a, b = times[slow], times[fast]
+        return {"median": statistics.median(a) / statistics.median(b),
+                "paired": statistics.median(x / y for x, y in zip(a, b))}
+
+    base = "no_sharing" + SUFFIX
+    ort = [n for n in times if n.endswith(SUFFIX)]
+    return {
+        "speedup_over_ort_no_sharing": {n: ratio(base, n) for n in ort if n != base},
+        "ort_over_eager": {n[:-len(SUFFIX)]: ratio(n[:-len(SUFFIX)], n) for n in ort},
+    }
+
+
+def onnx_note(summary: dict) -> str:
+    import onnxruntime
+
+    cts = "; ".join(f"{n} {r['median']:.2f}× (paired {r['paired']:.2f}×)"
+                    for n, r in summary["speedup_over_ort_no_sharing"].items())
+    eager = ", ".join(f"{n} {r['median']:.2f}× (paired {r['paired']:.2f}×)" for n, r in summary["ort_over_eager"].items())
+    return (f"ONNX Runtime {onnxruntime.__version__} (*{SUFFIX} rows; their speed-up column is against eager "
+            f"no_sharing): against no_sharing{SUFFIX}: {cts}. ONNX Runtime over eager, images/s: {eager}. "
+            "Peak memory is not measured for ONNX Runtime (its allocations are not torch tensors); '% mm' compares "
+            "with torch's fp32 matmul, which ONNX Runtime's own GEMM can outrun.")

@@ -1,0 +1,3 @@
+from segm.export.cli import main
+
+main()

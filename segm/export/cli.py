@@ -1,0 +1,79 @@
+"""`python -m segm.export CHECKPOINT OUT.onnx`: the command line over `export_model`."""
+from __future__ import annotations
+
+import click
+
+from segm.data.base import DATASET_CHOICES
+from segm.export.graph import DEFAULT_OPSET, ExportError, check_opset
+from segm.export.sidecar import sidecar_path
+from segm.policy_choice import policy_options
+
+
+def _normalization(variant: dict) -> str:
+    from segm.data.base import STATS
+
+    norm = ((variant.get("dataset_kwargs") or {}).get("normalization")
+            or (variant.get("net_kwargs") or {}).get("normalization"))
+    if norm not in STATS:
+        raise ExportError(f"the checkpoint's variant names no known normalization (got {norm!r}; "
+                          f"expected one of {sorted(STATS)})")
+    return norm
+
+
+def _real_crops(model, variant: dict, dataset, data_root, normalization: str, batch: int):
+    """Two batches of validation images resized to the crop, or None without a dataset."""
+    if dataset is None and data_root is None:
+        return None
+    from segm.bench.inputs import load_images
+    from segm.data.base import canonical_name
+
+    dataset = dataset or (variant.get("dataset_kwargs") or {}).get("dataset")
+    if dataset is None:
+        raise ExportError("--data-root: the checkpoint names no dataset; give --dataset NAME too")
+    return load_images(canonical_name(dataset), "val", 2 * batch, model.crop_size, normalization, data_root)
+
+
+def _load(checkpoint: str, policy: dict):
+    from segm.model.factory import load_model
+    from segm.policy_choice import apply_policy_choice, policy_choice
+
+    return apply_policy_choice(*load_model(checkpoint), policy_choice(**policy))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("checkpoint", type=str)
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--batch-size", type=int, default=None, help="The batch the model is exported for [default: 2].")
+@click.option("--dynamic-batch", is_flag=True, help="Export for any batch size (not with the random policy).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 18..25.")
+@click.option("--check/--no-check", default=True, help="Compare ONNX Runtime with eager PyTorch before writing.")
+@click.option("--dataset", type=click.Choice(DATASET_CHOICES), default=None,
+              help="Also check on this dataset's validation images (resized to the crop).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="The dataset's folder.")
+@policy_options
+def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data_root, **policy):
+    """Export CHECKPOINT (any policy; at its crop size) to OUT.onnx, with OUT.json beside it.
+
+    The graph takes normalised float32 images (B, 3, H, W), as the eager model does; the sidecar
+    records the normalisation, the batch, the policy and the parity check's result."""
+    from segm.export.write import check_output_path, export_model
+    from segm.utils.checkpoint import CheckpointError
+
+    log = lambda s: click.echo(s, err=True)  # noqa: E731
+    try:
+        if batch_size is not None and dynamic_batch:
+            raise ExportError("give --batch-size B or --dynamic-batch, not both")
+        batch_size = None if dynamic_batch else (2 if batch_size is None else batch_size)
+        if batch_size is not None and batch_size < 1:
+            raise ExportError(f"--batch-size must be ≥ 1, got {batch_size}")
+        check_opset(opset)
+        check_output_path(out)
+        model, variant = _load(checkpoint, policy)
+        norm = _normalization(variant)
+        real = _real_crops(model, variant, dataset, data_root, norm, batch_size or 1) if check else None
+        side = export_model(model, variant, out, normalization=norm, batch_size=batch_size, opset=opset,
+                            check=check, real=real, checkpoint=str(checkpoint), log=log)
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError, CheckpointError) as e:
+        raise click.ClickException(str(e).splitlines()[0]) from None
+    click.echo(f"wrote {out} and {sidecar_path(out)} ({side['policy']}, U={side['num_notshared']}, "
+               f"S={side['num_shared']}, input {side['input']['shape']})")

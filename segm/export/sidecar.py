@@ -1,0 +1,82 @@
+"""The JSON file beside an exported model (`OUT.json` for `OUT.onnx`): what a deployment needs
+to feed the graph and read its outputs, and where the model came from. Read by
+`segm.onnx_runtime`; no torch import here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SIDECAR_FORMAT = "segm-cts-onnx/1"
+
+
+def sidecar_path(onnx_path) -> Path:
+    return Path(onnx_path).with_suffix(".json")
+
+
+def _json_safe(value):
+    """Tuples (variant.yml's `!!python/tuple`) become lists; anything else unknown a string."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _classes(variant: dict, n_cls: int) -> dict | None:
+    """Class names and palette of the checkpoint's dataset, when they can be found and fit."""
+    from segm.data.base import dataset_info
+
+    embedded = variant.get("classes")
+    if embedded:
+        return embedded
+    dkw = variant.get("dataset_kwargs") or {}
+    try:
+        info = dataset_info(dkw["dataset"], data_root=dkw.get("data_root"), classes_file=dkw.get("classes_file"))
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError):
+        return None
+    return {"names": info.class_names, "palette": info.palette} if info.n_cls == n_cls else None
+
+
+def build_sidecar(model, variant: dict, *, checkpoint: str, normalization: str, batch_size: int | None,
+                  opset: int, outputs: list[str], versions: dict) -> dict:
+    """The sidecar of `model` (a Segmenter) exported at its crop, for a fixed batch or any (None)."""
+    from segm.data.base import STATS
+
+    h, w = model.crop_size
+    batch = batch_size if batch_size is not None else "batch"
+    n2 = (model.grid[0] // 2) * (model.grid[1] // 2)
+    shapes = {"logits": [batch, model.n_cls, h, w], "shared_idx": [batch, model.num_shared], "scores": [batch, n2]}
+    variant = dict(variant, classes=_classes(variant, model.n_cls))
+    return _json_safe({
+        "format": SIDECAR_FORMAT,
+        "checkpoint": checkpoint,
+        "n_cls": model.n_cls,
+        "classes": variant["classes"],
+        "crop": [h, w],
+        "patch_size": model.patch_size,
+        "policy": model.policy_method,
+        "num_notshared": model.grid[0] * model.grid[1] - 4 * model.num_shared,
+        "num_shared": model.num_shared,
+        "random_seed": model.random_seed if model.policy_method == "random" else None,
+        "normalization": {"name": normalization, **STATS[normalization], "in_graph": False,
+                          "formula": "(x / 255 - mean) / std per RGB channel, x in 0..255"},
+        "input": {"name": "im", "shape": [batch, 3, h, w], "dtype": "float32", "layout": "NCHW, RGB"},
+        "outputs": {name: {"shape": shapes[name], "dtype": "int64" if name == "shared_idx" else "float32"}
+                    for name in outputs},
+        "batch_size": batch_size,
+        "dynamic_batch": batch_size is None,
+        "opset": opset,
+        "versions": versions,
+        "variant": variant,
+    })
+
+
+def read_sidecar(onnx_path) -> dict:
+    """The sidecar of `onnx_path`, checked for the fields inference relies on."""
+    path = sidecar_path(onnx_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} beside {onnx_path}: models exported by `python -m segm.export` "
+                                "come with it; re-export the checkpoint")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+        raise ValueError(f"{path} is not a segm.export sidecar (format {SIDECAR_FORMAT!r} expected)")
+    return data

@@ -1,0 +1,157 @@
+"""An exported model (`python -m segm.export`) in ONNX Runtime, usable where inference expects a
+Segmenter: `segm.inference --onnx MODEL.onnx`, `segm.inference.predict_image`, the sliding
+windows of `segm.eval.window` and `segm.bench --with-onnxruntime`.
+
+    model = OnnxSegmenter("model.onnx")          # reads model.json beside it
+    logits = model(images)                       # (B, 3, H, W) normalised float → (B, K, H, W)
+
+The graph takes images normalised as the sidecar says ((x/255 − mean)/std), as the eager model
+does. A model exported for a fixed batch B runs batches of B: a shorter batch (the last chunk of
+sliding windows) is padded by repeating its last image and the padding's outputs are dropped
+(images in a batch are computed independently, so this changes nothing); a longer one is an error.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segm.export.sidecar import read_sidecar
+
+__all__ = ["OnnxModelError", "OnnxSegmenter", "load_for_inference", "session_options"]
+
+
+class OnnxModelError(ValueError):
+    """A file that is not an exported model, or a call the model was not exported for."""
+
+
+def session_options(threads: int | None = None, spinning: bool = True):
+    """ONNX Runtime session options: all graph optimisations; `threads` intra-op threads (None:
+    ONNX Runtime's default, one per physical core). `spinning=False` stops idle worker threads
+    from spin-waiting for work: the right choice when other thread pools (other sessions, torch)
+    share the cores, as in `segm.bench`."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def _session(path: Path, threads: int | None, spinning: bool):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), session_options(threads, spinning), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime raises its own (pybind) types for unreadable models
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OnnxModelError(f"{path} is not an ONNX model ONNX Runtime can load ({first})") from None
+
+
+class OnnxSegmenter:
+    """An exported model in an ONNX Runtime CPU session, with the attributes that inference reads
+    from a Segmenter (`n_cls`, `crop_size`, `policy_method`, `shares_tokens`, `needs_labels`,
+    `variant`) and its calls (`__call__`, `forward_all`, `to`, `eval`, `train`, `parameters`)."""
+
+    needs_labels = False
+    training = False
+
+    def __init__(self, path, *, threads: int | None = None, spinning: bool = True):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        self.session = _session(self.path, threads, spinning)
+        self.info = read_sidecar(self.path)
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != self.info["input"]["name"]:
+            raise OnnxModelError(f"{self.path} does not match its sidecar {self.path.with_suffix('.json').name}: "
+                                 "re-export the checkpoint")
+        batch = inputs[0].shape[0]
+        self.batch_size = batch if isinstance(batch, int) else None  # None: any batch
+        self.n_cls = int(self.info["n_cls"])
+        self.crop_size = tuple(self.info["crop"])
+        self.patch_size = int(self.info["patch_size"])
+        self.policy_method = self.info["policy"]
+        self.num_shared = int(self.info["num_shared"])
+        self.variant = self.info["variant"]
+        self._device = torch.device("cpu")
+
+    @property
+    def shares_tokens(self) -> bool:
+        return self.policy_method != "no_sharing"
+
+    def check_batch(self, n: int, option: str = "batch size") -> None:
+        """Refuses `n` images per call when the model was exported for another fixed batch."""
+        if self.batch_size is not None and n != self.batch_size:
+            raise OnnxModelError(
+                f"{self.path.name} was exported for batch {self.batch_size}, not {option} {n}: use {option} "
+                f"{self.batch_size}, or re-export: python -m segm.export CHECKPOINT {self.path.name} --batch-size {n} "
+                "(or --dynamic-batch)")
+
+    def run(self, im: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All outputs of a batch of images (padded to the exported batch if shorter)."""
+        b = im.shape[0]
+        if self.batch_size is not None and b > self.batch_size:
+            self.check_batch(b)
+        x = im.detach().to("cpu", torch.float32).contiguous()
+        if tuple(x.shape[1:]) != (3, *self.crop_size):
+            raise OnnxModelError(f"{self.path.name} takes images (B, 3, {self.crop_size[0]}, {self.crop_size[1]}), "
+                                 f"got {tuple(x.shape)}")
+        if self.batch_size is not None and b < self.batch_size:
+            x = torch.cat([x, x[-1:].expand(self.batch_size - b, -1, -1, -1)])
+        names = [o.name for o in self.session.get_outputs()]
+        outs = self.session.run(names, {self.info["input"]["name"]: x.numpy()})
+        return {n: torch.from_numpy(np.ascontiguousarray(o[:b])).to(im.device) for n, o in zip(names, outs)}
+
+    def __call__(self, im: torch.Tensor) -> torch.Tensor:
+        return self.run(im)["logits"]
+
+    def forward_all(self, im: torch.Tensor):
+        """`Segmenter.forward_all`'s output (policy logits: None), the layout from `shared_idx`."""
+        from segm.model import cts
+        from segm.model.segmenter import SegmenterOutput
+
+        out = self.run(im)
+        grid = (self.crop_size[0] // self.patch_size, self.crop_size[1] // self.patch_size)
+        if "shared_idx" in out:
+            layout = cts.layout_from_shared(out["shared_idx"], grid)
+        else:
+            layout = cts.no_sharing_layout(im.shape[0], grid, im.device)
+        return SegmenterOutput(out["logits"], None, layout)
+
+    # ------------------------------------------------------ what inference calls on a Segmenter
+    def to(self, device):
+        """Inputs may live on any device; the session runs on the CPU, results return to the input's device."""
+        self._device = torch.device(device)
+        return self
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise OnnxModelError("an ONNX model runs inference only")
+        return self
+
+    def parameters(self):
+        """Where inference puts the inputs (it asks a model's first parameter for its device)."""
+        yield torch.empty(0, device=self._device)
+
+
+def load_for_inference(onnx_path, model_path, policy_choice, window_batch_size: int):
+    """`segm.inference --onnx`: (OnnxSegmenter, its variant), refusing what an exported model
+    cannot do (another policy, a window batch it was not exported for)."""
+    if onnx_path is None:
+        raise OnnxModelError("give --model-path CHECKPOINT or --onnx MODEL.onnx")
+    if model_path is not None:
+        raise OnnxModelError("give --model-path CHECKPOINT or --onnx MODEL.onnx, not both")
+    if policy_choice is not None:
+        raise OnnxModelError("an ONNX model's policy is fixed at export: re-export the checkpoint with "
+                             "python -m segm.export CHECKPOINT OUT.onnx --policy-method ...")
+    model = OnnxSegmenter(onnx_path)
+    model.check_batch(window_batch_size, "--window-batch-size")
+    return model, model.variant

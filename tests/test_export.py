@@ -1,0 +1,258 @@
+"""ONNX export (segm.export) and ONNX Runtime inference (segm.onnx_runtime): the sort-free
+selection equals the stable sort bit for bit; every policy exports at 128 px and ONNX Runtime
+matches eager (logits ≤ 1e-4, identical superpatches, tied scores included); dynamic batch; the
+inference and benchmark backends; bad inputs give one line and leave no file behind."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import segm
+from segm.export.cli import main as export_cli
+from segm.export.graph import DEFAULT_OPSET
+from segm.model import cts, save_model
+from segm.model.factory import write_variant
+from segm.onnx_runtime import OnnxModelError, OnnxSegmenter
+from tests.helpers.models import tiny_variant
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CROP, S, N2 = 128, 5, 16  # 4×4 superpatches
+POLICIES = ("no_sharing", "content", "random", "policy_net")
+
+
+def _checkpoint(folder, policy, layers=1):
+    variant = tiny_variant(folder / "data", policy)
+    net = variant["net_kwargs"]
+    net.update(image_size=(CROP, CROP), n_layers=layers, policy_schedule=(64, 0) if policy == "no_sharing" else (44, S))
+    variant["dataset_kwargs"]["crop_size"] = CROP
+    variant["inference_kwargs"].update(window_size=CROP, window_stride=64)
+    torch.manual_seed(0)
+    model = segm.create_segmenter(net, policy_ckpt_required=False)
+    folder.mkdir(parents=True)
+    save_model(model, variant, folder / "checkpoint.pth")
+    write_variant(variant, folder)
+    return folder / "checkpoint.pth"
+
+
+def _export(args):
+    return CliRunner().invoke(export_cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{policy: (checkpoint, model.onnx)}, exported by the command line (batch 2, check on)."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for policy in POLICIES:
+        ckpt = _checkpoint(root / policy, policy)
+        res = _export([ckpt, root / f"{policy}.onnx"])
+        assert res.exit_code == 0, res.output
+        assert "identical superpatch selection" in res.output or policy == "no_sharing"
+        out[policy] = (ckpt, root / f"{policy}.onnx")
+    return out
+
+
+# ----------------------------------------------------------------------------- selection
+def _score_cases():
+    g = torch.Generator().manual_seed(0)
+    for b, h2, w2, s in [(2, 16, 16, 103), (3, 2, 2, 4), (2, 4, 4, 1), (2, 3, 5, 7), (1, 24, 24, 336)]:
+        n2 = h2 * w2
+        special = torch.randint(0, 4, (b, n2), generator=g).float()
+        special[special == 3] = float("nan")
+        special[special == 2] = float("inf")
+        special[:, :1] = -float("inf")
+        for scores in (torch.rand(b, n2, generator=g), torch.randint(0, 3, (b, n2), generator=g).float(),
+                       torch.zeros(b, n2), special, -torch.zeros(b, n2).index_fill(1, torch.tensor([1]), 0.0)):
+            yield scores, s, (2 * h2, 2 * w2)
+
+
+def test_sort_free_selection_equals_the_stable_sort(monkeypatch):
+    """What the exported graph computes (no sort) is eager's layout bit for bit: random scores,
+    ties, all-equal scores, NaN (first, as torch.sort puts it), ±inf, ±0."""
+    cases = list(_score_cases())
+    eager = [(cts.select_shared(s, k), cts.layout_from_scores(s, k, grid)) for s, k, grid in cases]
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    for (scores, k, grid), (idx, layout) in zip(cases, eager):
+        assert torch.equal(cts.select_shared(scores, k), idx)
+        exported = cts.layout_from_scores(scores, k, grid)
+        for field in ("base_idx", "shared_idx", "token_of_cell"):
+            assert torch.equal(getattr(exported, field), getattr(layout, field)), (field, scores)
+
+
+# ----------------------------------------------------------------------------- parity
+def _tied_and_random(batch):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(batch, 3, CROP, CROP, generator=g), torch.full((batch, 3, CROP, CROP), -0.3)]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_onnx_runtime_matches_eager(exported, policy):
+    ckpt, path = exported[policy]
+    model, _ = segm.load_model(ckpt)
+    ort = OnnxSegmenter(path)
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert side["policy"] == policy and side["batch_size"] == 2 and side["opset"] == DEFAULT_OPSET == 20
+    assert side["num_shared"] == (0 if policy == "no_sharing" else S) and side["crop"] == [CROP, CROP]
+    assert side["normalization"]["mean"] == [0.5] * 3 and side["parity"]["max_abs_logit_diff"] <= 1e-4
+    for im in _tied_and_random(2):
+        model.reset_random_policy()  # the exported random policy: the first draw after seeding
+        with torch.no_grad():
+            ref = model.forward_all(im)
+        out = ort.forward_all(im)
+        assert (out.logits - ref.logits).abs().max() <= 1e-4
+        for field in ("base_idx", "shared_idx", "token_of_cell"):
+            assert torch.equal(getattr(out.layout, field), getattr(ref.layout, field))
+    if policy == "content":  # a constant image: every score ties at 0, the lowest raster indices win
+        assert ort.forward_all(_tied_and_random(2)[1]).layout.shared_idx.tolist() == [list(range(S))] * 2
+
+
+def test_dynamic_batch_runs_any_batch(tmp_path, exported):
+    ckpt, _ = exported["content"]
+    res = _export([ckpt, tmp_path / "dyn.onnx", "--dynamic-batch", "--no-check", "--opset", "18"])
+    assert res.exit_code == 0, res.output
+    model, _ = segm.load_model(ckpt)
+    ort = OnnxSegmenter(tmp_path / "dyn.onnx")
+    assert ort.batch_size is None and json.loads((tmp_path / "dyn.json").read_text())["input"]["shape"][0] == "batch"
+    for b in (1, 3):
+        for im in _tied_and_random(b):
+            with torch.no_grad():
+                ref = model.forward_all(im)
+            out = ort.forward_all(im)
+            assert out.logits.shape[0] == b and (out.logits - ref.logits).abs().max() <= 1e-4
+            assert torch.equal(out.layout.shared_idx, ref.layout.shared_idx)
+
+
+def test_check_on_validation_crops(tmp_path, exported, synthetic_root):
+    res = _export([exported["content"][0], tmp_path / "m.onnx", "--dataset", "synthetic", "--data-root", synthetic_root])
+    assert res.exit_code == 0, res.output
+    parity = json.loads((tmp_path / "m.json").read_text())["parity"]
+    assert parity["inputs"][-2:] == ["validation crops 0-1", "validation crops 2-3"]
+    assert parity["max_abs_logit_diff"] <= 1e-4 and parity["near_tie_images"] == 0
+
+
+def test_near_ties_are_reported_and_wrong_tie_breaking_fails():
+    """Scores that differ by rounding may reorder a tie (counted, not a failure); a selection that
+    eager would not make from the graph's own scores fails."""
+    from segm.export.check import _failure, compare
+
+    torch.manual_seed(0)
+    net = tiny_variant(".", "content")["net_kwargs"]
+    net.update(image_size=(CROP, CROP), policy_schedule=(44, S))
+    model = segm.create_segmenter(net).eval()
+    im = torch.full((2, 3, CROP, CROP), 0.1)  # all scores tie at 0: eager shares superpatches 0..4
+    eager_scores = model.policy_scores(im, None)[0]
+    scores = eager_scores.clone()
+    scores[:, 10] += 1e-6  # "rounded" differently by the other runtime: 10 now wins
+    with torch.no_grad():
+        ort = model.forward_with_scores(im, scores)
+    r = compare(model, [ort.logits, ort.layout.shared_idx, scores], im)
+    assert r["near_ties"] == 2 and r["selection_given_scores"] and _failure("x", r) is None
+    assert eager_scores.eq(0).all() and 10 in ort.layout.shared_idx[0]
+    wrong = ort.layout.shared_idx.flip(1)  # not what eager selects from these scores
+    r = compare(model, [ort.logits, wrong, scores], im)
+    assert "tie-breaking" in _failure("x", r)
+
+
+def test_failed_parity_check_writes_nothing(tmp_path, exported, monkeypatch):
+    monkeypatch.setattr("segm.export.check.LOGIT_TOL", -1.0)
+    res = _export([exported["no_sharing"][0], tmp_path / "m.onnx"])
+    assert res.exit_code == 1 and "parity check failed on input 'random normal, batch 2'" in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- backends
+@pytest.mark.filterwarnings("ignore:using a generated palette")
+def test_inference_cli_with_onnx_equals_eager(tmp_path, exported):
+    from segm.inference import main as infer
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)).save(tmp_path / "in" / "a.png")
+    ckpt, path = exported["content"]
+    runs = {"eager": ["--model-path", ckpt], "onnx": ["--onnx", path]}
+    for name, args in runs.items():
+        res = CliRunner().invoke(infer, [*map(str, args), "-i", str(tmp_path / "in"), "-o", str(tmp_path / name),
+                                         "--cpu", "--show-sharing", "--window-batch-size", "2"])
+        assert res.exit_code == 0, res.output
+    for f in ("a.png", "a_sharing.png"):  # 3 windows: the last batch of 1 is padded to the exported 2
+        assert (tmp_path / "eager" / f).read_bytes() == (tmp_path / "onnx" / f).read_bytes()
+
+
+def test_bench_times_onnx_runtime_beside_eager():
+    from segm import bench
+
+    cfg = bench.BenchConfig(crop_size=64, n_cls=10, overrides=dict(d_model=64, n_heads=2, n_layers=1,
+                            decoder_layers=1), batch_size=2, warmup=0, repeats=1, matmul_size=64, threads=1,
+                            num_shared=3, onnxruntime=True)
+    result = bench.run_benchmark(cfg)
+    assert [r["name"] for r in result["variants"]] == ["no_sharing", "cts", "no_sharing_ort", "cts_ort"]
+    assert set(result["onnxruntime"]["ort_over_eager"]) == {"no_sharing", "cts"}
+    assert "cts_ort" in result["onnxruntime"]["speedup_over_ort_no_sharing"]
+    assert "n/a" in bench.format_table(result)  # no memory figure for ONNX Runtime rows
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_export_inputs_fail_with_one_line_and_no_file(tmp_path, exported):
+    ckpt = exported["content"][0]
+    oracle = _checkpoint(tmp_path / "oracle", "oracle")
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    cases = [
+        ([ckpt, tmp_path / "m.onnx", "--opset", "7"], "--opset 7 is not supported: choose 18..25"),
+        ([junk, tmp_path / "m.onnx"], "junk.pth is corrupt or not a torch checkpoint"),
+        ([tmp_path / "none.pth", tmp_path / "m.onnx"], "checkpoint not found"),
+        ([ckpt, tmp_path / "m.onnx", "--batch-size", "2", "--dynamic-batch"], "not both"),
+        ([ckpt, tmp_path / "m.onnx", "--batch-size", "0"], "--batch-size must be ≥ 1"),
+        ([ckpt, tmp_path / "m.pt"], "must end in .onnx"),
+        ([ckpt, tmp_path / "nowhere" / "m.onnx"], "does not exist"),
+        ([exported["random"][0], tmp_path / "m.onnx", "--dynamic-batch"], "drawn once at export for a fixed batch"),
+        ([oracle, tmp_path / "m.onnx"], "the oracle policy selects from ground-truth labels"),
+    ]
+    before = sorted(tmp_path.iterdir())
+    for args, message in cases:
+        res = _export(args)
+        assert res.exit_code == 1 and message in res.output, (args, res.output)
+        assert len(res.output.strip().splitlines()) == 1, res.output
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_bad_runtime_inputs(tmp_path, exported):
+    from segm.inference import main as infer
+
+    path = exported["content"][1]
+    ort = OnnxSegmenter(path)
+    with pytest.raises(OnnxModelError, match=r"exported for batch 2, not batch size 3: .*--batch-size 3"):
+        ort(torch.zeros(3, 3, CROP, CROP))
+    fake = tmp_path / "fake.onnx"
+    fake.write_text("hello")
+    with pytest.raises(OnnxModelError, match="is not an ONNX model ONNX Runtime can load"):
+        OnnxSegmenter(fake)
+    lonely = tmp_path / "lonely.onnx"
+    lonely.write_bytes(path.read_bytes())
+    with pytest.raises(FileNotFoundError, match="no lonely.json beside"):
+        OnnxSegmenter(lonely)
+    (tmp_path / "in").mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(tmp_path / "in" / "a.png")
+    cases = [(["--onnx", path, "--window-batch-size", "3"], "exported for batch 2, not --window-batch-size 3"),
+             (["--onnx", fake], "is not an ONNX model"),
+             (["--onnx", path, "--policy-method", "random", "--num-tokens-shared", "2"], "fixed at export"),
+             ([], "give --model-path CHECKPOINT or --onnx MODEL.onnx")]
+    for args, message in cases:
+        res = CliRunner().invoke(infer, [*map(str, args), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")])
+        assert res.exit_code == 1 and message in res.output, (args, res.output)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_refuses_onnx_runtime_outside_cpu_fp32_inference():
+    from segm import bench
+
+    for kw, message in [(dict(dtype="bf16"), "CPU in fp32"), (dict(train_step=True), "batched inference only")]:
+        with pytest.raises(bench.BenchError, match=message):
+            bench.check_config(bench.BenchConfig(onnxruntime=True, **kw))
