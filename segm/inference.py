@@ -277,6 +277,8 @@ def main(model_path, onnx_path, input_path, output_dir, device, gpu, window_batc
         if clash:
             raise ValueError(f"the output {output_dir / clash[0].name} would overwrite its input: choose another -o")
         choice = policy_choice(**policy)
+        if onnx_path is not None and amp is not None:
+            raise ValueError("--amp does not apply to an ONNX model (ONNX Runtime runs the exported fp32 graph); drop it")
         if onnx_path is not None or model_path is None:
             model, variant = load_for_inference(onnx_path, model_path, choice, window_batch_size)
         else:
