@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from segm import __version__
-from segm.data.base import STATS
+from segm.data.base import STATS, variant_normalization
 from segm.data.io import DataError, pil_to_rgb, read_image
 from segm.data.label_space import to_label_space
 from segm.eval.evaluate import AMP_DTYPES, SAVE_FORMATS, autocast
@@ -66,15 +66,6 @@ def _as_rgb_array(image) -> np.ndarray:
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     return image[..., :3]  # RGBA: drop alpha, as PIL's convert("RGB")
-
-
-def _normalization(variant: dict) -> str:
-    norm = (variant.get("dataset_kwargs") or {}).get("normalization") or (variant.get("net_kwargs") or {}).get(
-        "normalization"
-    )
-    if norm not in STATS:
-        raise ValueError(f"the variant names no known normalization (got {norm!r}; expected one of {sorted(STATS)})")
-    return norm
 
 
 def _to_tensor(image: np.ndarray, normalization: str, device) -> torch.Tensor:
@@ -129,7 +120,7 @@ def predict_probs(model, image, *, variant: dict, window_size=None, window_strid
     was_training = model.training
     model.eval()
     ws, stride = resolve_window(model, variant, window_size=window_size, window_stride=window_stride)
-    im = _to_tensor(image, _normalization(variant), device)
+    im = _to_tensor(image, variant_normalization(variant), device)
     ori_shape = tuple(im.shape[-2:])
     views, metas = augmented_views(im, multiscale=multiscale, flip=flip)
     first = resize_to_window(views[0], ws)  # the guard inference_views applies; here for the layout

@@ -2,7 +2,6 @@
 optional batch-1 latency and peak memory) and the optional training step."""
 from __future__ import annotations
 
-import contextlib
 import statistics
 from typing import Callable
 
@@ -14,12 +13,11 @@ from segm.bench.memory import variant_memory
 from segm.bench.settings import BenchConfig
 from segm.bench.timing import rate, round_robin, speedups, summary
 from segm.bench.variants import Variant
+from segm.utils.amp import AMP_DTYPES, autocast
 
 
 def _autocast(cfg: BenchConfig):
-    if cfg.dtype == "bf16":
-        return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast(torch.device(cfg.device).type, AMP_DTYPES.get(cfg.dtype))  # fp32: none
 
 
 def _inference_fn(cfg: BenchConfig, m) -> Callable:

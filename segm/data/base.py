@@ -93,6 +93,17 @@ def normalization_stats(normalization: str) -> dict:
     return {k: [float(x) for x in np.round(255 * np.array(v), 2)] for k, v in STATS[normalization].items()}
 
 
+def variant_normalization(variant: dict) -> str:
+    """The input normalisation a checkpoint was trained with: its variant's
+    `dataset_kwargs.normalization`, else its model preset's (`net_kwargs.normalization`)."""
+    norm = ((variant.get("dataset_kwargs") or {}).get("normalization")
+            or (variant.get("net_kwargs") or {}).get("normalization"))
+    if norm not in STATS:
+        raise ValueError(f"the checkpoint's variant names no known normalization (got {norm!r}; "
+                         f"expected one of {sorted(STATS)} in dataset_kwargs.normalization)")
+    return norm
+
+
 def default_root(name: str) -> Path:
     name = canonical_name(name)
     if name == "custom":

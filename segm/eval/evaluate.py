@@ -13,7 +13,6 @@ buffer broadcast would then hang.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
@@ -29,12 +28,14 @@ from tqdm import tqdm
 from segm.data.io import read_image
 from segm.eval.window import check_stride, inference_views, resize_to_window
 from segm.metrics import IoUAccumulator
+from segm.utils.amp import AMP_DTYPES as _AMP
+from segm.utils.amp import autocast
 from segm.utils.distributed import all_reduce_sum, is_main_process
 from segm.visualize import blend_images, colorize, save_png
 
 __all__ = ["AMP_DTYPES", "SAVE_FORMATS", "autocast", "evaluate_dataset", "predict_views", "make_window_forward"]
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --amp-dtype / --amp
+AMP_DTYPES = {"none": None, **dict(sorted(_AMP.items()))}  # --amp-dtype / --amp
 # Saved predictions: colours blended with the input (with input and gt), or the dataset's label values.
 SAVE_FORMATS = ("overlay", "index")
 
@@ -43,13 +44,6 @@ def _unwrap(model):
     """The bare model behind DDP / torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
-
-
-def autocast(device_type: str, amp_dtype=None):
-    """`torch.autocast` to `amp_dtype` on `device_type`; no autocast when it is None."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=amp_dtype)
 
 
 def make_window_forward(model, amp_dtype=None, label_view: torch.Tensor | None = None):

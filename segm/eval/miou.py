@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segm import __version__
 from segm.config import dataset_dir, dump_yaml, load_config
 from segm.data import canonical_name
+from segm.data.base import variant_normalization
 from segm.data.base import DATASET_CHOICES
 from segm.eval.evaluate import AMP_DTYPES, SAVE_FORMATS
 from segm.eval.window import resolve_window
@@ -54,9 +55,7 @@ def resolve_settings(variant: dict, model, dataset: str, *, im_size=None, window
         raise ValueError(f"no default image size for dataset {dataset!r}: pass --im-size")
     if int(im_size) < 1:
         raise ValueError(f"--im-size must be positive, got {im_size}")
-    normalization = dkw.get("normalization") or variant.get("net_kwargs", {}).get("normalization")
-    if normalization is None:
-        raise ValueError("the checkpoint's variant names no normalization (dataset_kwargs.normalization)")
+    normalization = variant_normalization(variant)
     # The training run's own data folder, when evaluating on the dataset it was trained on.
     if data_root is None and same_dataset:
         data_root = dkw.get("data_root")

@@ -3,21 +3,10 @@ from __future__ import annotations
 
 import click
 
-from segm.data.base import DATASET_CHOICES
+from segm.data.base import DATASET_CHOICES, variant_normalization
 from segm.export.graph import DEFAULT_OPSET, ExportError, check_opset
 from segm.export.sidecar import sidecar_path
 from segm.policy_choice import policy_options
-
-
-def _normalization(variant: dict) -> str:
-    from segm.data.base import STATS
-
-    norm = ((variant.get("dataset_kwargs") or {}).get("normalization")
-            or (variant.get("net_kwargs") or {}).get("normalization"))
-    if norm not in STATS:
-        raise ExportError(f"the checkpoint's variant names no known normalization (got {norm!r}; "
-                          f"expected one of {sorted(STATS)})")
-    return norm
 
 
 def _real_crops(model, variant: dict, dataset, data_root, normalization: str, batch: int):
@@ -69,7 +58,7 @@ def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data
         check_opset(opset)
         check_output_path(out)
         model, variant = _load(checkpoint, policy)
-        norm = _normalization(variant)
+        norm = variant_normalization(variant)
         real = _real_crops(model, variant, dataset, data_root, norm, batch_size or 1) if check else None
         side = export_model(model, variant, out, normalization=norm, batch_size=batch_size, opset=opset,
                             check=check, real=real, checkpoint=str(checkpoint), log=log)

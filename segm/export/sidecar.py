@@ -20,17 +20,10 @@ def _json_safe(value):
 
 def _classes(variant: dict, n_cls: int) -> dict | None:
     """Class names and palette of the checkpoint's dataset, when they can be found and fit."""
-    from segm.data.base import dataset_info
+    from segm.visualize import checkpoint_classes
 
-    embedded = variant.get("classes")
-    if embedded:
-        return embedded
-    dkw = variant.get("dataset_kwargs") or {}
-    try:
-        info = dataset_info(dkw["dataset"], data_root=dkw.get("data_root"), classes_file=dkw.get("classes_file"))
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError):
-        return None
-    return {"names": info.class_names, "palette": info.palette} if info.n_cls == n_cls else None
+    names, palette, note = checkpoint_classes(variant, n_cls)
+    return {"names": names, "palette": palette} if note is None else None
 
 
 def build_sidecar(model, variant: dict, *, checkpoint: str, normalization: str, batch_size: int | None,

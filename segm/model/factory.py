@@ -23,6 +23,7 @@ from segm.model.spec import (
     build_net_kwargs,
     check_net_kwargs,
     complete_net_kwargs,
+    resolve_policy,
 )
 from segm.model.vit import create_vit, load_pretrained_vit
 from segm.utils.checkpoint import atomic_torch_save, safe_torch_load, state_dict_mismatch
@@ -81,11 +82,7 @@ def reshare(model: Segmenter, net_kwargs: dict, policy_method: str, *, num_share
         net["token_reduction"] = token_reduction
     if policy_backbone is not None:
         net["policy_backbone"] = policy_backbone
-    spec = check_net_kwargs(net, policy_ckpt_required=True)
-    net.pop("token_reduction", None)
-    net["policy_schedule"] = (spec.num_notshared, spec.num_shared)
-    if spec.policy_backbone is not None:
-        net["policy_backbone"] = spec.policy_backbone
+    spec = resolve_policy(net, policy_ckpt_required=True)
     shared = _with_policy(model.encoder, model.decoder, model.n_cls, spec, net)
     return shared.to(next(model.parameters()).device).eval(), net
 

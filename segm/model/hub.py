@@ -29,15 +29,16 @@ def is_shared_folder(path) -> bool:
 
 def model_config(model, variant: dict) -> dict:
     """config.json: the variant's model part plus what a colleague needs to use the model."""
-    from segm.data.base import STATS
+    from segm.data.base import STATS, variant_normalization
     from segm.policy_choice import policy_record
+    from segm.visualize import checkpoint_classes
 
     kept = {k: variant[k] for k in _VARIANT_KEYS if k in variant}
     kept["dataset_kwargs"] = {k: v for k, v in (kept.get("dataset_kwargs") or {}).items()
                               if k not in _PRIVATE_DATASET_KEYS}
     net = variant["net_kwargs"]
-    normalization = kept["dataset_kwargs"].get("normalization") or net.get("normalization", "vit")
-    names, palette = _classes(variant, model.n_cls)
+    normalization = variant_normalization(variant)
+    names, palette, _ = checkpoint_classes(variant, model.n_cls)
     return {
         "format": FORMAT,
         "variant": _jsonable(kept),
@@ -48,13 +49,6 @@ def model_config(model, variant: dict) -> dict:
         "crop_size": list(model.crop_size),
         "policy": {**policy_record(model), "policy_backbone": net.get("policy_backbone")},
     }
-
-
-def _classes(variant: dict, n_cls: int) -> tuple[list | None, list]:
-    from segm.visualize import checkpoint_classes
-
-    names, palette, _ = checkpoint_classes(variant, n_cls)
-    return names, palette
 
 
 def _jsonable(data):

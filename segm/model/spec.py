@@ -183,14 +183,22 @@ def build_net_kwargs(
     net["policynet_ckpt"] = policynet_ckpt
     if policy_method == "policy_net":
         net["policy_backbone"] = policy_backbone
+    resolve_policy(net, policy_ckpt_required=policy_ckpt_required)
+    return net
+
+
+def resolve_policy(net: dict, *, policy_ckpt_required: bool) -> ModelSpec:
+    """Validates `net` (`check_net_kwargs`) and records, in place, the budget and backbone it
+    resolves to: `policy_schedule` = (U, S), no `token_reduction`, and `policy_backbone` as
+    built (left out when nothing records one: the default applies)."""
     spec = check_net_kwargs(net, policy_ckpt_required=policy_ckpt_required)
     net["policy_schedule"] = (spec.num_notshared, spec.num_shared)
     net.pop("token_reduction", None)
     if spec.policy_backbone is not None:
         net["policy_backbone"] = spec.policy_backbone
     else:
-        net.pop("policy_backbone", None)  # no record: the default applies when built
-    return net
+        net.pop("policy_backbone", None)
+    return spec
 
 
 def complete_net_kwargs(net: dict) -> dict:

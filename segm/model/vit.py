@@ -16,13 +16,8 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from segm.model.spec import pair as _pair
 from segm.utils.checkpoint import safe_torch_load, state_dict_mismatch
-
-
-def _pair(x) -> tuple[int, int]:
-    if isinstance(x, (list, tuple)):
-        return int(x[0]), int(x[1])
-    return int(x), int(x)
 
 
 def create_vit(

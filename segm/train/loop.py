@@ -2,7 +2,6 @@
 (checkpoint, log line). Everything that changes lives in the `TrainState`."""
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -12,6 +11,7 @@ import torch
 
 from segm.train.loss import NonFiniteLossError, segmentation_loss
 from segm.train.state import TrainState, fresh_meters
+from segm.utils.amp import autocast
 from segm.utils.logger import append_log
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def train_step(net: torch.nn.Module, state: TrainState, run: Run, batch: dict, e
     """One update; returns (global mean loss, learning rate after the schedule's step)."""
     im = batch["im"].to(run.device, non_blocking=True)
     seg = batch["segmentation"].to(run.device, non_blocking=True)
-    with autocast(run):
+    with autocast(run.device.type, run.opts.autocast_dtype):
         logits = net(im, seg) if state.model.needs_labels else net(im)
     loss, loss_global = segmentation_loss(logits, seg, run.world_size)
     loss_value = loss_global.item()
@@ -92,12 +92,6 @@ def exploded_loss(n_cls: int) -> float:
     """A cross-entropy far above that of a uniform guess (ln K) means the weights are destroyed,
     even while they are finite: training stops before such a state can be checkpointed."""
     return 100 * math.log(max(n_cls, 2))
-
-
-def autocast(run: Run):
-    if run.opts.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=run.device.type, dtype=run.opts.autocast_dtype)
 
 
 def evaluate(net: torch.nn.Module, run: Run) -> tuple[dict, list]:

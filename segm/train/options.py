@@ -18,9 +18,9 @@ import torch
 from segm.config import load_config
 from segm.eval.window import check_stride
 from segm.model.spec import check_window
+from segm.utils.amp import AMP_DTYPES
 from segm.utils.checkpoint import CheckpointError
 
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ConfigError(ValueError):
