@@ -342,10 +342,36 @@ def test_folded_policy_fuses_each_conv_with_its_activation(backbone, n_fused):
     with torch.no_grad():
         want = policy(im)["logits"]
         got = fused(im)["logits"]
-        assert all(m._packed is not None for m in convs)  # the oneDNN path ran
+        assert all(len(m._packed) == 1 for m in convs)  # the oneDNN path ran
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # a second batch size gets its own packing; both keep matching the unfolded policy
+        torch.testing.assert_close(fused(im[:1])["logits"], want[:1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused(im)["logits"], want, rtol=1e-4, atol=1e-4)
+        assert all(len(m._packed) == 2 for m in convs)
         for m in convs:
-            m._packed = None
+            m._packed.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = fused(im)["logits"]
-        assert all(m._packed is None for m in convs) and low.dtype == torch.bfloat16
+        assert all(not m._packed for m in convs) and low.dtype == torch.bfloat16
+
+
+def test_folded_conv_packs_its_weight_for_the_input_shape(monkeypatch):
+    """oneDNN chooses the packed weight layout for the input shape it is told; packed without
+    one, the 1152-channel 1×1 convs of efficientnet_lite0 ran 12× slower (BENCHMARKS.md). Each
+    packing is told the shape it serves, once per shape, and redone when the weight changes."""
+    from segm.model import policy_fastpath as pf
+
+    calls = []
+    real = torch._C._nn.mkldnn_reorder_conv2d_weight
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight",
+                        lambda *a: calls.append(a[5] if len(a) > 5 else None) or real(*a))
+    layer = pf.FoldedConvAct(torch.nn.Conv2d(64, 32, 1), torch.nn.ReLU6()).eval()
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for batch in (x, x, x[:1], x):
+            want = torch.nn.functional.relu6(layer.conv(batch))
+            torch.testing.assert_close(layer(batch), want, rtol=1e-5, atol=1e-5)
+        assert calls == [[2, 64, 8, 8], [1, 64, 8, 8]]
+        layer.conv.weight.mul_(2.0)
+        torch.testing.assert_close(layer(x), torch.nn.functional.relu6(layer.conv(x)), rtol=1e-5, atol=1e-5)
+    assert calls[-1] == [2, 64, 8, 8] and len(calls) == 3

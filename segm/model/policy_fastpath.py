@@ -26,6 +26,8 @@ CPU_CHUNK_BYTES = 32 << 20
 
 _ONEDNN_FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
+_MAX_PACKED_SHAPES = 8  # a sharing model sees one crop size, in at most two chunk sizes
+
 _peak_ratios: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -74,17 +76,20 @@ class FoldedConvAct(nn.Module):
     """Inference-only: a conv with BatchNorm folded in, then its activation (ReLU6 or none).
 
     On the CPU in plain fp32 it runs oneDNN's convolution with the activation fused and the
-    weight pre-packed once (the kernel inductor emits for frozen graphs), which saves a pass
-    over every feature map and a weight reorder per call: about 10 % of the policy network's
-    CPU time. Anywhere else (GPU, autocast, compile, under a dispatch mode such as the FLOP
-    counter) it runs conv, then activation.
+    weight pre-packed once per input shape (the kernel inductor emits for frozen graphs), which
+    saves a pass over every feature map and a weight reorder per call. The packing must know
+    the input shape: without it oneDNN chose a layout that made the widest 1×1 convs 12× slower
+    and the whole network twice as slow (BENCHMARKS.md). Anywhere else (GPU, autocast, compile,
+    under a dispatch mode such as the FLOP counter) it runs conv, then activation.
     """
 
     def __init__(self, conv: nn.Conv2d, act: nn.Module):
         super().__init__()
         self.conv, self.act = conv, act
         self._relu6 = isinstance(act, nn.ReLU6)
-        self._packed = None  # (weight version, pre-packed oneDNN weight)
+        # pre-packed oneDNN weights by input shape, for the weight version they were packed from
+        self._packed: dict = {}
+        self._packed_version = -1
 
     def _onednn(self, x: torch.Tensor) -> bool:
         w = self.conv.weight
@@ -102,13 +107,18 @@ class FoldedConvAct(nn.Module):
         if not self._onednn(x):
             return self.act(self.conv(x))
         c = self.conv
-        if self._packed is None or self._packed[0] != c.weight._version:
-            w = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                c.weight.detach().to_mkldnn(), list(c.padding), list(c.stride), list(c.dilation), c.groups
+        if self._packed_version != c.weight._version:
+            self._packed, self._packed_version = {}, c.weight._version
+        shape = tuple(x.shape)
+        if shape not in self._packed:
+            if len(self._packed) >= _MAX_PACKED_SHAPES:
+                self._packed.clear()
+            self._packed[shape] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                c.weight.detach().to_mkldnn(), list(c.padding), list(c.stride), list(c.dilation), c.groups,
+                list(shape),
             )
-            self._packed = (c.weight._version, w)
         return torch.ops.mkldnn._convolution_pointwise(
-            x, self._packed[1], c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,
+            x, self._packed[shape], c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,
             "hardtanh" if self._relu6 else "none", [0.0, 6.0] if self._relu6 else [], None,
         )
 
