@@ -2,6 +2,7 @@
 FLOPs against the CTS formulas, the interleaving, memory measurement, real-image inputs, the
 CLI and its errors. One thread, so a loaded machine does not stall OpenMP barriers."""
 import json
+import statistics
 import subprocess
 import sys
 
@@ -55,7 +56,37 @@ def test_result_fields_tokens_and_flops(result):
     m = result["machine"]
     assert m["cpu"] and m["torch"] == torch.__version__ and m["torch_threads"] == 1
     assert result["protocol"]["policy_net_included"] and result["protocol"]["interleaved"]
+    assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert result["protocol"]["reuse_memory"] is False
     json.dumps(result)  # serialisable
+
+
+def test_policy_network_timed_alone_in_the_same_rounds(result):
+    """The CTS variant's policy network is timed on its own in the inference rounds, as a share
+    of the CTS forward, with whether oneDNN's fused conv ran (the first thing to check on a CPU
+    where CTS gains less)."""
+    from segm.model.policy_fastpath import _ONEDNN_FUSED_CONV
+
+    policy = result["policy_net"]
+    cts = next(r for r in result["variants"] if r["name"] == "cts")
+    assert len(policy["times_s"]) == len(cts["inference"]["times_s"]) == 2
+    assert policy["ms_per_batch"] == pytest.approx(1e3 * statistics.median(policy["times_s"]))
+    assert policy["ms_per_image"] == pytest.approx(policy["ms_per_batch"] / 2)
+    assert 0 < policy["share_of_cts"]
+    assert policy["onednn"] == {"available": _ONEDNN_FUSED_CONV, "layers": 48,
+                                "taken": 48 if _ONEDNN_FUSED_CONV else 0}
+    line = next(x for x in bench.format_table(result).splitlines() if x.startswith("Policy network alone"))
+    assert f"{policy['ms_per_image']:.1f} ms per image" in line
+
+
+def test_reuse_memory_option_reaches_the_allocator_and_the_report(monkeypatch):
+    from segm.bench import run as bench_run
+
+    calls = []
+    monkeypatch.setattr(bench_run, "keep_freed_memory", lambda: calls.append(True))
+    res = CliRunner().invoke(bench.main, TINY_ARGS + ["--no-memory", "--reuse-memory"])
+    assert res.exit_code == 0, res.output
+    assert calls == [True] and "freed memory kept (--reuse-memory)" in res.output
 
 
 def test_thread_count_restored():

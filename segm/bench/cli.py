@@ -12,6 +12,7 @@ from segm.bench.settings import MATMUL_SIZE, BenchConfig, BenchError
 from segm.config import load_config
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.device import DEVICE_HELP, resolve_device
+from segm.utils.host_memory import REUSE_MEMORY_HELP, HostMemoryError
 
 _PRESETS = load_config()  # the backbone and decoder choices
 
@@ -68,6 +69,7 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
 @click.option("--sdpa/--no-sdpa", default=True, help="timm fused attention on/off.")
 @click.option("--channels-last", is_flag=True, help="channels_last inputs and conv weights.")
 @click.option("--threads", type=int, help="torch.set_num_threads.")
+@click.option("--reuse-memory", is_flag=True, help=REUSE_MEMORY_HELP)
 @click.option("--inputs", default="random", help="random, or DATASET[:SPLIT] validation images (e.g. ade20k:val).")
 @click.option("--data-root", type=click.Path(), help="The dataset's folder (default $DATASET/<name>).")
 @click.option("--num-batches", default=4, type=int, help="Distinct input batches, cycled over repeats.")
@@ -94,6 +96,6 @@ def main(d_model, n_heads, n_layers, decoder_layers, sweep, json_path, plot_path
             write_json(result, json_path)
         if plot_path:
             plot_sweep(result, plot_path)
-    except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, OSError, CheckpointError, HostMemoryError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_table(result))

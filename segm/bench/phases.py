@@ -27,6 +27,22 @@ def _inference_fn(cfg: BenchConfig, m) -> Callable:
     return fn
 
 
+def _policy_fn(cfg: BenchConfig, model) -> Callable:
+    """The policy network alone, as the CTS forward runs it in eager mode (scores included)."""
+    def fn(x):
+        with torch.no_grad(), _autocast(cfg):
+            model.policy_scores(x, None)
+    return fn
+
+
+def _policy_result(cfg: BenchConfig, model, t: list[float], cts_t: list[float]) -> dict:
+    from segm.model.policy_fastpath import onednn_layers
+
+    median = statistics.median(t)
+    return {"times_s": t, "ms_per_batch": 1e3 * median, "ms_per_image": 1e3 * median / cfg.batch_size,
+            "share_of_cts": median / statistics.median(cts_t), "onednn": onednn_layers(model.inference_policy())}
+
+
 def _matmul_fn(size: int, device) -> tuple[Callable, int]:
     """The fp32 reference matrix product (the compute ceiling), and its products per call."""
     a = torch.randn(size, size, device=device)
@@ -63,15 +79,21 @@ def _add_latency(cfg: BenchConfig, fns: dict, batches: list, results: list[dict]
 
 
 def inference_phase(cfg: BenchConfig, variants: list[Variant], runners: dict, batches: list, device,
-                    log: Callable) -> tuple[list[dict], dict]:
+                    log: Callable) -> tuple[list[dict], dict, dict | None]:
     """Throughput (and optionally batch-1 latency and peak memory) per variant, with the fp32
-    reference matmul timed in the same rounds. Returns (per-variant results, matmul result)."""
+    reference matmul and the CTS variant's policy network alone timed in the same rounds.
+    Returns (per-variant results, matmul result, policy-network result or None)."""
     n_mm = cfg.matmul_size
     matmul, mm_iters = _matmul_fn(n_mm, device)
     fns = {v.name: _inference_fn(cfg, runners[v.name]) for v in variants}
-    times = round_robin({**fns, "matmul": matmul}, batches, cfg.warmup, cfg.repeats, device, log, "inference")
+    references = {"matmul": matmul}
+    cts = next((v for v in variants if v.name == "cts" and v.backend == "eager"), None)
+    if cts is not None:
+        references["policy_net"] = _policy_fn(cfg, cts.model)
+    times = round_robin({**fns, **references}, batches, cfg.warmup, cfg.repeats, device, log, "inference")
     matmul_res = {"size": n_mm, "dtype": "fp32", "iters_per_call": mm_iters,
                   "gflop_per_s": rate(times.pop("matmul"), 2 * n_mm**3 * mm_iters / 1e9)}
+    policy = None if cts is None else _policy_result(cfg, cts.model, times.pop("policy_net"), times["cts"])
     results = [_inference_row(cfg, v, times, matmul_res["gflop_per_s"]["median"]) for v in variants]
     if cfg.latency:
         _add_latency(cfg, fns, batches, results, device, log)
@@ -81,7 +103,7 @@ def inference_phase(cfg: BenchConfig, variants: list[Variant], runners: dict, ba
                 continue
             r["inference"]["memory"] = variant_memory(cfg, fns[v.name], _inference_fn(cfg, v.model), batches[0],
                                                       device)
-    return results, matmul_res
+    return results, matmul_res, policy
 
 
 def _train_step_fn(cfg: BenchConfig, m, opt: torch.optim.Optimizer) -> Callable:

@@ -50,19 +50,46 @@ def _footer(result: dict) -> list[str]:
     p, mm = result["protocol"], result["matmul"]["gflop_per_s"]["median"]
     m, mach = result["model"], result["machine"]
     load = result["load_average"]
-    dev = mach["gpu"] or f"{mach['cpu']} ({mach['torch_threads']} threads)"
+    dev = mach["gpu"] or f"{_cpu_name(mach)} ({mach['torch_threads']} threads)"
     lines = [
         "",
         f"{m['backbone']} + {m['decoder']}, {m['n_cls']} classes, crop {m['crop_size'][0]}×{m['crop_size'][1]}, "
         f"batch {p['batch_size']}, {p['dtype']}{' autocast' if p['autocast'] else ''}, "
         f"{'compiled' if p['compile'] else 'eager'}, fused attention {'on' if p['fused_attention'] else 'off'}"
         f"{', channels_last' if p['channels_last'] else ''}, inputs {p['inputs']}"
-        f"{' (one image per batch)' if p['same_image'] else ''}; warm-up {p['warmup']}, {p['repeats']} "
-        f"interleaved repeats on {dev}.",
+        f"{' (one image per batch)' if p['same_image'] else ''}"
+        f"{', freed memory kept (--reuse-memory)' if p.get('reuse_memory') else ''}; warm-up {p['warmup']}, "
+        f"{p['repeats']} interleaved repeats on {dev}.",
         f"fp32 {result['matmul']['size']}² matmul: {mm:.1f} GFLOP/s (median). Load average before/after: "
         f"{_fmt_load(load['before'])} / {_fmt_load(load['after'])}.",
     ]
+    if result.get("policy_net"):
+        lines.append(_policy_line(result["policy_net"]))
     return lines + [f"- {n}" for n in result["notes"]]
+
+
+def _cpu_name(mach: dict) -> str:
+    """e.g. "AMD EPYC, family 26 model 2, AVX512": the model name alone does not tell CPU generations apart."""
+    parts = [mach["cpu"]]
+    if mach.get("cpu_family"):
+        parts.append(f"family {mach['cpu_family']} model {mach['cpu_model']}")
+    if mach.get("cpu_capability"):
+        parts.append(mach["cpu_capability"])
+    return ", ".join(parts)
+
+
+def _policy_line(policy: dict) -> str:
+    """The CTS variant's policy network alone, timed in the same rounds."""
+    fused = policy["onednn"]
+    if not fused["layers"]:
+        path = "no folded convs"
+    elif fused["available"]:
+        path = f"oneDNN fused conv path taken in {fused['taken']} of {fused['layers']} convs"
+    else:
+        path = "this torch has no oneDNN fused conv: conv, then activation"
+    return (f"Policy network alone (eager, BatchNorm folded): {policy['ms_per_batch']:.1f} ms per batch, "
+            f"{policy['ms_per_image']:.1f} ms per image, {100 * policy['share_of_cts']:.0f} % of the CTS "
+            f"forward; {path}.")
 
 
 def format_table(result: dict) -> str:

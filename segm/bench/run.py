@@ -13,11 +13,14 @@ from segm.bench.onnx import add_onnxruntime, onnx_note, onnx_summary
 from segm.bench.phases import inference_phase, train_phase
 from segm.bench.settings import BenchConfig, check_config
 from segm.bench.variants import Variant, build_variants, set_fused_attention
+from segm.utils.host_memory import keep_freed_memory
 
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
     """Builds the variants, measures them and returns the results (see `format_table`)."""
     check_config(cfg)
+    if cfg.reuse_memory:
+        keep_freed_memory()
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -42,22 +45,23 @@ def _prepare(cfg: BenchConfig, device, log: Callable) -> tuple[list[Variant], di
 
 
 def _measure(cfg: BenchConfig, variants: list[Variant], model_info: dict, batches: list, device,
-             log: Callable) -> tuple[list[dict], dict]:
-    """Per-variant results (counts, inference, optional training step) and the matmul result."""
+             log: Callable) -> tuple[list[dict], dict, dict | None]:
+    """Per-variant results (counts, inference, optional training step), the matmul result and
+    the policy network's own time (None without a CTS variant)."""
     for v in variants:  # one counted eager fp32 forward per variant, batch 1
         v.counts = count_flops(v, batches[0][:1])
     runners = {v.name: (torch.compile(v.model) if cfg.compile else v.model) for v in variants}
     timed = variants
     if cfg.onnxruntime:
         timed, runners = add_onnxruntime(cfg, variants, runners, batches[0], log)
-    results, matmul = inference_phase(cfg, timed, runners, batches, device, log)
+    results, matmul, policy = inference_phase(cfg, timed, runners, batches, device, log)
     for v, r in zip(timed, results):
         r["num_notshared"] = model_info["num_patches"] - 4 * v.num_shared
     if cfg.train_step:
         train = train_phase(cfg, variants, runners, batches, device, log)
         for r in results:
             r["train"] = train[r["name"]]
-    return results, matmul
+    return results, matmul, policy
 
 
 def _notes(model_info: dict, device) -> list[str]:
@@ -82,7 +86,7 @@ def _protocol(cfg: BenchConfig) -> dict:
         "autocast": cfg.dtype == "bf16", "compile": cfg.compile, "fused_attention": cfg.sdpa,
         "channels_last": cfg.channels_last, "inputs": cfg.inputs, "same_image": cfg.same_image,
         "num_batches": cfg.num_batches, "interleaved": True, "policy_net_included": True,
-        "grad": "no_grad (inference)",
+        "grad": "no_grad (inference)", "reuse_memory": cfg.reuse_memory,
     }
 
 
@@ -92,7 +96,7 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
         torch.backends.cudnn.benchmark = True
     load_before = loadavg()
     variants, model_info, batches = _prepare(cfg, device, log)
-    results, matmul = _measure(cfg, variants, model_info, batches, device, log)
+    results, matmul, policy = _measure(cfg, variants, model_info, batches, device, log)
     notes = _notes(model_info, device)
     onnx = onnx_summary(results) if cfg.onnxruntime else None
     if onnx:
@@ -104,6 +108,7 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
         "load_average": {"before": load_before, "after": loadavg()},
         "protocol": _protocol(cfg),
         "matmul": matmul,
+        "policy_net": policy,
         "variants": results,
         "onnxruntime": onnx,
         "notes": notes,

@@ -38,6 +38,7 @@ class BenchConfig:
     sdpa: bool = True
     channels_last: bool = False
     threads: int | None = None
+    reuse_memory: bool = False  # glibc keeps freed memory (segm.utils.host_memory)
     # inputs
     inputs: str = "random"  # or DATASET[:SPLIT]
     data_root: str | None = None

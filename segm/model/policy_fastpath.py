@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["CPU_CHUNK_BYTES", "peak_activation_ratio", "policy_logits", "FoldedConvAct", "fuse_batchnorm"]
+__all__ = ["CPU_CHUNK_BYTES", "peak_activation_ratio", "policy_logits", "FoldedConvAct", "fuse_batchnorm",
+           "onednn_layers"]
 
 # glibc serves every allocation above its mmap threshold (32 MiB at most on 64-bit Linux) with
 # fresh pages and unmaps it again on free, so each call page-faults its large activations back
@@ -156,3 +157,11 @@ def fuse_batchnorm(policy: nn.Module) -> nn.Module:
             else:
                 setattr(module, bn_name, nn.Sequential(bn.drop, bn.act))
     return fused.requires_grad_(False)
+
+
+def onednn_layers(policy: nn.Module) -> dict:
+    """How many of a folded policy's convs have run oneDNN's fused path (for the benchmark's
+    report: on a CPU where this is 0 of 48, the policy runs conv, then activation)."""
+    layers = [m for m in policy.modules() if isinstance(m, FoldedConvAct)]
+    return {"available": _ONEDNN_FUSED_CONV, "taken": sum(bool(m._packed) for m in layers), "layers": len(layers)}
+

@@ -100,7 +100,7 @@ class Segmenter(nn.Module):
         return self.policy_method == "oracle"
 
     # ---------------------------------------------------------------- policy
-    def _policy_for_inference(self) -> nn.Module:
+    def inference_policy(self) -> nn.Module:
         """The frozen policy with BatchNorm folded in, rebuilt when its weights or device change."""
         if torch.compiler.is_compiling():
             return self.policy_net  # inductor folds BN itself
@@ -128,7 +128,7 @@ class Segmenter(nn.Module):
         n2 = (self.grid[0] // 2) * (self.grid[1] // 2)
         if self.policy_method == "policy_net":
             with torch.no_grad():
-                logits = policy_logits(self._policy_for_inference(), im)
+                logits = policy_logits(self.inference_policy(), im)
             return torch.softmax(logits.float(), dim=1)[:, 1].reshape(b, -1), logits
         if self.policy_method == "random":
             return torch.rand(b, n2, device=im.device, generator=self._generator(im.device)), None
