@@ -321,11 +321,12 @@ def test_policy_runs_in_chunks_on_cpu_and_matches_the_whole_batch(monkeypatch):
     assert sizes == [5]  # small images: one call
 
 
-@pytest.mark.parametrize("backbone, n_fused", [("efficientnet_lite0", 48), ("tf_efficientnet_lite0", 43)])
-def test_folded_policy_fuses_each_conv_with_its_activation(backbone, n_fused):
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "tf_efficientnet_lite0"])
+def test_folded_policy_fuses_each_conv_with_its_activation(backbone):
     """The BN-folded inference copy runs oneDNN's fused conv + ReLU6 with pre-packed weights on
     the CPU, and matches the unfolded policy; under autocast it falls back to conv, then act.
-    The tf_ variant's 5 stride-2 "same"-padded convs (timm Conv2dSame) stay unfused."""
+    The tf_ variant's 5 stride-2 "same"-padded convs (timm Conv2dSame, asymmetric padding) are
+    fused too: padded first, as Conv2dSame does, then run without padding."""
     from segm.model.policy_fastpath import FoldedConvAct, fuse_batchnorm
     from segm.model.policy_net import PolicyNet
 
@@ -337,7 +338,7 @@ def test_folded_policy_fuses_each_conv_with_its_activation(backbone, n_fused):
             m.running_var.uniform_(0.5, 2.0)
     fused = fuse_batchnorm(policy).to(memory_format=torch.channels_last)
     convs = [m for m in fused.modules() if isinstance(m, FoldedConvAct)]
-    assert len(convs) == n_fused
+    assert len(convs) == 48 and all(not isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     im = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         want = policy(im)["logits"]
@@ -353,6 +354,28 @@ def test_folded_policy_fuses_each_conv_with_its_activation(backbone, n_fused):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = fused(im)["logits"]
         assert all(not m._packed for m in convs) and low.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("k, stride, groups", [(3, 2, 8), (5, 2, 8), (3, 2, 1), (3, 1, 8), (5, 1, 1)])
+def test_folded_same_conv_matches_timm_conv2d_same(k, stride, groups):
+    """TensorFlow-"same" convs (timm Conv2dSame, the tf_ policy's stride-2 convs) run on oneDNN
+    with a zero tap where the padding is one larger at the end: the same values as padding the
+    input, on even and odd sizes (odd totals pad asymmetrically, even ones do not)."""
+    from timm.layers import Conv2dSame
+
+    from segm.model.policy_fastpath import FoldedConvAct
+
+    torch.manual_seed(0)
+    conv = Conv2dSame(8, 16 if groups == 1 else 8, k, stride=stride, groups=groups).eval()
+    layer = FoldedConvAct(conv, torch.nn.ReLU6())
+    with torch.no_grad():
+        for h, w in [(16, 16), (15, 17), (32, 9)]:
+            x = torch.randn(2, 8, h, w).contiguous(memory_format=torch.channels_last)
+            want = torch.nn.functional.relu6(conv(x))
+            got = layer(x)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(layer._packed) == 3  # the oneDNN path ran for each shape
 
 
 def test_folded_conv_packs_its_weight_for_the_input_shape(monkeypatch):
