@@ -64,7 +64,7 @@ def _footer(result: dict) -> list[str]:
         f"{_fmt_load(load['before'])} / {_fmt_load(load['after'])}.",
     ]
     if result.get("policy_net"):
-        lines.append(_policy_line(result["policy_net"]))
+        lines.append(_policy_line(result["policy_net"], on_gpu=bool(mach["gpu"])))
     return lines + [f"- {n}" for n in result["notes"]]
 
 
@@ -78,10 +78,12 @@ def _cpu_name(mach: dict) -> str:
     return ", ".join(parts)
 
 
-def _policy_line(policy: dict) -> str:
+def _policy_line(policy: dict, on_gpu: bool) -> str:
     """The CTS variant's policy network alone, timed in the same rounds."""
     fused = policy["onednn"]
-    if not fused["layers"]:
+    if on_gpu:
+        path = "on the GPU the plain convolutions run"
+    elif not fused["layers"]:
         path = "no folded convs"
     elif fused["available"]:
         path = f"oneDNN fused conv path taken in {fused['taken']} of {fused['layers']} convs"
