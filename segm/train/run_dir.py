@@ -85,7 +85,7 @@ def clear_run(log_dir: Path) -> None:
 
 
 def remove_torn_writes(log_dir: Path) -> None:
-    """Temporary files of atomic writes interrupted by a crash."""
-    for pattern in (".checkpoint.pth.*.tmp", ".log.txt.*.tmp", "variant.yml.tmp"):
-        for path in log_dir.glob(pattern):
+    """Temporary files of atomic writes (`.NAME.<random>.tmp`) interrupted by a crash."""
+    for name in RUN_FILES:
+        for path in log_dir.glob(f".{name}.*.tmp"):
             path.unlink(missing_ok=True)
