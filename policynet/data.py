@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from segm.config import load_config
-from segm.data.base import DATASET_CHOICES, canonical_name, dataset_info
+from segm.data.base import canonical_name, dataset_info
 from segm.data.io import check_same_size, read_image, read_label
 from segm.data.layout import dataset_root, pair_files, split_layout
 

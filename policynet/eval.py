@@ -14,15 +14,15 @@ from pathlib import Path
 
 import click
 
-from segm.data.base import canonical_name
+from segm.data.base import DATASET_CHOICES, canonical_name
 from segm.model.policy_net import load_policy_checkpoint
 from segm.model.spec import DEFAULT_POLICY_BACKBONE, read_policy_record
 from segm.utils.checkpoint import CheckpointError
+from segm.utils.device import resolve_device
 
-from .data import DATASET_CHOICES
 from .evaluation import build_eval_set, eval_loader, evaluate
-from .metrics import SELECTORS, check_budget, reference_budget
-from .model import build_policy, resolve_device
+from .metrics import SELECTORS, check_budget
+from .model import build_policy
 from .records import write_json
 
 
@@ -46,7 +46,7 @@ def evaluate_checkpoint(ckpt, dataset: str, *, split: str = "val", data_root=Non
     crop = data.geometry.size
     if s is None and same_data and run.get("crop") == crop:
         s = run.get("num_shared_eval")
-    s = check_budget(reference_budget(name, crop) if s is None else s, crop)
+    s = check_budget(s, crop, name)
     indices = None if max_images is None else list(range(min(max_images, len(data))))
     loader = eval_loader(data, batch_size, num_workers, dev, indices=indices)
     metrics = evaluate(model, loader, name, s, dev, seed=seed)

@@ -20,8 +20,11 @@ def reference_budget(dataset: str, crop: int, patch_size: int = 16) -> int:
     return reference_num_shared(crop, dataset, patch_size)
 
 
-def check_budget(s: int, crop: int, patch_size: int = 16) -> int:
-    """`s` if S superpatches fit a crop×crop crop (the segmenter's budget rule), else ValueError."""
+def check_budget(s: int | None, crop: int, dataset: str, patch_size: int = 16) -> int:
+    """`s` (None: the dataset's `reference_budget`) if S superpatches fit a crop×crop crop (the
+    segmenter's budget rule), else ValueError."""
+    if s is None:
+        s = reference_budget(dataset, crop, patch_size)
     grid = (crop // patch_size, crop // patch_size)
     try:
         resolve_token_budget(grid, "policy_net", num_shared=s)
@@ -60,6 +63,7 @@ class PolicyMeter:
         self.s = s
         self.generator = torch.Generator().manual_seed(seed)
         self.counts: dict[str, torch.Tensor] = {}
+        self.images = 0
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         value = value.sum()
@@ -86,18 +90,18 @@ class PolicyMeter:
             chosen = top_s(score, self.s)
             self._add(f"{name}_pure", chosen & pos)
             self._add(f"{name}_counted", chosen & valid)
-        self._add("images", torch.tensor(labels.shape[0], device=labels.device))
+        self.images += labels.shape[0]
 
     def compute(self) -> dict:
-        c = {k: int(v) for k, v in self.counts.items()}
-        if not c:
+        if not self.counts:
             raise ValueError("no batches were evaluated")
+        c = dict(zip(self.counts, torch.stack(list(self.counts.values())).tolist()))  # one sync
 
         def ratio(a, b):
             return c[a] / c[b] if c[b] else float("nan")
 
         out = {
-            "images": c["images"],
+            "images": self.images,
             "cells": c["cells"],
             "accuracy": ratio("correct", "cells"),
             "precision": ratio("tp", "pred_pos"),

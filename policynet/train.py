@@ -30,17 +30,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segm import __version__
-from segm.data.base import canonical_name
+from segm.data.base import DATASET_CHOICES, canonical_name
 from segm.data.policy_labels import policy_labels, rules_for
 from segm.model.spec import DEFAULT_POLICY_BACKBONE
 from segm.utils.checkpoint import CheckpointError
+from segm.utils.device import resolve_device
 from segm.utils.determinism import seed_everything
 from segm.utils.writable import check_writable
 
-from .data import DATASET_CHOICES, PolicyDataset, TrainBatchSampler, eval_subset
+from .data import PolicyDataset, TrainBatchSampler, eval_subset
 from .evaluation import build_eval_set, eval_loader, evaluate
-from .metrics import check_budget, policy_loss, reference_budget
-from .model import OPTIMIZERS, build_optimizer, build_policy, check_optimizer, resolve_device
+from .metrics import check_budget, policy_loss
+from .model import OPTIMIZERS, build_optimizer, build_policy, check_optimizer
 from .records import RunLog, json_safe, write_json
 from .state import MODEL_FILE, STATE_FILE, TrainState, load_checkpoint, resume_settings
 
@@ -130,7 +131,7 @@ def resolve_run(cfg: TrainConfig) -> Run:
     crop = train_set.geometry.size
     val_set = build_eval_set(name, "val", **data)
     train_eval_set = build_eval_set(name, "train", **data)
-    s = check_budget(cfg.num_shared if cfg.num_shared is not None else reference_budget(name, crop), crop)
+    s = check_budget(cfg.num_shared, crop, name)
     return Run(cfg, name, device, Path(cfg.logdir) / cfg.exp_name, train_set, val_set, train_eval_set, s)
 
 

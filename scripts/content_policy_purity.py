@@ -21,6 +21,7 @@ from PIL import Image
 from segm.data.policy_labels import policy_labels, rules_for
 from segm.model import content_policy as cp
 from segm.model.cts import select_shared
+from segm.utils.checkpoint import safe_torch_load
 
 BUDGETS = {"S=25%": lambda n2: round(0.25 * n2), "ρ=0.3": lambda n2: round(0.3 * 4 * n2 / 3)}
 
@@ -62,7 +63,7 @@ def scorers(policy_ckpt, policy_backbone, segmenter_ckpt):
     proj = timm.create_model("vit_tiny_patch16_384", pretrained=False).patch_embed.proj
     embeddings = {"random init": (proj.weight.detach(), proj.bias.detach())}
     if segmenter_ckpt:
-        m = torch.load(segmenter_ckpt, map_location="cpu", weights_only=False)["model"]
+        m = safe_torch_load(segmenter_ckpt)["model"]
         embeddings["segmenter"] = (m["encoder.patch_embed.proj.weight"], m["encoder.patch_embed.proj.bias"])
     for tag, (w, b) in embeddings.items():
         for metric in ("variance", "cosine"):
@@ -92,7 +93,7 @@ def purity(items, score, budget, labels):
     return good / max(valid, 1)
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--policy-ckpt", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--policy-backbone", default="tf_efficientnet_lite0", show_default=True)

@@ -74,7 +74,7 @@ class Demo:
         print(f"  done in {time.perf_counter() - t0:.0f} s (log: {path})", flush=True)
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", default="demo_out", type=click.Path(file_okay=False), show_default=True)
 @click.option("--quick", is_flag=True, help="A much shorter run (smoke test; figures not meaningful).")
 @click.option("--fresh", is_flag=True, help="Delete --out first.")

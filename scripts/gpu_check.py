@@ -14,7 +14,7 @@ CUDA GPU in about 8 minutes, with the machine's own Python (no .venv, nothing in
 
 Each step has a time limit inside the total budget (--budget, 450 s; a step stopped at its limit
 gets 20 s more to exit, so the whole ends within 8 minutes): a step that fails or runs out of
-time is recorded and the check goes on. Everything goes to DIR, in at most 8 files:
+time is recorded and the check goes on. Everything goes to DIR, in at most 7 files:
 summary.md, steps.json, pytest.xml, pytest.log, bench.json, bench.log, check.log. Without CUDA
 it prints one line and exits 2, having run nothing. Exit 0: every step ran and every test passed.
 """

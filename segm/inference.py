@@ -30,9 +30,10 @@ from segm import __version__
 from segm.data.base import STATS, variant_normalization
 from segm.data.io import DataError, pil_to_rgb, read_image
 from segm.data.label_space import to_label_space
-from segm.eval.evaluate import AMP_DTYPES, SAVE_FORMATS, autocast
+from segm.eval.evaluate import SAVE_FORMATS
 from segm.eval.window import inference_views, resize_to_window, resolve_window, window_anchors
 from segm.policy_choice import policy_options
+from segm.utils.amp import AMP_DTYPES, autocast
 from segm.utils.device import DEVICE_HELP, resolve_device
 from segm.utils.writable import check_writable, write_error_message
 from segm.visualize import (blend_images, checkpoint_classes, colorize, save_png, sharing_maps, sharing_overlay,
@@ -124,6 +125,7 @@ def predict_probs(model, image, *, variant: dict, window_size=None, window_strid
     ori_shape = tuple(im.shape[-2:])
     views, metas = augmented_views(im, multiscale=multiscale, flip=flip)
     first = resize_to_window(views[0], ws)  # the guard inference_views applies; here for the layout
+    views = [first, *views[1:]]  # resized once: the guard leaves it as it is
     # The layouts shown are the first view's: its windows come first, in batches of their own.
     first_windows = len(window_anchors(first.shape[-2], ws, stride)) * len(window_anchors(first.shape[-1], ws, stride))
     records = []
@@ -233,7 +235,7 @@ def _result_picture(out_format: str, dataset: str | None, palette, class_names, 
               help="Sliding-window size (default: the run's inference window, else the crop).")
 @click.option("--window-stride", default=None, type=int,
               help="Sliding-window stride (default: the run's inference stride, at most the window).")
-@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
+@click.option("--amp", type=click.Choice(sorted(AMP_DTYPES)), default=None,
               help="Autocast the forward passes to this dtype (default: fp32).")
 @click.option("--multiscale/--singlescale", default=False, show_default=True,
               help="Average the evaluation's 12 views: scales 0.5-1.75 of the image, each also mirrored.")
@@ -298,7 +300,7 @@ def main(model_path, onnx_path, input_path, output_dir, device, gpu, window_batc
                 continue
             out = predict_image(model, image, variant=variant, window_size=window_size, window_stride=window_stride,
                                 window_batch_size=window_batch_size, return_sharing=sharing,
-                                amp_dtype=AMP_DTYPES[amp or "none"], multiscale=multiscale, flip=flip)
+                                amp_dtype=AMP_DTYPES.get(amp), multiscale=multiscale, flip=flip)
             label, maps = out if sharing else (out, None)
             output_dir.mkdir(parents=True, exist_ok=True)  # not before an image could be read
             save_png(picture(image, label), output_dir / f"{path.stem}.png")

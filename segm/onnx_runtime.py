@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segm.export.sidecar import read_sidecar
+from segm.export.sidecar import read_sidecar, sidecar_path
 
 __all__ = ["OnnxModelError", "OnnxSegmenter", "load_for_inference", "session_options"]
 
@@ -65,10 +65,11 @@ class OnnxSegmenter:
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
         self.session = _session(self.path, threads, spinning)
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.info = read_sidecar(self.path)
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != self.info["input"]["name"]:
-            raise OnnxModelError(f"{self.path} does not match its sidecar {self.path.with_suffix('.json').name}: "
+            raise OnnxModelError(f"{self.path} does not match its sidecar {sidecar_path(self.path).name}: "
                                  "re-export the checkpoint")
         batch = inputs[0].shape[0]
         self.batch_size = batch if isinstance(batch, int) else None  # None: any batch
@@ -103,7 +104,7 @@ class OnnxSegmenter:
                                  f"got {tuple(x.shape)}")
         if self.batch_size is not None and b < self.batch_size:
             x = torch.cat([x, x[-1:].expand(self.batch_size - b, -1, -1, -1)])
-        names = [o.name for o in self.session.get_outputs()]
+        names = self.output_names
         outs = self.session.run(names, {self.info["input"]["name"]: x.numpy()})
         return {n: torch.from_numpy(np.ascontiguousarray(o[:b])).to(im.device) for n, o in zip(names, outs)}
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import click
 
+from segm import __version__
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="segm.share")
 @click.argument("checkpoint", type=str)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace the files of a non-empty OUT_DIR.")

@@ -11,7 +11,7 @@ from segm.bench.run import run_benchmark
 from segm.bench.settings import MATMUL_SIZE, BenchConfig, BenchError
 from segm.config import load_config
 from segm.utils.checkpoint import CheckpointError
-from segm.utils.device import DEVICE_HELP, resolve_device
+from segm.utils.device import DEVICE_HELP
 from segm.utils.host_memory import REUSE_MEMORY_HELP, HostMemoryError
 
 _PRESETS = load_config()  # the backbone and decoder choices
@@ -86,7 +86,6 @@ def main(d_model, n_heads, n_layers, decoder_layers, sweep, json_path, plot_path
     """Time no_sharing against CTS (and optionally the random and content policies) in one interleaved run."""
     overrides = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, decoder_layers=decoder_layers)
     try:
-        kw["device"] = str(resolve_device(kw["device"]))
         _check_output(json_path, "--json")
         _check_output(plot_path, "--plot")
         cfg = _config(overrides, sweep, kw)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+from segm.utils.device import resolve_device
 
 MATMUL_SIZE = 2048
 
@@ -70,17 +70,14 @@ def parse_inputs(spec: str) -> tuple[str, str] | None:
 
 
 def check_config(cfg: BenchConfig) -> None:
-    """Rejects bad settings before any model is built. The token budgets are checked by
-    `resolve_budgets`, which needs the model's token grid."""
+    """Rejects bad settings before any model is built, and resolves `device` (auto, cuda → cuda:0).
+    The token budgets are checked by `resolve_budgets`, which needs the model's token grid."""
     for name, low in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("num_batches", 1), ("matmul_size", 1)):
         if getattr(cfg, name) < low:
             raise BenchError(f"--{name.replace('_', '-')} must be ≥ {low}, got {getattr(cfg, name)}")
     if cfg.dtype not in ("fp32", "bf16"):
         raise BenchError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
-    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise BenchError(f"--device must be cpu or cuda, got {cfg.device!r}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    cfg.device = str(resolve_device(cfg.device))  # the project's one device rule
     if cfg.compile and cfg.warmup < 1:
         raise BenchError("--compile needs --warmup ≥ 1 (the first call compiles)")
     if cfg.model_path is None and cfg.backbone is None:

@@ -33,7 +33,7 @@ from segm.utils.amp import autocast
 from segm.utils.distributed import all_reduce_sum, is_main_process
 from segm.visualize import blend_images, colorize, save_png
 
-__all__ = ["AMP_DTYPES", "SAVE_FORMATS", "autocast", "evaluate_dataset", "predict_views", "make_window_forward"]
+__all__ = ["AMP_DTYPES", "SAVE_FORMATS", "evaluate_dataset", "predict_views", "make_window_forward"]
 
 AMP_DTYPES = {"none": None, **dict(sorted(_AMP.items()))}  # --amp-dtype / --amp
 # Saved predictions: colours blended with the input (with input and gt), or the dataset's label values.

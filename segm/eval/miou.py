@@ -25,7 +25,6 @@ from segm.data.base import DATASET_CHOICES
 from segm.eval.evaluate import AMP_DTYPES, SAVE_FORMATS
 from segm.eval.window import resolve_window
 from segm.metrics import per_class_table
-from segm.model.hub import is_shared_folder
 from segm.policy_choice import PolicyChoice, apply_policy_choice, policy_choice, policy_options, policy_record
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.device import DEVICE_HELP, resolve_device
@@ -142,8 +141,6 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
     if window_batch_size < 1:
         raise ValueError(f"--window-batch-size must be >= 1, got {window_batch_size}")
     model_path = Path(model_path)
-    if model_path.is_dir() and not is_shared_folder(model_path):
-        model_path = model_path / "checkpoint.pth"
     dist_info = init_distributed()
     device = dist_info.device if device is None else resolve_device(device, local_rank=dist_info.local_rank)
 
@@ -184,13 +181,13 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
         palette=info.palette, blend=blend, save_format=save_format,
     )
     barrier()
+    scores["policy"] = policy_record(model)
     if is_main_process():
-        record = {**policy_record(model), "policynet_ckpt": variant["net_kwargs"].get("policynet_ckpt")}
+        record = {**scores["policy"], "policynet_ckpt": variant["net_kwargs"].get("policynet_ckpt")}
         _write_scores(scores_for_yaml(scores, multiscale, record, {**settings, "dataset": dataset}, info.class_names),
                       scores_path(model_dir, multiscale, policy, model), images_dir)
     scores["settings"] = settings
     scores["class_names"] = list(info.class_names)
-    scores["policy"] = policy_record(model)
     return scores
 
 

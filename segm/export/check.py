@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from segm.export.graph import ExportError, random_scores
+from segm.export.sidecar import INPUT_NAME
 from segm.model.segmenter import Segmenter
 
 LOGIT_TOL = 1e-4  # fp32 logits
@@ -87,7 +88,7 @@ def run_check(session, model: Segmenter, inputs: list[tuple]) -> dict:
     input beyond tolerance. Returns the summary recorded in the sidecar."""
     rows = []
     for name, im in inputs:
-        r = compare(model, session.run(None, {"im": im.numpy()}), im)
+        r = compare(model, session.run(None, {INPUT_NAME: im.numpy()}), im)
         problem = _failure(name, r)
         if problem:
             raise ExportError(f"parity check failed on input '{name}': {problem}")

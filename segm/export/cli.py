@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from segm import __version__
 from segm.data.base import DATASET_CHOICES, variant_normalization
 from segm.export.graph import DEFAULT_OPSET, ExportError, check_opset
 from segm.export.sidecar import sidecar_path
@@ -30,6 +31,7 @@ def _load(checkpoint: str, policy: dict):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, "--version", prog_name="segm.export")
 @click.argument("checkpoint", type=str)
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--batch-size", type=int, default=None, help="The batch the model is exported for [default: 2].")

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from segm.export.ops import DECOMPOSITIONS
+from segm.export.sidecar import INPUT_NAME
 from segm.model.segmenter import Segmenter
 
-INPUT_NAME = "im"
 OUTPUT_NAMES = ("logits", "shared_idx", "scores")
 # torch's exporter emits opset 18 and later; ONNX Runtime 1.32 cannot load its opset-26 graphs.
 # Default 20: GELU becomes ONNX's Gelu op, which ONNX Runtime runs as one kernel (18 spells it
@@ -109,7 +109,7 @@ def export_bytes(model: Segmenter, *, batch_size: int | None, opset: int) -> byt
     check_opset(opset)
     graph = ExportedSegmenter(model, batch_size).eval()
     sample = torch.zeros(batch_size or 2, 3, *model.crop_size)
-    dynamic = {"im": {0: torch.export.Dim("batch", min=1)}} if batch_size is None else None
+    dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}} if batch_size is None else None
     with _quiet_exporter(), torch.no_grad():
         program = torch.export.export(graph, (sample,), dynamic_shapes=dynamic).run_decompositions(DECOMPOSITIONS)
         onnx_program = torch.onnx.export(program, (sample,), None, input_names=[INPUT_NAME],

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 SIDECAR_FORMAT = "segm-cts-onnx/1"
+INPUT_NAME = "im"  # the graph's one input
 
 
 def sidecar_path(onnx_path) -> Path:
@@ -49,7 +50,7 @@ def build_sidecar(model, variant: dict, *, checkpoint: str, normalization: str, 
         "random_seed": model.random_seed if model.policy_method == "random" else None,
         "normalization": {"name": normalization, **STATS[normalization], "in_graph": False,
                           "formula": "(x / 255 - mean) / std per RGB channel, x in 0..255"},
-        "input": {"name": "im", "shape": [batch, 3, h, w], "dtype": "float32", "layout": "NCHW, RGB"},
+        "input": {"name": INPUT_NAME, "shape": [batch, 3, h, w], "dtype": "float32", "layout": "NCHW, RGB"},
         "outputs": {name: {"shape": shapes[name], "dtype": "int64" if name == "shared_idx" else "float32"}
                     for name in outputs},
         "batch_size": batch_size,

@@ -18,7 +18,7 @@ def check_output_path(out) -> Path:
     out = Path(out)
     if out.suffix != ".onnx":
         raise ExportError(f"the output {out} must end in .onnx (its sidecar is written beside it as "
-                          f"{out.with_suffix('.json').name})")
+                          f"{sidecar_path(out).name})")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
     if out.is_dir():

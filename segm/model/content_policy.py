@@ -111,8 +111,8 @@ def embedding_score(
 
 
 # Scores that need nothing but the image. colour_spread_pool4 is the recommended default: on the
-# synthetic validation set its top-S purity matches full resolution (and the trained policy net)
-# at about half the cost of full resolution, ~2 % of the policy net's CPU time.
+# synthetic validation set its top-S purity matches full resolution (and the trained policy net),
+# at a few per cent of the policy net's CPU time (BENCHMARKS.md, "The content policy").
 def content_policy_scores(im: torch.Tensor, patch_size: int = 16) -> torch.Tensor:
     """The `content` policy's scores: colour spread on 8×8 averaged samples per superpatch
     (a superpatch is 2×2 patches)."""

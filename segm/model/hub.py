@@ -41,7 +41,7 @@ def model_config(model, variant: dict) -> dict:
     names, palette, _ = checkpoint_classes(variant, model.n_cls)
     return {
         "format": FORMAT,
-        "variant": _jsonable(kept),
+        "variant": kept,  # json writes tuples as lists
         "dataset": kept["dataset_kwargs"].get("dataset"),
         "class_names": names,
         "palette": palette,
@@ -49,14 +49,6 @@ def model_config(model, variant: dict) -> dict:
         "crop_size": list(model.crop_size),
         "policy": {**policy_record(model), "policy_backbone": net.get("policy_backbone")},
     }
-
-
-def _jsonable(data):
-    if isinstance(data, dict):
-        return {k: _jsonable(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_jsonable(v) for v in data]
-    return data
 
 
 def share_model(model, variant: dict, out_dir, *, overwrite: bool = False) -> Path:

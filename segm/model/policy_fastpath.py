@@ -92,7 +92,8 @@ class FoldedConvAct(nn.Module):
         self._relu6 = isinstance(act, nn.ReLU6)
         # timm's Conv2dSame (the tf_ models' stride-2 convs) pads each input TensorFlow's "same"
         # way, one more at the end than at the start where the total is odd
-        self._pad_same = isinstance(conv, Conv2dSame) and tuple(conv.dilation) == (1, 1)
+        self._pad_same = type(conv) is Conv2dSame and tuple(conv.dilation) == (1, 1)
+        self._fusable = type(conv) is nn.Conv2d or self._pad_same
         # (pre-packed oneDNN weight, padding) by input shape, for the weight version packed from
         self._packed: dict = {}
         self._packed_version = -1
@@ -107,7 +108,7 @@ class FoldedConvAct(nn.Module):
             and not torch.compiler.is_compiling()
             and not _under_dispatch_mode()
             and x.is_contiguous(memory_format=torch.channels_last)
-            and (self._pad_same or type(self.conv) is nn.Conv2d)
+            and self._fusable
         )
 
     def _weight_and_padding(self, shape: tuple) -> tuple[torch.Tensor, list]:

@@ -11,7 +11,7 @@ import torch
 from segm.train.loss import NonFiniteLossError, check_finite_parameters
 from segm.train.options import ConfigError, user_errors
 from segm.train.process import broadcast_object
-from segm.utils.checkpoint import CheckpointError, safe_torch_load
+from segm.utils.checkpoint import CheckpointError, safe_torch_load, state_dict_mismatch
 from segm.utils.determinism import gather_rng_states, set_rng_state
 
 if TYPE_CHECKING:
@@ -96,6 +96,9 @@ class TrainState:
         with user_errors():
             ckpt = safe_torch_load(path, map_location="cpu")
         try:
+            problem = isinstance(ckpt["model"], dict) and state_dict_mismatch(self.model, ckpt["model"])
+            if problem:
+                raise ValueError(f"the model does not fit: {problem}")
             self.model.load_state_dict(ckpt["model"], strict=True)
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:

@@ -74,15 +74,13 @@ class ResumableSampler(Sampler):
     with the same global batch. `set_epoch(e, start)` skips this rank's first `start` items.
     """
 
-    def __init__(self, num_samples: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True):
+    def __init__(self, num_samples: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         if num_samples < 1:
             raise ValueError("the training set is empty")
         self.num_samples = num_samples
         self.num_replicas = num_replicas
         self.rank = rank
         self.seed = int(seed)
-        self.shuffle = shuffle
         self.per_rank = math.ceil(num_samples / num_replicas)
         self.epoch = 0
         self.start = 0
@@ -93,11 +91,8 @@ class ResumableSampler(Sampler):
         self.epoch, self.start = int(epoch), int(start)
 
     def indices(self, epoch: int) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
         total = self.per_rank * self.num_replicas
         order = (order * math.ceil(total / len(order)))[:total]
         return order[self.rank : total : self.num_replicas]
