@@ -40,8 +40,7 @@ class ExportError(ValueError):
 def random_scores(model: Segmenter, batch_size: int) -> torch.Tensor:
     """The random policy's scores as the eager model draws them on its first CPU forward after
     `reset_random_policy()`: uniform, from a generator seeded with `random_seed`."""
-    n2 = (model.grid[0] // 2) * (model.grid[1] // 2)
-    return torch.rand(batch_size, n2, generator=torch.Generator().manual_seed(model.random_seed))
+    return model.random_scores(batch_size, torch.Generator().manual_seed(model.random_seed))
 
 
 def check_exportable(model: Segmenter, batch_size: int | None) -> None:

@@ -34,8 +34,8 @@ def build_sidecar(model, variant: dict, *, checkpoint: str, normalization: str, 
 
     h, w = model.crop_size
     batch = batch_size if batch_size is not None else "batch"
-    n2 = (model.grid[0] // 2) * (model.grid[1] // 2)
-    shapes = {"logits": [batch, model.n_cls, h, w], "shared_idx": [batch, model.num_shared], "scores": [batch, n2]}
+    shapes = {"logits": [batch, model.n_cls, h, w], "shared_idx": [batch, model.num_shared],
+              "scores": [batch, model.num_superpatches]}
     variant = dict(variant, classes=_classes(variant, model.n_cls))
     return _json_safe({
         "format": SIDECAR_FORMAT,

@@ -91,6 +91,11 @@ class Segmenter(nn.Module):
         return self.grid[0] * self.patch_size, self.grid[1] * self.patch_size
 
     @property
+    def num_superpatches(self) -> int:
+        """Superpatches (2×2 patch groups) of the crop: the length of a policy's scores."""
+        return (self.grid[0] // 2) * (self.grid[1] // 2)
+
+    @property
     def shares_tokens(self) -> bool:
         return self.policy_method != "no_sharing"
 
@@ -122,16 +127,20 @@ class Segmenter(nn.Module):
             self.random_seed = seed
         self._generators.clear()
 
+    def random_scores(self, batch: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+        """The random policy's scores (B, n2): uniform, drawn from `generator` (on `device`).
+        The export draws them once with a fresh generator, as the eager model's first call."""
+        return torch.rand(batch, self.num_superpatches, device=device, generator=generator)
+
     def policy_scores(self, im: torch.Tensor, seg_gt: torch.Tensor | None):
         """(scores (B, n2) or None, policy logits or None)."""
         b = im.shape[0]
-        n2 = (self.grid[0] // 2) * (self.grid[1] // 2)
         if self.policy_method == "policy_net":
             with torch.no_grad():
                 logits = policy_logits(self.inference_policy(), im)
             return torch.softmax(logits.float(), dim=1)[:, 1].reshape(b, -1), logits
         if self.policy_method == "random":
-            return torch.rand(b, n2, device=im.device, generator=self._generator(im.device)), None
+            return self.random_scores(b, self._generator(im.device), im.device), None
         if self.policy_method == "content":
             return content_policy_scores(im, self.patch_size), None
         if self.policy_method == "oracle":
