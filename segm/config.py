@@ -75,6 +75,11 @@ def load_config() -> dict:
     return copy.deepcopy(_load_config_cached())
 
 
+def dataset_preset(name: str) -> dict:
+    """The `dataset:` preset of configs/config.yml for `name` ({} for a dataset without one)."""
+    return load_config()["dataset"].get(name, {})
+
+
 def dataset_dir() -> Path:
     """The datasets root, `$DATASET`."""
     root = os.environ.get("DATASET")

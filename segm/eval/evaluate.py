@@ -120,12 +120,12 @@ def _as_item(batch: dict):
 
 
 # ----------------------------------------------------------------------------- images
-def _original_image(meta: dict, view: torch.Tensor, ori_shape, norm_cfg=None) -> np.ndarray:
+def _original_image(meta: dict, view: torch.Tensor, ori_shape) -> np.ndarray:
     """The input image (H, W, 3) uint8: read from disk, else the de-normalised first view."""
     filename = meta.get("filename")
     if filename and os.path.isfile(filename):
         return read_image(filename)
-    cfg = meta.get("img_norm_cfg") or norm_cfg or {"mean": [0.0] * 3, "std": [1.0] * 3}
+    cfg = meta.get("img_norm_cfg") or {"mean": [0.0] * 3, "std": [1.0] * 3}
     view = view[0] if view.dim() == 4 else view
     mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=view.device)[:, None, None]
     std = torch.tensor(cfg["std"], dtype=torch.float32, device=view.device)[:, None, None]

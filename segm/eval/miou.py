@@ -18,7 +18,7 @@ import click
 from torch.utils.data import DataLoader, DistributedSampler
 
 from segm import __version__
-from segm.config import dataset_dir, dump_yaml, load_config
+from segm.config import dataset_dir, dataset_preset, dump_yaml
 from segm.data import canonical_name
 from segm.data.base import variant_normalization
 from segm.data.base import DATASET_CHOICES
@@ -35,17 +35,13 @@ from segm.utils.writable import NotWritableError, check_writable, write_error_me
 USER_ERRORS = (FileNotFoundError, ValueError, CheckpointError)
 
 
-def _dataset_defaults(name: str) -> dict:
-    return load_config()["dataset"].get(name, {})
-
-
 def resolve_settings(variant: dict, model, dataset: str, *, im_size=None, window_size=None, window_stride=None,
                      data_root=None, classes_file=None) -> dict:
     """Fills the command's defaults from configs/config.yml and the checkpoint's variant (the
     window and stride: `segm.eval.window.resolve_window`). The image size defaults to the one
     the model was trained at on this dataset, else the dataset preset's."""
     dkw = variant.get("dataset_kwargs") or {}
-    preset = _dataset_defaults(dataset)
+    preset = dataset_preset(dataset)
     window_size, window_stride = resolve_window(model, variant, dataset, window_size, window_stride)
     same_dataset = dkw.get("dataset") is not None and _same_name(dkw["dataset"], dataset)
     if im_size is None:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from segm.config import load_config
+from segm.config import dataset_preset
 
 __all__ = ["resolve_window", "check_stride", "window_anchors", "resize_to_window", "sliding_window_inference",
            "inference_views"]
@@ -46,7 +46,7 @@ def resolve_window(model, variant: dict, dataset: str | None = None, window_size
     if dataset is None:
         run_window, strides = run.get("window_size"), [run.get("window_stride")]
     else:
-        preset = load_config()["dataset"].get(dataset, {})
+        preset = dataset_preset(dataset)
         run_window = (variant.get("dataset_kwargs") or {}).get("crop_size")
         strides = [preset.get("window_stride"), run.get("window_stride")]
     crop = tuple(model.crop_size)
