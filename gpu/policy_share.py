@@ -29,8 +29,7 @@ def median_ms(fn, warmup: int, repeats: int) -> float:
 
 
 def main(argv=None) -> None:
-    from segm.model.policy_fastpath import fuse_batchnorm, policy_logits
-    from segm.model.policy_net import PolicyNet
+    from segm.model.policy import PolicyNet, fuse_batchnorm, policy_logits
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, required=True)

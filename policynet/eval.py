@@ -15,14 +15,13 @@ from pathlib import Path
 import click
 
 from segm.data.base import DATASET_CHOICES, canonical_name
-from segm.model.policy_net import load_policy_checkpoint
+from segm.model.policy import build_policy, load_policy_checkpoint
 from segm.model.spec import DEFAULT_POLICY_BACKBONE, read_policy_record
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.device import resolve_device
 
 from .evaluation import build_eval_set, eval_loader, evaluate
 from .metrics import SELECTORS, check_budget
-from .model import build_policy
 from .records import write_json
 
 

@@ -41,7 +41,7 @@ from segm.utils.writable import check_writable
 from .data import PolicyDataset, TrainBatchSampler, eval_subset
 from .evaluation import build_eval_set, eval_loader, evaluate
 from .metrics import check_budget, policy_loss
-from .model import OPTIMIZERS, build_optimizer, build_policy, check_optimizer
+from .optim import OPTIMIZERS, build_optimizer, check_optimizer
 from .records import RunLog, json_safe, write_json
 from .state import MODEL_FILE, STATE_FILE, TrainState, load_checkpoint, resume_settings
 

@@ -69,7 +69,7 @@ def scorers(policy_ckpt, policy_backbone, segmenter_ckpt):
         for metric in ("variance", "cosine"):
             s[f"embedding {metric} ({tag})"] = lambda x, w=w, b=b, m=metric: cp.embedding_score(x, w, b, m)
     if policy_ckpt:
-        from segm.model.policy_net import PolicyNet, load_policy_checkpoint
+        from segm.model.policy import PolicyNet, load_policy_checkpoint
 
         net = PolicyNet(policy_backbone)
         load_policy_checkpoint(net, policy_ckpt)

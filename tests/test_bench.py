@@ -65,7 +65,7 @@ def test_policy_network_timed_alone_in_the_same_rounds(result):
     """The CTS variant's policy network is timed on its own in the inference rounds, as a share
     of the CTS forward, with whether oneDNN's fused conv ran (the first thing to check on a CPU
     where CTS gains less)."""
-    from segm.model.policy_fastpath import _ONEDNN_FUSED_CONV
+    from segm.model.policy.fastpath import _ONEDNN_FUSED_CONV
 
     policy = result["policy_net"]
     cts = next(r for r in result["variants"] if r["name"] == "cts")

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 import segm
 from segm.eval.window import sliding_window_inference
-from segm.model import cts, policy_fastpath
+from segm.model import cts
 from segm.model.factory import save_model
-from segm.model.policy_net import PolicyNet
+from segm.model.policy import PolicyNet
+from segm.model.policy import fastpath as policy_fastpath
 from segm.model.segmenter import Segmenter
 from segm.utils.logger import read_log
 from tests.helpers.cuda import (K, assert_same_top_s, blocks, boundary_gaps, logits_error, strict_fp32,

@@ -299,8 +299,8 @@ def test_pretrained_augreg_npz_is_loaded_with_bilinear_pos_resize(tmp_path):
 def test_policy_runs_in_chunks_on_cpu_and_matches_the_whole_batch(monkeypatch):
     """On the CPU the policy runs on as many images at a time as keep its largest activation
     under glibc's mmap threshold (re-faulting larger blocks on every call dominated its time)."""
-    from segm.model import policy_fastpath as pn
-    from segm.model.policy_net import PolicyNet
+    from segm.model.policy import PolicyNet
+    from segm.model.policy import fastpath as pn
 
     policy = PolicyNet().eval()
     assert pn.peak_activation_ratio(policy) == 8.0  # efficientnet_lite0: 96 channels at half size
@@ -327,8 +327,7 @@ def test_folded_policy_fuses_each_conv_with_its_activation(backbone):
     the CPU, and matches the unfolded policy; under autocast it falls back to conv, then act.
     The tf_ variant's 5 stride-2 "same"-padded convs (timm Conv2dSame, asymmetric padding) are
     fused too: padded first, as Conv2dSame does, then run without padding."""
-    from segm.model.policy_fastpath import FoldedConvAct, fuse_batchnorm
-    from segm.model.policy_net import PolicyNet
+    from segm.model.policy import FoldedConvAct, PolicyNet, fuse_batchnorm
 
     torch.manual_seed(0)
     policy = PolicyNet(backbone).eval()
@@ -363,7 +362,7 @@ def test_folded_same_conv_matches_timm_conv2d_same(k, stride, groups):
     input, on even and odd sizes (odd totals pad asymmetrically, even ones do not)."""
     from timm.layers import Conv2dSame
 
-    from segm.model.policy_fastpath import FoldedConvAct
+    from segm.model.policy import FoldedConvAct
 
     torch.manual_seed(0)
     conv = Conv2dSame(8, 16 if groups == 1 else 8, k, stride=stride, groups=groups).eval()
@@ -382,7 +381,7 @@ def test_folded_conv_packs_its_weight_for_the_input_shape(monkeypatch):
     """oneDNN chooses the packed weight layout for the input shape it is told; packed without
     one, the 1152-channel 1×1 convs of efficientnet_lite0 ran 12× slower (BENCHMARKS.md). Each
     packing is told the shape it serves, once per shape, and redone when the weight changes."""
-    from segm.model import policy_fastpath as pf
+    from segm.model.policy import fastpath as pf
 
     calls = []
     real = torch._C._nn.mkldnn_reorder_conv2d_weight

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from policynet import train as pn_train
 from segm import train as train_mod
 from segm.model import build_net_kwargs, create_segmenter
-from segm.model.policy_net import PolicyNet, load_policy_checkpoint
+from segm.model.policy import PolicyNet, load_policy_checkpoint
 from segm.model.spec import recorded_policy_backbone as checkpoint_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")

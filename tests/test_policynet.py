@@ -11,7 +11,7 @@ from policynet import eval as pn_eval
 from policynet import train as pn_train
 from policynet.data import PolicyDataset, TrainBatchSampler, geometry_for
 from policynet.metrics import PolicyMeter, policy_loss, reference_budget, top_s
-from segm.model.policy_net import PolicyNet, load_policy_checkpoint
+from segm.model.policy import PolicyNet, load_policy_checkpoint
 from segm.utils.checkpoint import safe_torch_load
 
 CROP = 64

@@ -36,7 +36,7 @@ def _policy_fn(cfg: BenchConfig, model) -> Callable:
 
 
 def _policy_result(cfg: BenchConfig, model, t: list[float], cts_t: list[float]) -> dict:
-    from segm.model.policy_fastpath import onednn_layers
+    from segm.model.policy import onednn_layers
 
     median = statistics.median(t)
     return {"times_s": t, "ms_per_batch": 1e3 * median, "ms_per_image": 1e3 * median / cfg.batch_size,

@@ -15,7 +15,7 @@ from pathlib import Path
 from segm.config import dump_yaml, load_yaml
 from segm.model.decoder import create_decoder
 from segm.model.hub import is_shared_folder, load_shared
-from segm.model.policy_net import load_policy_checkpoint
+from segm.model.policy import load_policy_checkpoint
 from segm.model.segmenter import Segmenter
 from segm.model.spec import (
     DEFAULT_POLICY_BACKBONE,

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segm.model import cts
-from segm.model.policy_fastpath import fuse_batchnorm, policy_logits
-from segm.model.policy_net import PolicyNet
+from segm.model.policy import PolicyNet, fuse_batchnorm, policy_logits
 from segm.model.content_policy import content_policy_scores
 from segm.model.spec import DEFAULT_POLICY_BACKBONE, check_policy_method, check_window
 from segm.model.vit import resize_pos_embed

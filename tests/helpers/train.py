@@ -14,7 +14,7 @@ def tiny_args(log_dir, root, *extra):
 
 def make_policy_ckpt(path, seed=0):
     """A policy checkpoint with non-trivial BatchNorm statistics."""
-    from segm.model.policy_net import PolicyNet
+    from segm.model.policy import PolicyNet
 
     torch.manual_seed(seed)
     policy = PolicyNet()

