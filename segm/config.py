@@ -89,3 +89,10 @@ def dataset_dir() -> Path:
             "or pass --data-root DIR"
         )
     return Path(root)
+
+
+def pair(x) -> tuple[int, int]:
+    """(h, w) from one size or a pair (a crop, an image size, a grid)."""
+    if isinstance(x, (tuple, list)):
+        return int(x[0]), int(x[1])
+    return int(x), int(x)

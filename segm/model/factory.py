@@ -16,15 +16,9 @@ from segm.config import dump_yaml, load_yaml
 from segm.model.decoder import create_decoder
 from segm.model.hub import is_shared_folder, load_shared
 from segm.model.policy import load_policy_checkpoint
+from segm.model.reduction import build_reducer
 from segm.model.segmenter import Segmenter
-from segm.model.spec import (
-    DEFAULT_POLICY_BACKBONE,
-    ModelSpec,
-    build_net_kwargs,
-    check_net_kwargs,
-    complete_net_kwargs,
-    resolve_policy,
-)
+from segm.model.spec import ModelSpec, build_net_kwargs, check_net_kwargs
 from segm.model.vit import create_vit, load_pretrained_vit
 from segm.utils.checkpoint import atomic_torch_save, safe_torch_load, state_dict_mismatch
 
@@ -35,11 +29,11 @@ CHECKPOINT_FORMAT = "segm-cts/1"
 
 def create_segmenter(cfg: dict, *, policy_ckpt_required: bool = True) -> Segmenter:
     """Builds a Segmenter from `net_kwargs` (the reference's, exactly as in its variant.yml, or
-    this project's), validated by `check_net_kwargs`. With `policy_ckpt_required=False` a missing
-    `policynet_ckpt` is allowed: the policy weights then come from a segmentation checkpoint
-    loaded afterwards."""
-    net = complete_net_kwargs(cfg)
-    spec = check_net_kwargs(net, policy_ckpt_required=policy_ckpt_required)
+    this project's), validated once by `check_net_kwargs`. With `policy_ckpt_required=False` a
+    missing `policynet_ckpt` is allowed: the policy weights then come from a segmentation
+    checkpoint loaded afterwards."""
+    spec = check_net_kwargs(cfg, policy_ckpt_required=policy_ckpt_required)
+    net = spec.complete
     eps = float(net.get("layer_norm_eps", 1e-5))
     encoder = create_vit(
         spec.crop, spec.patch_size, net["d_model"], net["n_heads"], net["n_layers"], d_ff=net.get("d_ff"),
@@ -51,19 +45,16 @@ def create_segmenter(cfg: dict, *, policy_ckpt_required: bool = True) -> Segment
     n_cls = dec.pop("n_cls", net["n_cls"])
     dec.pop("encoder_layer", None)
     decoder = create_decoder(name, n_cls, net["d_model"], layer_norm_eps=eps, **dec)
-    model = _with_policy(encoder, decoder, n_cls, spec, net)
+    model = _with_reduction(encoder, decoder, n_cls, spec)
     if net.get("pretrained"):
         load_pretrained_vit(model.encoder, net["pretrained"])
     return model
 
 
-def _with_policy(encoder, decoder, n_cls: int, spec: ModelSpec, net: dict) -> Segmenter:
-    """A Segmenter on `encoder` and `decoder` with the policy and budget of `spec`."""
-    model = Segmenter(
-        encoder, decoder, n_cls, policy_method=spec.policy_method, num_shared=spec.num_shared,
-        policy_backbone=spec.policy_backbone or DEFAULT_POLICY_BACKBONE,
-        random_seed=int(net.get("random_seed", 0)), oracle_dataset=net.get("oracle_dataset"),
-    )
+def _with_reduction(encoder, decoder, n_cls: int, spec: ModelSpec) -> Segmenter:
+    """A Segmenter on `encoder` and `decoder` with the token reduction of `spec`."""
+    reducer = build_reducer(spec.reduction, spec.grid, spec.patch_size, spec.complete)
+    model = Segmenter(encoder, decoder, n_cls, reducer)
     if spec.policy_method == "policy_net" and spec.policynet_ckpt and Path(spec.policynet_ckpt).is_file():
         load_policy_checkpoint(model.policy_net, spec.policynet_ckpt)
     return model
@@ -71,24 +62,27 @@ def _with_policy(encoder, decoder, n_cls: int, spec: ModelSpec, net: dict) -> Se
 
 def reshare(model: Segmenter, net_kwargs: dict, policy_method: str, *, num_shared: int | None = None,
             token_reduction: float | None = None, policynet_ckpt: str | None = None,
-            policy_backbone: str | None = None) -> tuple[Segmenter, dict]:
-    """The same trained encoder and decoder with another token-sharing policy and budget, with
-    no retraining: e.g. a `no_sharing` checkpoint evaluated with the content policy. Validated
-    like any model description (`check_net_kwargs`; a policy_net checkpoint is required).
-    Returns (model in eval mode, its net_kwargs); `model` itself is not changed."""
+            policy_backbone: str | None = None, reducer: dict | None = None) -> tuple[Segmenter, dict]:
+    """The same trained encoder and decoder with another token reduction, with no retraining:
+    e.g. a `no_sharing` checkpoint evaluated with the content policy, or with a registered
+    `reducer` ({name, settings}). Validated like any model description (`check_net_kwargs`; a
+    policy_net checkpoint is required). Returns (model in eval mode, its net_kwargs); `model`
+    itself is not changed."""
     net = {k: v for k, v in net_kwargs.items() if k not in _POLICY_KEYS}
     net.update(policy_method=policy_method, policy_schedule=(None, num_shared), policynet_ckpt=policynet_ckpt)
     if token_reduction is not None:
         net["token_reduction"] = token_reduction
     if policy_backbone is not None:
         net["policy_backbone"] = policy_backbone
-    spec = resolve_policy(net, policy_ckpt_required=True)
-    shared = _with_policy(model.encoder, model.decoder, model.n_cls, spec, net)
-    return shared.to(next(model.parameters()).device).eval(), net
+    if reducer is not None:
+        net["reducer"] = dict(reducer)
+    spec = check_net_kwargs(net, policy_ckpt_required=True)
+    shared = _with_reduction(model.encoder, model.decoder, model.n_cls, spec)
+    return shared.to(next(model.parameters()).device).eval(), spec.net_kwargs
 
 
 _POLICY_KEYS = ("policy_method", "policy_schedule", "policynet_ckpt", "policy_backbone", "token_reduction",
-                "random_seed")
+                "random_seed", "reducer")
 
 
 # --------------------------------------------------------------------------- checkpoints

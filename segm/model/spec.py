@@ -15,12 +15,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from segm.config import load_config
-from segm.model.cts import TokenBudgetError, resolve_token_budget
-
-POLICY_METHODS = ("policy_net", "no_sharing", "random", "oracle", "content")
-# The policy network the reference builds; also what a policy checkpoint without a record is.
-DEFAULT_POLICY_BACKBONE = "efficientnet_lite0"
+from segm.config import load_config, pair
+from segm.model.reduction.rules import (  # noqa: F401 (re-exported: the model's rules, one import)
+    CTS, DEFAULT_POLICY_BACKBONE, NO_SHARING, NONE, POLICY_METHODS, ModelConfigError, Reduction, ReductionError,
+    TokenBudgetError, check_crop, check_policy_method, check_window, policy_reduction, reducer_entry,
+    resolve_token_budget,
+)
 # The policy network scores 2×2 groups of 16-px patches (its output stride is 32).
 POLICY_PATCH_SIZE = 16
 POLICY_RECORD = "config.json"
@@ -43,21 +43,28 @@ def reference_num_shared(crop: int, dataset: str = "ade20k", patch_size: int = P
     return round(REFERENCE_REDUCTION.get(dataset, DEFAULT_TOKEN_REDUCTION) * n / 3)
 
 
-class ModelConfigError(ValueError):
-    """A model description (or the options it came from) that cannot be built."""
-
-
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a validated model description means: its crop, token grid and budget."""
+    """A validated model description: what `create_segmenter` builds from, made once by
+    `check_net_kwargs`. `net_kwargs` is the description as a file records it (the budget
+    resolved to `policy_schedule` = (U, S), the policy backbone as built)."""
 
     crop: tuple[int, int]
     patch_size: int
-    policy_method: str
-    num_notshared: int  # U
-    num_shared: int  # S
+    reduction: Reduction
+    num_notshared: int  # U (CTS); N otherwise
     policy_backbone: str | None  # policy_net only
     policynet_ckpt: str | None
+    net_kwargs: dict  # the recorded description
+    complete: dict  # the same with the preset fields filled in: what the model is built from
+
+    @property
+    def policy_method(self) -> str:
+        return self.reduction.policy_method
+
+    @property
+    def num_shared(self) -> int:
+        return self.reduction.num_shared
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -65,13 +72,7 @@ class ModelSpec:
 
     @property
     def shares_tokens(self) -> bool:
-        return self.policy_method != "no_sharing"
-
-
-def pair(x) -> tuple[int, int]:
-    if isinstance(x, (tuple, list)):
-        return int(x[0]), int(x[1])
-    return int(x), int(x)
+        return self.reduction.reduces
 
 
 # --------------------------------------------------------------------------- policy record
@@ -183,22 +184,7 @@ def build_net_kwargs(
     net["policynet_ckpt"] = policynet_ckpt
     if policy_method == "policy_net":
         net["policy_backbone"] = policy_backbone
-    resolve_policy(net, policy_ckpt_required=policy_ckpt_required)
-    return net
-
-
-def resolve_policy(net: dict, *, policy_ckpt_required: bool) -> ModelSpec:
-    """Validates `net` (`check_net_kwargs`) and records, in place, the budget and backbone it
-    resolves to: `policy_schedule` = (U, S), no `token_reduction`, and `policy_backbone` as
-    built (left out when nothing records one: the default applies)."""
-    spec = check_net_kwargs(net, policy_ckpt_required=policy_ckpt_required)
-    net["policy_schedule"] = (spec.num_notshared, spec.num_shared)
-    net.pop("token_reduction", None)
-    if spec.policy_backbone is not None:
-        net["policy_backbone"] = spec.policy_backbone
-    else:
-        net.pop("policy_backbone", None)
-    return spec
+    return check_net_kwargs(net, policy_ckpt_required=policy_ckpt_required).net_kwargs
 
 
 def complete_net_kwargs(net: dict) -> dict:
@@ -217,11 +203,6 @@ def complete_net_kwargs(net: dict) -> dict:
     return net
 
 
-def check_policy_method(policy_method: str) -> None:
-    if policy_method not in POLICY_METHODS:
-        raise ModelConfigError(f"unknown policy method {policy_method!r}; choose one of: {', '.join(POLICY_METHODS)}")
-
-
 def check_net_kwargs(net: dict, *, policy_ckpt_required: bool = True) -> ModelSpec:
     """Validates a model description; the only place the model's rules are checked.
 
@@ -229,20 +210,19 @@ def check_net_kwargs(net: dict, *, policy_ckpt_required: bool = True) -> ModelSp
     (superpatches are 2×2 patches). Budget: `policy_schedule` (U, S) with U = N − 4S (or
     `token_reduction`). policy_net: patch size 16, a policy checkpoint that exists (unless
     `policy_ckpt_required=False`: the policy weights then come from a segmentation checkpoint)
-    and a backbone that matches the one recorded beside it.
+    and a backbone that matches the one recorded beside it. A `reducer` entry names another
+    registered reducer and its settings.
     """
-    net = complete_net_kwargs(net)
-    method = net.get("policy_method", "no_sharing")
+    complete = complete_net_kwargs(net)
+    method = complete.get("policy_method", NO_SHARING)
     check_policy_method(method)
-    crop, p = pair(net["image_size"]), int(net["patch_size"])
-    h, w = crop
-    if h % p or w % p:
-        raise TokenBudgetError(f"crop {h}×{w} is not a multiple of the patch size {p}")
-    if method != "no_sharing" and (h % (2 * p) or w % (2 * p)):
-        raise TokenBudgetError(f"token sharing needs a crop that is a multiple of {2 * p} (2× the patch size); got {h}×{w}")
-    u, s = net.get("policy_schedule") or (None, None)
-    u, s = resolve_token_budget((h // p, w // p), method, s, u, net.get("token_reduction"))
-    backbone, ckpt = None, net.get("policynet_ckpt")
+    crop, p = pair(complete["image_size"]), int(complete["patch_size"])
+    grid = (crop[0] // p, crop[1] // p)
+    check_crop(policy_reduction(method, 0), crop, p)
+    u, s = complete.get("policy_schedule") or (None, None)
+    u, s = resolve_token_budget(grid, method, s, u, complete.get("token_reduction"))
+    reduction = _reduction(complete, method, s, grid)
+    backbone, ckpt = None, complete.get("policynet_ckpt")
     if method == "policy_net":
         if p != POLICY_PATCH_SIZE:
             raise TokenBudgetError(
@@ -252,24 +232,40 @@ def check_net_kwargs(net: dict, *, policy_ckpt_required: bool = True) -> ModelSp
         if policy_ckpt_required:
             check_policy_checkpoint(ckpt)
         recorded = recorded_policy_backbone(ckpt) if ckpt and Path(ckpt).is_file() else None
-        backbone = net.get("policy_backbone") or recorded
+        backbone = complete.get("policy_backbone") or recorded
         if recorded is not None:
             check_policy_backbone(ckpt, backbone)
-    return ModelSpec(crop, p, method, u, s, backbone, ckpt)
+    recorded_net = _recorded(net, (u, s), backbone)
+    return ModelSpec(crop, p, reduction, u, backbone, ckpt, recorded_net, _recorded(complete, (u, s), backbone))
 
 
-def check_window(policy_method: str, crop: tuple[int, int], window: tuple[int, int]) -> None:
-    """A token-sharing model runs only on inputs of its training crop: its token budget is
-    fixed for its token grid. Plain Segmenter models take any size."""
-    if policy_method == "no_sharing" or tuple(window) == tuple(crop):
-        return
-    ch, cw = crop
-    if ch != cw:
-        raise ModelConfigError(
-            f"this token-sharing model runs only on {ch}×{cw} inputs (its training crop), got "
-            f"{window[0]}×{window[1]}; its crop is not square, so it cannot slide square windows"
-        )
-    raise ModelConfigError(
-        f"this token-sharing model runs only on {ch}×{cw} inputs (its training crop), got "
-        f"{window[0]}×{window[1]}: use windows of the crop (--window-size {ch}, window_size={ch})"
-    )
+def _reduction(net: dict, method: str, num_shared: int, grid: tuple[int, int]) -> Reduction:
+    """CTS from `policy_method` (the reference's spelling), or the registered reducer a
+    `reducer: {name: ..., settings}` entry names."""
+    entry = net.get("reducer")
+    if entry is None:
+        return policy_reduction(method, num_shared)
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ReductionError(f"net_kwargs `reducer` must be a mapping with a `name`, got {entry!r}")
+    options = {k: v for k, v in entry.items() if k != "name"}
+    name = entry["name"]
+    if name == CTS:
+        raise ReductionError("CTS is described by `policy_method` and `policy_schedule`, not a `reducer` entry")
+    if method != NO_SHARING:
+        raise ReductionError(f"reducer {name!r} does not combine with token sharing (policy {method!r}); "
+                             "use --policy-method no_sharing")
+    options = reducer_entry(name).check(options, grid)
+    return Reduction(name, options=tuple(sorted(options.items())))
+
+
+def _recorded(net: dict, budget: tuple[int, int], backbone: str | None) -> dict:
+    """A copy of `net` with the budget and backbone it resolves to: `policy_schedule` = (U, S),
+    no `token_reduction`, and `policy_backbone` as built (left out when nothing records one)."""
+    net = copy.deepcopy(net)
+    net["policy_schedule"] = budget
+    net.pop("token_reduction", None)
+    if backbone is not None:
+        net["policy_backbone"] = backbone
+    else:
+        net.pop("policy_backbone", None)
+    return net

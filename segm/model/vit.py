@@ -16,7 +16,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from segm.model.spec import pair as _pair
+from segm.config import pair as _pair
 from segm.utils.checkpoint import safe_torch_load, state_dict_mismatch
 
 
@@ -54,10 +54,6 @@ def create_vit(
         norm_layer=partial(nn.LayerNorm, eps=layer_norm_eps),
     )
     return vit
-
-
-def num_prefix_tokens(vit: VisionTransformer) -> int:
-    return vit.num_prefix_tokens
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid, num_extra: int) -> torch.Tensor:

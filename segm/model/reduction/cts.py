@@ -1,4 +1,5 @@
-"""Content-aware Token Sharing as pure functions on tensors (docs/DESIGN.md, "Token geometry and order").
+"""Content-aware Token Sharing as pure functions on tensors (docs/DESIGN.md, "Token geometry and order");
+the reducer that puts them behind the seam is `segm.model.reduction.cts_reducer`.
 
 Geometry: the base grid has Gh×Gw patches (N = Gh·Gw); a superpatch is the fixed,
 even-aligned 2×2 group of base patches, so the superpatch grid is (Gh/2)×(Gw/2).
@@ -16,9 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-
-class TokenBudgetError(ValueError):
-    """An invalid (U, S) token budget or crop size."""
+from segm.model.reduction.base import TokenMap, cells_to_grid, grid_to_tokens, unmerge
+from segm.model.reduction.rules import TokenBudgetError, resolve_token_budget  # noqa: F401 (CTS's budget rule)
 
 
 class TokenLayout(NamedTuple):
@@ -58,61 +58,6 @@ class TokenLayout(NamedTuple):
         r2, c2 = 2 * (self.shared_idx // w2), 2 * (self.shared_idx % w2)
         scale = torch.cat([torch.ones_like(r1), torch.full_like(r2, 2)], dim=1)
         return torch.stack([scale, torch.cat([r1, r2], 1), torch.cat([c1, c2], 1)], dim=-1).float()
-
-
-def resolve_token_budget(
-    grid: tuple[int, int],
-    policy_method: str,
-    num_shared: int | None = None,
-    num_notshared: int | None = None,
-    token_reduction: float | None = None,
-) -> tuple[int, int]:
-    """Validates a token budget before any work and returns (U, S).
-
-    `token_reduction` ρ derives S = round(ρ·N/3). With `no_sharing`, S must be 0 (or unset).
-    """
-    gh, gw = grid
-    n = gh * gw
-    if token_reduction is not None:
-        if not 0.0 <= token_reduction <= 0.75:
-            raise TokenBudgetError(f"token reduction {token_reduction} must lie in [0, 0.75]")
-        derived = round(token_reduction * n / 3)
-        if num_shared is not None and num_shared != derived:
-            raise TokenBudgetError(
-                f"--token-reduction {token_reduction} gives S={derived} at N={n}, "
-                f"but --num-tokens-shared is {num_shared}; give only one of them"
-            )
-        num_shared = derived
-    if policy_method == "no_sharing":
-        if num_shared not in (None, 0):
-            raise TokenBudgetError(
-                f"policy 'no_sharing' shares no tokens, but S={num_shared} was asked; "
-                "use --policy-method policy_net (or content, random, oracle) to share tokens"
-            )
-        num_shared = 0
-    elif num_shared is None:
-        raise TokenBudgetError(
-            f"policy {policy_method!r} needs a token budget: give --num-tokens-shared S "
-            f"(0 ≤ S ≤ {n // 4} for N={n}) or --token-reduction"
-        )
-    s = int(num_shared)
-    max_s = (gh // 2) * (gw // 2)
-    if s < 0 or s > max_s:
-        raise TokenBudgetError(
-            f"--num-tokens-shared {s} is out of range: 0 ≤ S ≤ {max_s} for a {gh}×{gw} patch grid"
-        )
-    if s > 0 and (gh % 2 or gw % 2):
-        raise TokenBudgetError(
-            f"token sharing needs an even patch grid: the crop must be a multiple of twice the "
-            f"patch size (32 for /16 backbones); got {gh}×{gw} patches"
-        )
-    u = n - 4 * s
-    if num_notshared is not None and int(num_notshared) != u:
-        raise TokenBudgetError(
-            f"--num-tokens-notshared {num_notshared} does not fit: with S={s} shared tokens and "
-            f"N={n} patches, U must be N − 4S = {u}"
-        )
-    return u, s
 
 
 def no_sharing_layout(batch: int, grid: tuple[int, int], device) -> TokenLayout:
@@ -247,11 +192,6 @@ def mixed_patches(im: torch.Tensor, layout: TokenLayout, patch: int) -> torch.Te
     return torch.cat([patch_pixels(im, layout.base_idx, patch), patch_pixels(pooled, layout.shared_idx, patch)], 1)
 
 
-def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, D, h, w) → (B, h·w, D), raster order."""
-    return x.flatten(2).transpose(1, 2)
-
-
 def pool_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Per-superpatch mean of tokens on a grid: (B, N, D) → (B, N/4, D). For position
     embeddings this is the mean of the four cells."""
@@ -261,13 +201,14 @@ def pool_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return grid_to_tokens(F.avg_pool2d(g, 2))
 
 
+def layout_map(layout: TokenLayout, record=None) -> TokenMap:
+    """The layout as the seam's token map (identity when nothing is shared)."""
+    n = layout.grid[0] * layout.grid[1]
+    identity = layout.shared_idx.shape[1] == 0 and layout.num_tokens == n
+    return TokenMap(layout.token_of_cell, layout.grid, layout.num_tokens, identity=identity, record=record)
+
+
 def unshare(token_scores: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Unsharing: (B, T, K) per-token scores → (B, K, Gh, Gw), each shared token's
     scores written to its 4 cells. The result is a channels-last view (no copy)."""
-    b, _, k = token_scores.shape
-    gh, gw = layout.grid
-    if layout.shared_idx.shape[1] == 0 and token_scores.shape[1] == gh * gw:
-        cells = token_scores
-    else:
-        cells = torch.gather(token_scores, 1, layout.token_of_cell.unsqueeze(-1).expand(-1, -1, k))
-    return cells.view(b, gh, gw, k).permute(0, 3, 1, 2)
+    return cells_to_grid(unmerge(token_scores, layout_map(layout)), layout.grid)

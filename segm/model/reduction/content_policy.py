@@ -2,7 +2,7 @@
 
 Each score maps a normalised image batch (B, 3, H, W), H and W multiples of 32, to
 (B, (H/32)·(W/32)) in raster order over the superpatch grid, higher = more shareable, ready
-for `segm.model.cts.layout_from_scores`. A block of one colour scores exactly 0, the maximum;
+for `segm.model.reduction.cts.layout_from_scores`. A block of one colour scores exactly 0, the maximum;
 everything else scores below it. Ties are left to `cts.select_shared` (lower raster index first).
 
 All scores are computed in float32 (autocast is switched off inside), on the input's device,

@@ -1,0 +1,206 @@
+"""The rules of token reduction that a command checks before it builds anything: which
+reducers exist, the CTS token budget, the crops and input sizes a reducer allows
+(docs/DESIGN.md, "Token reduction"). Imports neither torch nor timm, so command-line tools
+validate cheaply.
+
+A model's reduction is a `Reduction`: the reducer's name and its settings. For CTS they are
+the superpatch scorer (`policy_net`, `content`, `random`, `oracle`) and the budget S; the
+model description (`net_kwargs`) spells CTS as the reference does (`policy_method`,
+`policy_schedule`), and any other reducer as one `reducer` entry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+NONE = "none"
+CTS = "cts"
+NO_SHARING = "no_sharing"  # the reference's policy name for "no token sharing"
+SCORERS = ("policy_net", "random", "oracle", "content")
+# --policy-method's choices, in the order the reference lists them
+POLICY_METHODS = ("policy_net", NO_SHARING, "random", "oracle", "content")
+# The policy network the reference builds; also what a policy checkpoint without a record is.
+DEFAULT_POLICY_BACKBONE = "efficientnet_lite0"
+
+
+class ModelConfigError(ValueError):
+    """A model description (or the options it came from) that cannot be built."""
+
+
+class TokenBudgetError(ValueError):
+    """An invalid (U, S) token budget or crop size."""
+
+
+class ReductionError(ModelConfigError):
+    """A reducer or reducer setting that does not exist or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What a model's token reduction is: the reducer's name and its settings (a sorted tuple
+    of (key, value), so the description is hashable and compares by value)."""
+
+    method: str = NONE
+    scorer: str | None = None  # CTS: how superpatches are scored
+    num_shared: int = 0  # CTS: S
+    options: tuple = field(default=())
+
+    @property
+    def policy_method(self) -> str:
+        """The reference's spelling: the scorer for CTS, `no_sharing` otherwise."""
+        return self.scorer if self.method == CTS else NO_SHARING
+
+    @property
+    def reduces(self) -> bool:
+        return self.method != NONE
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+
+def policy_reduction(policy_method: str, num_shared: int) -> Reduction:
+    """The reduction a reference `policy_method` and budget S mean."""
+    check_policy_method(policy_method)
+    if policy_method == NO_SHARING:
+        return Reduction()
+    return Reduction(CTS, policy_method, int(num_shared))
+
+
+def check_policy_method(policy_method: str) -> None:
+    if policy_method not in POLICY_METHODS:
+        raise ReductionError(f"unknown policy method {policy_method!r}; choose one of: {', '.join(POLICY_METHODS)}")
+
+
+def resolve_token_budget(
+    grid: tuple[int, int],
+    policy_method: str,
+    num_shared: int | None = None,
+    num_notshared: int | None = None,
+    token_reduction: float | None = None,
+) -> tuple[int, int]:
+    """Validates a CTS token budget before any work and returns (U, S).
+
+    `token_reduction` ρ derives S = round(ρ·N/3). With `no_sharing`, S must be 0 (or unset).
+    """
+    gh, gw = grid
+    n = gh * gw
+    if token_reduction is not None:
+        if not 0.0 <= token_reduction <= 0.75:
+            raise TokenBudgetError(f"token reduction {token_reduction} must lie in [0, 0.75]")
+        derived = round(token_reduction * n / 3)
+        if num_shared is not None and num_shared != derived:
+            raise TokenBudgetError(
+                f"--token-reduction {token_reduction} gives S={derived} at N={n}, "
+                f"but --num-tokens-shared is {num_shared}; give only one of them"
+            )
+        num_shared = derived
+    if policy_method == NO_SHARING:
+        if num_shared not in (None, 0):
+            raise TokenBudgetError(
+                f"policy 'no_sharing' shares no tokens, but S={num_shared} was asked; "
+                "use --policy-method policy_net (or content, random, oracle) to share tokens"
+            )
+        num_shared = 0
+    elif num_shared is None:
+        raise TokenBudgetError(
+            f"policy {policy_method!r} needs a token budget: give --num-tokens-shared S "
+            f"(0 ≤ S ≤ {n // 4} for N={n}) or --token-reduction"
+        )
+    s = int(num_shared)
+    max_s = (gh // 2) * (gw // 2)
+    if s < 0 or s > max_s:
+        raise TokenBudgetError(
+            f"--num-tokens-shared {s} is out of range: 0 ≤ S ≤ {max_s} for a {gh}×{gw} patch grid"
+        )
+    if s > 0 and (gh % 2 or gw % 2):
+        raise TokenBudgetError(
+            f"token sharing needs an even patch grid: the crop must be a multiple of twice the "
+            f"patch size (32 for /16 backbones); got {gh}×{gw} patches"
+        )
+    u = n - 4 * s
+    if num_notshared is not None and int(num_notshared) != u:
+        raise TokenBudgetError(
+            f"--num-tokens-notshared {num_notshared} does not fit: with S={s} shared tokens and "
+            f"N={n} patches, U must be N − 4S = {u}"
+        )
+    return u, s
+
+
+def check_crop(reduction: Reduction, crop: tuple[int, int], patch_size: int) -> None:
+    """A crop is a multiple of the patch size; CTS groups 2×2 patches, so it needs twice that."""
+    h, w = crop
+    p = patch_size
+    if h % p or w % p:
+        raise TokenBudgetError(f"crop {h}×{w} is not a multiple of the patch size {p}")
+    if reduction.method == CTS and (h % (2 * p) or w % (2 * p)):
+        raise TokenBudgetError(f"token sharing needs a crop that is a multiple of {2 * p} (2× the patch size); got {h}×{w}")
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class ReducerEntry:
+    """A registered reducer. `build(reduction, grid, patch_size, net)` returns the `Reducer`
+    (it may import torch); `check(options, grid)` validates the `reducer` entry's settings
+    without torch and returns them normalised. `fixed_input`: the reducer's token count is
+    fixed for one token grid, so the model runs only at its crop."""
+
+    build: Callable
+    check: Callable[[dict, tuple[int, int]], dict]
+    fixed_input: bool = True
+
+
+def _build_none(reduction, grid, patch_size, net):
+    from segm.model.reduction.base import Reducer
+
+    return Reducer(grid, patch_size)
+
+
+def _build_cts(reduction, grid, patch_size, net):
+    from segm.model.reduction.cts_reducer import CtsReducer
+
+    return CtsReducer.from_description(reduction, grid, patch_size, net)
+
+
+def _no_options(options: dict, grid) -> dict:
+    if options:
+        raise ReductionError(f"this reducer takes no settings, got {', '.join(options)}")
+    return options
+
+
+_REDUCERS: dict[str, ReducerEntry] = {
+    NONE: ReducerEntry(_build_none, _no_options, fixed_input=False),
+    CTS: ReducerEntry(_build_cts, _no_options),
+}
+
+
+def register_reducer(name: str, build: Callable, *, check: Callable | None = None, fixed_input: bool = True) -> None:
+    """Makes a reducer available to every command by name (a `reducer: {name: ...}` entry of
+    `net_kwargs`, `--reducer NAME`)."""
+    _REDUCERS[name] = ReducerEntry(build, check or _no_options, fixed_input)
+
+
+def reducer_names() -> list[str]:
+    return list(_REDUCERS)
+
+
+def reducer_entry(name: str) -> ReducerEntry:
+    if name not in _REDUCERS:
+        raise ReductionError(f"unknown reducer {name!r}; choose one of: {', '.join(_REDUCERS)}")
+    return _REDUCERS[name]
+
+
+def check_window(method: str, crop: tuple[int, int], window: tuple[int, int]) -> None:
+    """A model whose reducer (`method`) fixes its token count for one grid runs only on inputs
+    of its training crop. Plain Segmenter models take any size."""
+    if method == NONE or not reducer_entry(method).fixed_input or tuple(window) == tuple(crop):
+        return
+    ch, cw = crop
+    if ch != cw:
+        raise ReductionError(
+            f"this token-reducing model runs only on {ch}×{cw} inputs (its training crop), got "
+            f"{window[0]}×{window[1]}; its crop is not square, so it cannot slide square windows"
+        )
+    raise ReductionError(
+        f"this token-reducing model runs only on {ch}×{cw} inputs (its training crop), got "
+        f"{window[0]}×{window[1]}: use windows of the crop (--window-size {ch}, window_size={ch})"
+    )
