@@ -9,6 +9,8 @@ import hashlib
 import http.server
 import io
 import json
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
@@ -608,3 +610,33 @@ def test_prepared_trees_load_with_build_dataset(ade, cityscapes_src, pcontext_sr
             expected = pc_labels["2008_000003"]
         np.testing.assert_array_equal(seg.numpy(), expected)
     assert len(build_dataset("ade20k", "test", data_root=data / "ade20k", **kw)) == 1
+
+
+def test_scripts_prepare_the_folders_the_data_layer_reads(tmp_path, monkeypatch):
+    """The folder names come from one place (`segm.data.names`): what a script writes under
+    $DATASET is what `dataset_root` and `split_layout` look for."""
+    from segm.data.layout import dataset_root, split_layout
+    from segm.scripts.prepare_synthetic import generate_synthetic
+
+    monkeypatch.setenv("DATASET", str(tmp_path))
+    written = generate_synthetic(tmp_path, num_train=1, num_val=1, size=32, log=lambda *a: None)["path"]
+    assert dataset_root("synthetic") == written
+    for split in ("train", "val"):
+        assert len(list(split_layout("synthetic", written, split).img_dir.glob("*.jpg"))) == 1
+    assert prepare_ade20k.LAYOUT == ["ADEChallengeData2016/images/training", "ADEChallengeData2016/images/validation",
+                                     "ADEChallengeData2016/annotations/training",
+                                     "ADEChallengeData2016/annotations/validation", "release_test/testing"]
+    assert (prepare_pcontext.SPLITS, prepare_cityscapes.SPLITS) == (("train", "val"), ("train", "val", "test"))
+
+
+@pytest.mark.parametrize("script", ["prepare_ade20k", "prepare_cityscapes", "prepare_pcontext", "prepare_synthetic"])
+def test_help_imports_no_torch(script):
+    """`-h` of a preparation script loads neither torch nor mmseg: the dataset names it shares
+    with the data layer (`segm.data.names`, `segm.data`) need none."""
+    probe = (f"import sys\nsys.argv = ['{script}', '-h']\nimport runpy\n"
+             f"try:\n    runpy.run_module('segm.scripts.{script}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('loaded:', sorted(m for m in ('torch', 'mmseg', 'mmcv') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    assert "Usage:" in res.stdout and res.stdout.splitlines()[-1] == "loaded: []", res.stdout

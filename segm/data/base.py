@@ -24,6 +24,8 @@ import numpy as np
 
 from segm.config import dataset_dir, load_yaml
 
+from .names import ROOT_DIRS
+
 IGNORE_LABEL = 255
 
 # 0-1 scale; the pipelines use them ×255 rounded to 2 decimals, as the reference.
@@ -36,13 +38,7 @@ DATASET_NAMES = ("ade20k", "pascal_context", "cityscapes", "synthetic", "custom"
 _ALIASES = {"pcontext": "pascal_context"}  # the reference's spelling
 DATASET_CHOICES = DATASET_NAMES + tuple(_ALIASES)  # what the command lines accept
 
-# Folder under $DATASET and the command that creates it.
-_ROOT_DIRS = {
-    "ade20k": "ade20k",
-    "pascal_context": "pcontext",
-    "cityscapes": "cityscapes",
-    "synthetic": "synthetic",
-}
+# The command that creates each dataset's folder under $DATASET (`names.ROOT_DIRS`).
 PREPARE_COMMANDS = {
     "ade20k": "python -m segm.scripts.prepare_ade20k $DATASET",
     "pascal_context": "python -m segm.scripts.prepare_pcontext $DATASET",
@@ -108,7 +104,7 @@ def default_root(name: str) -> Path:
     name = canonical_name(name)
     if name == "custom":
         raise ValueError("the custom dataset needs its folder: pass --data-root DIR (data_root=...)")
-    return dataset_dir() / _ROOT_DIRS[name]
+    return dataset_dir() / ROOT_DIRS[name]
 
 
 def generated_palette(n: int) -> list:

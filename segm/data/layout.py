@@ -2,7 +2,7 @@
 
 `dataset_root` finds a dataset's folder, `split_layout` names the image folder, the annotation
 folder, their suffixes and the split file of one split, and `pair_files` lists the
-(image, label) pairs of a split. `segm.data.datasets` (through mmseg) and `policynet.data`
+(image, label) pairs of a split. The names in these layouts are `segm.data.names`'. `segm.data.datasets` (through mmseg) and `policynet.data`
 both read datasets through these. Layouts under the dataset's folder:
 
 - ade20k: `ADEChallengeData2016/{images,annotations}/{training,validation}/<name>.{jpg,png}`,
@@ -21,12 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import names as n
 from .base import IMAGE_EXTENSIONS, PREPARE_COMMANDS, canonical_name, default_root
 from .io import DataError
-
-SPLITS = ("train", "val", "test")
-# The folder names of ADE20K-style layouts.
-FOLDER_SPLITS = {"train": "training", "val": "validation"}
 
 
 @dataclass(frozen=True)
@@ -67,12 +64,13 @@ def dataset_root(name: str, data_root=None) -> Path:
 
 def check_split(name: str, split: str) -> None:
     name = canonical_name(name)
-    if split not in SPLITS:
+    if split not in n.SPLITS:
         raise ValueError(f"unknown split {split!r}: choose train, val or test")
-    if split == "test" and name == "pascal_context":
+    splits = n.DATASET_SPLITS[name]
+    if split not in splits and name == "pascal_context":
         raise ValueError("Pascal Context has no test split: use split='val'")
-    if split == "test" and name in ("synthetic", "custom"):
-        raise ValueError(f"the {name} dataset has the splits train and val, not {split!r}")
+    if split not in splits:
+        raise ValueError(f"the {name} dataset has the splits {' and '.join(splits)}, not {split!r}")
 
 
 def split_layout(name: str, root, split: str) -> SplitLayout:
@@ -81,22 +79,22 @@ def split_layout(name: str, root, split: str) -> SplitLayout:
     check_split(name, split)
     root = Path(root)
     if name == "ade20k":
-        base = root / "ADEChallengeData2016"
+        base = root / n.ADE20K_DIR
         if split == "test":
-            layout = SplitLayout(root / "release_test" / "testing", None, ".jpg", ".png")
+            layout = SplitLayout(root / n.ADE20K_TEST_DIR, None, ".jpg", ".png")
         else:
-            sub = FOLDER_SPLITS[split]
-            layout = SplitLayout(base / "images" / sub, base / "annotations" / sub, ".jpg", ".png")
+            sub = n.FOLDER_SPLITS[split]
+            layout = SplitLayout(base / n.IMAGE_DIR / sub, base / n.LABEL_DIR / sub, ".jpg", ".png")
     elif name == "pascal_context":
-        base = root / "VOCdevkit" / "VOC2010"
-        layout = SplitLayout(base / "JPEGImages", base / "SegmentationClassContext", ".jpg", ".png",
-                             split_file=base / "ImageSets" / "SegmentationContext" / f"{split}.txt")
+        base = root / n.VOC_DIR
+        layout = SplitLayout(base / n.PCONTEXT_IMAGE_DIR, base / n.PCONTEXT_LABEL_DIR, ".jpg", ".png",
+                             split_file=base / n.PCONTEXT_SPLIT_DIR / f"{split}.txt")
     elif name == "cityscapes":
-        layout = SplitLayout(root / "leftImg8bit" / split, root / "gtFine" / split,
-                             "_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+        layout = SplitLayout(root / n.CITYSCAPES_IMAGE_DIR / split, root / n.CITYSCAPES_LABEL_DIR / split,
+                             n.CITYSCAPES_IMAGE_SUFFIX, n.CITYSCAPES_LABEL_SUFFIX)
     else:  # synthetic, custom
-        sub = FOLDER_SPLITS[split]
-        layout = SplitLayout(root / "images" / sub, root / "annotations" / sub, IMAGE_EXTENSIONS, ".png")
+        sub = n.FOLDER_SPLITS[split]
+        layout = SplitLayout(root / n.IMAGE_DIR / sub, root / n.LABEL_DIR / sub, IMAGE_EXTENSIONS, ".png")
     for path in (layout.img_dir, layout.ann_dir, layout.split_file):
         if path is not None and not path.exists():
             raise missing_error(name, root, path)

@@ -7,10 +7,12 @@ according to per-dataset rules for blocks made of ignore pixels.
 from __future__ import annotations
 
 import dataclasses
-
-import torch
+from typing import TYPE_CHECKING
 
 from .base import IGNORE_LABEL, canonical_name
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK = 32
 
@@ -51,6 +53,8 @@ def policy_labels(label: torch.Tensor, rules: PolicyLabelRules, block: int = BLO
     ADE20K's reference pre-map `gt==0 -> 255` is what reduce_zero_label already did; the
     following −1 shift of the real labels changes no comparison below.
     """
+    import torch  # here: `segm.data` (the preparation scripts' dataset names) loads without torch
+
     if label.dim() not in (2, 3):
         raise ValueError(f"label must be (B, H, W) or (H, W), got shape {tuple(label.shape)}")
     if label.dtype.is_floating_point or label.dtype == torch.bool:

@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 import click
 
+from segm.data.names import ADE20K_DIR, ADE20K_TEST_DIR, FOLDER_SPLITS, IMAGE_DIR, LABEL_DIR, ROOT_DIRS
 from segm.scripts._prepare_common import (
     cli_errors,
     local_file_options,
@@ -36,10 +37,10 @@ RESOURCES = (
 )
 
 LAYOUT = [
-    f"ADEChallengeData2016/{kind}/{split}"
-    for kind in ("images", "annotations")
-    for split in ("training", "validation")
-] + ["release_test/testing"]
+    f"{ADE20K_DIR}/{kind}/{folder}"
+    for kind in (IMAGE_DIR, LABEL_DIR)
+    for folder in FOLDER_SPLITS.values()
+] + [ADE20K_TEST_DIR]
 
 
 def prepare_ade20k(
@@ -52,7 +53,7 @@ def prepare_ade20k(
     resources: Sequence[Resource] | None = None,
 ) -> bool:
     """Prepare `<dataset_dir>/ade20k`; False if it was already prepared (nothing done)."""
-    root = Path(dataset_dir) / "ade20k"
+    root = Path(dataset_dir) / ROOT_DIRS["ade20k"]
 
     def build(files, tmp):
         for r in resources or RESOURCES:

@@ -34,6 +34,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from segm.data.cityscapes_labels import LABELS
+from segm.data.names import (CITYSCAPES_IMAGE_DIR, CITYSCAPES_LABEL_DIR, CITYSCAPES_LABEL_SUFFIX, DATASET_SPLITS,
+                             ROOT_DIRS)
 from segm.scripts._prepare_common import (
     cli_errors,
     local_file_options,
@@ -47,9 +49,8 @@ from segm.scripts._prepare_common import (
 from segm.utils.download import CITYSCAPES_URL, Checksum, cityscapes_login, download
 
 PACKAGES = {"gtFine_trainvaltest.zip": 1, "leftImg8bit_trainvaltest.zip": 3}
-SPLITS = ("train", "val", "test")
+SPLITS = DATASET_SPLITS["cityscapes"]
 POLYGONS_SUFFIX = "_gtFine_polygons.json"
-TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
 
 def resources(base_url: str = CITYSCAPES_URL) -> tuple[Resource, ...]:
     return tuple(
@@ -88,7 +89,7 @@ def convert_polygons(json_path) -> Path:
         image = polygons_to_train_ids(annotation, str(json_path))
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise PrepareError(f"{json_path}: not a valid Cityscapes polygon file ({type(e).__name__}: {e})") from None
-    out = json_path.with_name(json_path.name[: -len(POLYGONS_SUFFIX)] + TRAIN_IDS_SUFFIX)
+    out = json_path.with_name(json_path.name[: -len(POLYGONS_SUFFIX)] + CITYSCAPES_LABEL_SUFFIX)
     image.save(out)
     return out
 
@@ -111,8 +112,8 @@ def write_split_lists(root, out_dir) -> None:
     """`<split>.txt`: one `<city>/<city>_<seq>_<frame>` per annotated image, sorted."""
     for split in SPLITS:
         names = sorted(
-            str(p.relative_to(Path(root) / "gtFine" / split))[: -len(POLYGONS_SUFFIX)]
-            for p in (Path(root) / "gtFine" / split).glob(f"*/*{POLYGONS_SUFFIX}")
+            str(p.relative_to(Path(root) / CITYSCAPES_LABEL_DIR / split))[: -len(POLYGONS_SUFFIX)]
+            for p in (Path(root) / CITYSCAPES_LABEL_DIR / split).glob(f"*/*{POLYGONS_SUFFIX}")
         )
         (Path(out_dir) / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
 
@@ -160,16 +161,17 @@ def prepare_cityscapes(
     base_url: str = CITYSCAPES_URL,
 ) -> bool:
     """Prepare `<dataset_dir>/cityscapes`; False if it was already prepared (nothing done)."""
-    root = Path(dataset_dir) / "cityscapes"
+    root = Path(dataset_dir) / ROOT_DIRS["cityscapes"]
     res = resources(base_url)
 
     def build(files, tmp):
         for r in res:
             extract(files[r.filename], tmp, quarantine=is_downloaded(files[r.filename], root))
         require_layout(
-            tmp, [f"{d}/{s}" for d in ("gtFine", "leftImg8bit") for s in SPLITS], " / ".join(PACKAGES)
+            tmp, [f"{d}/{s}" for d in (CITYSCAPES_LABEL_DIR, CITYSCAPES_IMAGE_DIR) for s in SPLITS],
+            " / ".join(PACKAGES)
         )
-        convert_all(tmp / "gtFine", nproc)
+        convert_all(tmp / CITYSCAPES_LABEL_DIR, nproc)
         write_split_lists(tmp, tmp)
 
     return run_prepare(

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from segm.data.names import (DATASET_SPLITS, PCONTEXT_IMAGE_DIR, PCONTEXT_LABEL_DIR, PCONTEXT_SPLIT_DIR, ROOT_DIRS,
+                             VOC_DIR)
 from segm.scripts._prepare_common import (
     cli_errors,
     local_file_options,
@@ -55,8 +57,8 @@ RESOURCES = (
     Resource("val.pth", f"{_PTH_URL}/val.pth", Checksum("sha1", "ebedc94247ec616c57b9a2df15091784826a7b0c"),
              _PTH_NOTE),
 )
-SPLITS = ("train", "val")
-VOC = Path("VOCdevkit/VOC2010")
+SPLITS = DATASET_SPLITS["pascal_context"]
+VOC = Path(VOC_DIR)
 
 
 def context_id(key) -> str:
@@ -116,21 +118,21 @@ def prepare_pcontext(
     resources: Sequence[Resource] | None = None,
 ) -> bool:
     """Prepare `<dataset_dir>/pcontext`; False if it was already prepared (nothing done)."""
-    root = Path(dataset_dir) / "pcontext"
+    root = Path(dataset_dir) / ROOT_DIRS["pascal_context"]
     resources = resources or RESOURCES
 
     def build(files, tmp):
         tar = files[resources[0].filename]
         extract(tar, tmp, quarantine=is_downloaded(tar, root))
-        require_layout(tmp, [str(VOC / "JPEGImages")], tar.name)
+        require_layout(tmp, [str(VOC / PCONTEXT_IMAGE_DIR)], tar.name)
         voc = tmp / VOC
         for r in resources[1:]:
             link_or_copy(files[r.filename], voc / r.filename)
-        images = {p.stem for p in (voc / "JPEGImages").glob("*.jpg")}
-        imagesets = voc / "ImageSets" / "SegmentationContext"
+        images = {p.stem for p in (voc / PCONTEXT_IMAGE_DIR).glob("*.jpg")}
+        imagesets = voc / PCONTEXT_SPLIT_DIR
         imagesets.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
-            ids = convert_context_labels(voc / f"{split}.pth", voc / "SegmentationClassContext")
+            ids = convert_context_labels(voc / f"{split}.pth", voc / PCONTEXT_LABEL_DIR)
             absent = [i for i in ids if i not in images]
             if absent:
                 raise PrepareError(

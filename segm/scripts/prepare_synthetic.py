@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from segm.config import dump_yaml, load_yaml
+from segm.data.names import DATASET_SPLITS, FOLDER_SPLITS, IMAGE_DIR, LABEL_DIR, ROOT_DIRS
 from segm.utils.writable import check_writable
 
 GENERATOR_VERSION = 1
@@ -50,7 +51,7 @@ CLASSES = (
     ("sign", (190, 50, 200)),
 )
 SKY, WALL, FLOOR, GRASS, ROAD, WATER, TREE, BALL, BOX, SIGN = range(len(CLASSES))
-SPLITS = (("training", "train"), ("validation", "val"))
+SPLITS = tuple((FOLDER_SPLITS[split], split) for split in DATASET_SPLITS["synthetic"])  # (folder, name prefix)
 
 
 # ----------------------------------------------------------------------------- textures
@@ -210,10 +211,10 @@ def _write_one(args):
     out_dir, seed, split_index, folder, prefix, index, size = args
     img, lab = make_sample(seed, split_index, index, size)
     name = f"syn_{prefix}_{index:05d}"
-    Image.fromarray(img).save(out_dir / "images" / folder / f"{name}.jpg", quality=92)
+    Image.fromarray(img).save(out_dir / IMAGE_DIR / folder / f"{name}.jpg", quality=92)
     png = Image.fromarray(lab, mode="L").convert("P")
     png.putpalette(_palette_bytes())
-    png.save(out_dir / "annotations" / folder / f"{name}.png")
+    png.save(out_dir / LABEL_DIR / folder / f"{name}.png")
     return block_counts(lab)
 
 
@@ -252,7 +253,7 @@ def generate_synthetic(dataset_root, *, num_train=400, num_val=100, size=256, se
     if size < BLOCK or size % 8:
         raise ValueError(f"--size must be a multiple of 8 and at least {BLOCK}, got {size}")
     root = Path(dataset_root)
-    target = root / "synthetic"
+    target = root / ROOT_DIRS["synthetic"]
     args = generator_args(num_train, num_val, size, seed)
     if target.exists():
         found = _existing_args(target)
@@ -270,8 +271,8 @@ def generate_synthetic(dataset_root, *, num_train=400, num_val=100, size=256, se
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for folder, _ in SPLITS:
-            (tmp / "images" / folder).mkdir(parents=True)
-            (tmp / "annotations" / folder).mkdir(parents=True)
+            (tmp / IMAGE_DIR / folder).mkdir(parents=True)
+            (tmp / LABEL_DIR / folder).mkdir(parents=True)
         jobs = [
             (tmp, seed, k, folder, prefix, i, size)
             for k, (folder, prefix) in enumerate(SPLITS)
