@@ -119,6 +119,20 @@ def test_cli(tmp_path):
     assert not (tmp_path / "x" / "synthetic").exists()
 
 
+def test_cli_errors_are_the_prepare_scripts(tmp_path, monkeypatch):
+    """The command ends as every preparation script does (`_prepare_common.cli_errors`): one
+    `Error:` line, exit code 1, for a bad argument and for a failing disk alike."""
+    def disk_full(job):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ps, "_write_one", disk_full)
+    for args in (["--num-val", "0"], ["--size", "64", "--workers", "1"]):
+        res = CliRunner().invoke(ps.main, [str(tmp_path), *args])
+        assert res.exit_code == 1 and res.output.startswith("Error: ") and len(res.output.splitlines()) == 1
+    assert "--num-val" in CliRunner().invoke(ps.main, [str(tmp_path), "--num-val", "0"]).output
+    assert res.output == "Error: disk full\n"
+
+
 def test_workers_give_identical_files(tmp_path):
     one = ps.generate_synthetic(tmp_path / "a", num_train=3, num_val=1, size=64, workers=1, log=lambda *a: None)
     two = ps.generate_synthetic(tmp_path / "b", num_train=3, num_val=1, size=64, workers=2, log=lambda *a: None)

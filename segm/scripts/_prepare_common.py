@@ -303,13 +303,14 @@ def _run_locked(root, name, resources, build, download_dir, archives, fetch) -> 
 
 
 @contextlib.contextmanager
-def cli_errors():
-    """A preparation that cannot go on ends the command with one line (click's `Error: ...`)."""
+def cli_errors(*also: type[Exception]):
+    """A preparation that cannot go on ends the command with one line (click's `Error: ...`);
+    `also`: further exception types that mean it (the synthetic generator's ValueError)."""
     import click
 
     try:
         yield
-    except (PrepareError, DownloadError, OSError) as e:  # OSError: a full disk, a read-only folder
+    except (PrepareError, DownloadError, OSError, *also) as e:  # OSError: a full disk, a read-only folder
         raise click.ClickException(str(e)) from None
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 
 from segm.config import dump_yaml, load_yaml
 from segm.data.names import DATASET_SPLITS, FOLDER_SPLITS, IMAGE_DIR, LABEL_DIR, ROOT_DIRS
+from segm.scripts._prepare_common import cli_errors
 from segm.utils.writable import check_writable
 
 GENERATOR_VERSION = 1
@@ -313,11 +314,9 @@ def generate_synthetic(dataset_root, *, num_train=400, num_val=100, size=256, se
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthetic folder.")
 def main(dataset_root, num_train, num_val, size, seed, workers, overwrite):
     """Generate DATASET_ROOT/synthetic (DATASET_ROOT defaults to $DATASET)."""
-    try:
+    with cli_errors(ValueError):
         generate_synthetic(dataset_root, num_train=num_train, num_val=num_val, size=size, seed=seed,
                            overwrite=overwrite, workers=workers)
-    except (ValueError, FileExistsError, OSError) as e:
-        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":
