@@ -18,6 +18,7 @@ from segm.data.base import DATASET_CHOICES, canonical_name
 from segm.model.policy import build_policy, load_policy_checkpoint
 from segm.model.spec import DEFAULT_POLICY_BACKBONE, read_policy_record
 from segm.utils.checkpoint import CheckpointError
+from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
 from segm.utils.device import resolve_device
 
 from .evaluation import build_eval_set, eval_loader, evaluate
@@ -66,7 +67,7 @@ def format_table(r: dict) -> str:
     return "\n".join(rows)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=CONTEXT_SETTINGS_WITH_DEFAULTS)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--dataset", type=click.Choice(DATASET_CHOICES), required=True, help="Dataset to evaluate on.")
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", help="Split to evaluate on.")

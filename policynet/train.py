@@ -34,6 +34,7 @@ from segm.data.base import DATASET_CHOICES, canonical_name
 from segm.data.policy_labels import policy_labels, rules_for
 from segm.model.spec import DEFAULT_POLICY_BACKBONE
 from segm.utils.checkpoint import CheckpointError
+from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
 from segm.utils.device import resolve_device
 from segm.utils.determinism import seed_everything
 from segm.utils.writable import check_writable
@@ -316,7 +317,7 @@ class _Command(click.Command):
         return super().parse_args(ctx, out)
 
 
-@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=_Command, context_settings=CONTEXT_SETTINGS_WITH_DEFAULTS)
 @click.version_option(__version__, "--version", prog_name="policynet.train")
 @click.option("--dataset", type=click.Choice(DATASET_CHOICES), required=True, help="Dataset to train on.")
 @click.option("--exp_name", "--exp-name", "exp_name", default="experiment", help="run folder under --logdir")

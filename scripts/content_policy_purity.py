@@ -22,6 +22,7 @@ from segm.data.policy_labels import policy_labels, rules_for
 from segm.model import content_policy as cp
 from segm.model.cts import select_shared
 from segm.utils.checkpoint import safe_torch_load
+from segm.utils.cli import CONTEXT_SETTINGS
 
 BUDGETS = {"S=25%": lambda n2: round(0.25 * n2), "ρ=0.3": lambda n2: round(0.3 * 4 * n2 / 3)}
 
@@ -93,7 +94,7 @@ def purity(items, score, budget, labels):
     return good / max(valid, 1)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--policy-ckpt", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--policy-backbone", default="tf_efficientnet_lite0", show_default=True)

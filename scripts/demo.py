@@ -24,6 +24,8 @@ from pathlib import Path
 
 import click
 
+from segm.utils.cli import CONTEXT_SETTINGS
+
 PY = sys.executable
 BACKBONE = "vit_tiny_patch16_384"
 # Windows of 128 px on images of 256 px (configs/config.yml: synthetic): N = 64 patches,
@@ -74,7 +76,7 @@ class Demo:
         print(f"  done in {time.perf_counter() - t0:.0f} s (log: {path})", flush=True)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--out", default="demo_out", type=click.Path(file_okay=False), show_default=True)
 @click.option("--quick", is_flag=True, help="A much shorter run (smoke test; figures not meaningful).")
 @click.option("--fresh", is_flag=True, help="Delete --out first.")

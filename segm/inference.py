@@ -34,6 +34,7 @@ from segm.eval.evaluate import SAVE_FORMATS
 from segm.eval.window import inference_views, resize_to_window, resolve_window, window_anchors
 from segm.policy_choice import policy_options
 from segm.utils.amp import AMP_DTYPES, autocast
+from segm.utils.cli import CONTEXT_SETTINGS
 from segm.utils.device import DEVICE_HELP, resolve_device
 from segm.utils.writable import check_writable, write_error_message
 from segm.visualize import (blend_images, checkpoint_classes, colorize, save_png, sharing_maps, sharing_overlay,
@@ -217,7 +218,7 @@ def _result_picture(out_format: str, dataset: str | None, palette, class_names, 
     return picture
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", prog_name="segm.inference")
 @click.option("--model-path", default=None, type=str, help="checkpoint.pth (variant.yml beside it); or --onnx.")
 @click.option("--onnx", "onnx_path", default=None, type=str,

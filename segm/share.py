@@ -11,9 +11,10 @@ from __future__ import annotations
 import click
 
 from segm import __version__
+from segm.utils.cli import CONTEXT_SETTINGS
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", prog_name="segm.share")
 @click.argument("checkpoint", type=str)
 @click.argument("out_dir", type=click.Path(file_okay=False))

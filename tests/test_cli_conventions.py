@@ -39,6 +39,20 @@ def test_dash_h_prints_usage(name):
     assert result.output.startswith("Usage: "), result.output
 
 
+def test_help_option_names_are_set_in_one_place():
+    """Every command takes its context settings from `segm.utils.cli`: no other file spells them."""
+    from pathlib import Path
+
+    from segm.utils.cli import CONTEXT_SETTINGS, CONTEXT_SETTINGS_WITH_DEFAULTS
+
+    for name in COMMANDS:
+        assert command(name).context_settings in (CONTEXT_SETTINGS, CONTEXT_SETTINGS_WITH_DEFAULTS), name
+    repo = Path(__file__).resolve().parents[1]
+    sources = [p for d in ("segm", "policynet", "scripts", "gpu") for p in (repo / d).rglob("*.py")]
+    spelled = [str(p.relative_to(repo)) for p in sources if "help_option_names" in p.read_text()]
+    assert spelled == ["segm/utils/cli.py"]
+
+
 @pytest.mark.parametrize("name", COMMANDS)
 def test_every_option_has_help(name):
     options = [p for p in command(name).params if isinstance(p, click.Option)]

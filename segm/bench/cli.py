@@ -11,6 +11,7 @@ from segm.bench.run import run_benchmark
 from segm.bench.settings import MATMUL_SIZE, BenchConfig, BenchError
 from segm.config import load_config
 from segm.utils.checkpoint import CheckpointError
+from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
 from segm.utils.device import DEVICE_HELP
 from segm.utils.host_memory import REUSE_MEMORY_HELP, HostMemoryError
 
@@ -40,7 +41,7 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
     return cfg
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=CONTEXT_SETTINGS_WITH_DEFAULTS)
 @click.version_option(__version__, "--version", prog_name="segm.bench")
 @click.option("--backbone", default="vit_small_patch16_384", type=click.Choice(list(_PRESETS["model"])),
               help="Backbone preset (configs/config.yml).")

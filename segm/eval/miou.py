@@ -27,6 +27,7 @@ from segm.eval.window import resolve_window
 from segm.metrics import per_class_table
 from segm.policy_choice import PolicyChoice, apply_policy_choice, policy_choice, policy_options, policy_record
 from segm.utils.checkpoint import CheckpointError
+from segm.utils.cli import CONTEXT_SETTINGS
 from segm.utils.device import DEVICE_HELP, resolve_device
 from segm.utils.distributed import barrier, cleanup, init_distributed, is_main_process
 from segm.utils.writable import NotWritableError, check_writable, write_error_message
@@ -187,7 +188,7 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
     return scores
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", prog_name="segm.eval.miou")
 @click.argument("model_path", type=str)
 @click.argument("dataset_name", type=click.Choice(DATASET_CHOICES, case_sensitive=False), metavar="DATASET_NAME")

@@ -8,6 +8,7 @@ from segm.data.base import DATASET_CHOICES, variant_normalization
 from segm.export.graph import DEFAULT_OPSET, ExportError, check_opset
 from segm.export.sidecar import sidecar_path
 from segm.policy_choice import policy_options
+from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
 
 
 def _real_crops(model, variant: dict, dataset, data_root, normalization: str, batch: int):
@@ -30,7 +31,7 @@ def _load(checkpoint: str, policy: dict):
     return apply_policy_choice(*load_model(checkpoint), policy_choice(**policy))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=CONTEXT_SETTINGS_WITH_DEFAULTS)
 @click.version_option(__version__, "--version", prog_name="segm.export")
 @click.argument("checkpoint", type=str)
 @click.argument("out", type=click.Path(dir_okay=False))

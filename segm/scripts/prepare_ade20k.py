@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import click
 
 from segm.data.names import ADE20K_DIR, ADE20K_TEST_DIR, FOLDER_SPLITS, IMAGE_DIR, LABEL_DIR, ROOT_DIRS
+from segm.utils.cli import CONTEXT_SETTINGS
 from segm.scripts._prepare_common import (
     cli_errors,
     local_file_options,
@@ -66,7 +67,7 @@ def prepare_ade20k(
     )
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, help="Download (or take local archives of) ADE20K and unpack it into DATASET/ade20k.")
+@click.command(context_settings=CONTEXT_SETTINGS, help="Download (or take local archives of) ADE20K and unpack it into DATASET/ade20k.")
 @click.argument("dataset", type=click.Path(file_okay=False))
 @local_file_options("archive")
 def main(dataset, download_dir, archives, force):

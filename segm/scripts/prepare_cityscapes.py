@@ -36,6 +36,7 @@ from tqdm import tqdm
 from segm.data.cityscapes_labels import LABELS
 from segm.data.names import (CITYSCAPES_IMAGE_DIR, CITYSCAPES_LABEL_DIR, CITYSCAPES_LABEL_SUFFIX, DATASET_SPLITS,
                              ROOT_DIRS)
+from segm.utils.cli import CONTEXT_SETTINGS
 from segm.scripts._prepare_common import (
     cli_errors,
     local_file_options,
@@ -180,7 +181,7 @@ def prepare_cityscapes(
     )
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=(
+@click.command(context_settings=CONTEXT_SETTINGS, help=(
     "Download (with a Cityscapes account) or take local copies of gtFine_trainvaltest.zip and "
     "leftImg8bit_trainvaltest.zip, unpack them into DATASET/cityscapes and convert the polygons "
     "to *_gtFine_labelTrainIds.png."

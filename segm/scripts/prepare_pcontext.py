@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from segm.data.names import (DATASET_SPLITS, PCONTEXT_IMAGE_DIR, PCONTEXT_LABEL_DIR, PCONTEXT_SPLIT_DIR, ROOT_DIRS,
                              VOC_DIR)
+from segm.utils.cli import CONTEXT_SETTINGS
 from segm.scripts._prepare_common import (
     cli_errors,
     local_file_options,
@@ -147,7 +148,7 @@ def prepare_pcontext(
     )
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=(
+@click.command(context_settings=CONTEXT_SETTINGS, help=(
     "Download (or take local copies of) Pascal-Context and build DATASET/pcontext. "
     "Trusted-file exception: train.pth/val.pth (PyTorch-Encoding) are unpickled "
     "(torch.load weights_only=False), which can run code; only use the published files "

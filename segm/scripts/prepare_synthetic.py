@@ -34,6 +34,7 @@ from PIL import Image
 from segm.config import dump_yaml, load_yaml
 from segm.data.names import DATASET_SPLITS, FOLDER_SPLITS, IMAGE_DIR, LABEL_DIR, ROOT_DIRS
 from segm.scripts._prepare_common import cli_errors
+from segm.utils.cli import CONTEXT_SETTINGS
 from segm.utils.writable import check_writable
 
 GENERATOR_VERSION = 1
@@ -303,7 +304,7 @@ def generate_synthetic(dataset_root, *, num_train=400, num_val=100, size=256, se
     return dict(path=target, created=True, single_class_fraction=fraction)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("dataset_root", envvar="DATASET", type=click.Path(file_okay=False))
 @click.option("--num-train", default=400, show_default=True, type=int, help="Training images.")
 @click.option("--num-val", default=100, show_default=True, type=int, help="Validation images.")

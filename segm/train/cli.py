@@ -12,12 +12,13 @@ from segm.model.spec import POLICY_METHODS
 from segm.train.loss import NonFiniteLossError
 from segm.train.options import AMP_DTYPES, ConfigError
 from segm.train.run import train
+from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
 
 _PRESET = " [default: the dataset preset in configs/config.yml]"
 _PRESETS = load_config()  # the backbone and decoder choices
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=CONTEXT_SETTINGS_WITH_DEFAULTS)
 @click.version_option(__version__, "--version", prog_name="segm.train")
 @click.option("--log-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: checkpoint.pth, variant.yml, log.txt, TensorBoard events.")
