@@ -31,7 +31,7 @@ from segm.data.base import STATS, variant_normalization
 from segm.data.io import DataError, pil_to_rgb, read_image
 from segm.data.label_space import to_label_space
 from segm.eval.evaluate import SAVE_FORMATS
-from segm.eval.window import inference_views, resize_to_window, resolve_window, window_anchors
+from segm.eval.window import inference_views, resize_to_window, resolve_window, view_plan, window_anchors
 from segm.policy_choice import policy_options
 from segm.utils.amp import AMP_DTYPES, autocast
 from segm.utils.cli import CONTEXT_SETTINGS
@@ -81,20 +81,17 @@ def _to_tensor(image: np.ndarray, normalization: str, device) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- prediction
 def augmented_views(im: torch.Tensor, *, multiscale: bool = False, flip: bool = False):
-    """(views, metas): the test-time views of one normalised image (3, H, W), the image itself
-    first. `multiscale`: the evaluation's 12 views (`segm.data.pipelines.MULTISCALE_RATIOS` of
-    the image's own size, bilinear, each also mirrored); `flip`: the mirrored image too."""
-    ratios = [1.0]
-    if multiscale:
-        from segm.data.pipelines import MULTISCALE_RATIOS  # imports mmseg: only when asked for
-
-        ratios += [r for r in MULTISCALE_RATIOS if r != 1.0]
+    """(views, metas): the test-time views of one normalised image (3, H, W) (`view_plan`: with
+    `multiscale` the evaluation's 12, scaled from the image's own size, bilinear; with `flip`
+    the mirrored image too), the image itself first."""
+    ratios, mirror = view_plan(multiscale, flip)
+    ratios.sort(key=lambda r: r != 1.0)  # the image itself first: the sharing maps show its windows
     h, w = im.shape[-2:]
     views, metas = [], []
     for r in ratios:
         size = (int(h * r + 0.5), int(w * r + 0.5))  # mmcv.imrescale's rounding
         view = im if r == 1.0 else F.interpolate(im[None], size, mode="bilinear", align_corners=False)[0]
-        for mirrored in (False, True) if (flip or multiscale) else (False,):
+        for mirrored in (False, True) if mirror else (False,):
             views.append(view.flip(-1) if mirrored else view)
             metas.append({"flip": mirrored})
     return views, metas

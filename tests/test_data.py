@@ -18,7 +18,7 @@ from segm.data import (
     val_collate,
 )
 from segm.data import pipelines
-from segm.data.pipelines import MULTISCALE_RATIOS
+from segm.eval.window import MULTISCALE_RATIOS
 
 SYN = dict(im_size=64, crop_size=64, normalization="vit")
 

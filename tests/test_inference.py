@@ -318,3 +318,22 @@ def test_sharing_maps_are_the_first_views_with_test_time_views(synthetic_root, t
     _, (shared, block) = predict_image(model, image, variant=variant, return_sharing=True)
     _, (shared_ms, block_ms) = predict_image(model, image, variant=variant, return_sharing=True, multiscale=True)
     assert shared.any() and np.array_equal(shared, shared_ms) and np.array_equal(block, block_ms)
+
+
+def test_augmented_views_follow_the_view_plan():
+    """`augmented_views` builds `view_plan`'s views, the image itself first (bit for bit)."""
+    from segm.eval.window import view_plan
+    from segm.inference import augmented_views
+
+    im = torch.randn(3, 10, 14)
+    for multiscale, flip in [(False, False), (False, True), (True, False)]:
+        views, metas = augmented_views(im, multiscale=multiscale, flip=flip)
+        ratios, mirrored = view_plan(multiscale, flip)
+        assert len(views) == len(metas) == len(ratios) * (2 if mirrored else 1)
+        assert views[0] is im and metas[0] == {"flip": False}
+        assert [m["flip"] for m in metas] == [False, True] * len(ratios) if mirrored else [False]
+        expected = [1.0] + [r for r in ratios if r != 1.0]
+        assert [tuple(v.shape[-2:]) for v in views[:: 2 if mirrored else 1]] == [
+            (int(10 * r + 0.5), int(14 * r + 0.5)) for r in expected]
+        if mirrored:
+            assert all(torch.equal(a.flip(-1), b) for a, b in zip(views[::2], views[1::2]))

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segm.eval.window import (inference_views, resize_to_window, resolve_window, sliding_window_inference,
-                              window_anchors)
+from segm.eval.window import (MULTISCALE_RATIOS, inference_views, resize_to_window, resolve_window,
+                              sliding_window_inference, view_plan, window_anchors)
 
 
 def test_anchors_cityscapes_example():
@@ -222,3 +222,15 @@ def test_resolve_window_defaults_per_command():
     sharing = types.SimpleNamespace(crop_size=(480, 480), policy_method="random")
     with pytest.raises(ValueError, match="--window-size 480"):
         resolve_window(sharing, variant)
+
+
+def test_view_plan_is_the_evaluation_pipelines():
+    """One rule for the test-time views (`view_plan`): the evaluation pipeline's ratios and flip
+    are its own, and `segm.inference.augmented_views` builds the same (tests/test_inference.py)."""
+    from segm.data import pipelines
+
+    assert view_plan(False) == ([1.0], False) and view_plan(False, flip=True) == ([1.0], True)
+    assert view_plan(True) == ([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], True) == (list(MULTISCALE_RATIOS), True)
+    for multiscale in (False, True):
+        aug = pipelines.test_pipeline(im_size=64, max_ratio=4, normalization="vit", multiscale=multiscale)[1]
+        assert (aug["img_ratios"], aug["flip"]) == view_plan(multiscale)

@@ -11,11 +11,11 @@ import os.path as osp
 
 import numpy as np
 
+from segm.eval.window import view_plan
+
 from .base import IGNORE_LABEL, normalization_stats
 from .io import DataError, check_same_size, read_image, read_label  # noqa: F401  (re-exported)
 from .mmseg_compat import PIPELINES
-
-MULTISCALE_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 
 
 @PIPELINES.register_module(force=True)
@@ -90,12 +90,14 @@ def train_pipeline(*, im_size, crop_size, max_ratio, normalization, n_cls, reduc
 
 
 def test_pipeline(*, im_size, max_ratio, normalization, multiscale=False) -> list:
-    """Single scale: one view at (max_ratio·im_size, im_size), no flip; multi-scale: 12 views."""
+    """Single scale: one view at (max_ratio·im_size, im_size), no flip; multi-scale: 12 views
+    (`segm.eval.window.view_plan`)."""
+    ratios, mirrored = view_plan(multiscale)
     aug = dict(
         type="MultiScaleFlipAug",
         img_scale=(max_ratio * im_size, im_size),
-        img_ratios=list(MULTISCALE_RATIOS) if multiscale else [1.0],
-        flip=multiscale,
+        img_ratios=ratios,
+        flip=mirrored,
         transforms=[
             dict(type="Resize", keep_ratio=True),
             dict(type="RandomFlip"),

@@ -19,9 +19,20 @@ import torch.nn.functional as F
 from segm.config import dataset_preset
 
 __all__ = ["resolve_window", "check_stride", "window_anchors", "resize_to_window", "sliding_window_inference",
-           "inference_views"]
+           "inference_views", "MULTISCALE_RATIOS", "view_plan"]
 
 Forward = Callable[[torch.Tensor, list], torch.Tensor]
+
+# The scales of the multi-scale views, as ratios of the test size (the reference's).
+MULTISCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def view_plan(multiscale: bool, flip: bool = False) -> tuple[list[float], bool]:
+    """The test-time views of an image: (the ratios of its size to view it at, whether each is
+    also mirrored). Multi-scale: the 12 views of MULTISCALE_RATIOS, each mirrored; otherwise
+    the image alone, mirrored too with `flip`. The evaluation pipeline
+    (`segm.data.pipelines.test_pipeline`) and `segm.inference.augmented_views` build these."""
+    return (list(MULTISCALE_RATIOS) if multiscale else [1.0]), bool(multiscale or flip)
 
 
 def resolve_window(model, variant: dict, dataset: str | None = None, window_size: int | None = None,
