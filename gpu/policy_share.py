@@ -8,27 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 
-def median_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def main(argv=None) -> None:
+    from segm.bench.timing import round_robin, summary
     from segm.model.policy import PolicyNet, fuse_batchnorm, policy_logits
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,7 +38,8 @@ def main(argv=None) -> None:
         runs.append(("compiled_ms", torch.compile(policy)))
     for key, net in runs:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            result[key] = median_ms(lambda: policy_logits(net, x), args.warmup, args.repeats)
+            times = round_robin({key: lambda im: policy_logits(net, im)}, [x], args.warmup, args.repeats, device)
+        result[key] = 1e3 * summary(times[key])["median"]
         args.json.write_text(json.dumps(result, indent=1))
         print(f"policy network, batch {args.batch_size}, {args.size} px, bf16, {key}: {result[key]:.2f}", flush=True)
 
