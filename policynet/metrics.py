@@ -6,11 +6,11 @@ Labels are policy labels (B, h, w) in {0, 1, 255}: 1 = the superpatch holds one 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from segm.data import IGNORE_LABEL
-from segm.model.cts import TokenBudgetError, resolve_token_budget, select_shared
+from segm.model.reduction.cts import TokenBudgetError, resolve_token_budget, select_shared
 from segm.model.spec import reference_num_shared
+from segm.train.loss import segmentation_loss
 
 SELECTORS = ("policy", "random", "oracle")
 
@@ -35,10 +35,10 @@ def check_budget(s: int | None, crop: int, dataset: str, patch_size: int = 16) -
 
 
 def policy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over non-ignored cells (`CrossEntropyLoss(ignore_index=255)`), but 0, not
+    """The segmenter's training loss (`segm.train.loss.segmentation_loss`) on one process: the
+    cross-entropy over non-ignored cells (`CrossEntropyLoss(ignore_index=255)`), but 0, not
     NaN, for a batch whose cells are all ignored."""
-    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_LABEL, reduction="sum")
-    return total / (labels != IGNORE_LABEL).sum().clamp(min=1)
+    return segmentation_loss(logits, labels)[0]
 
 
 def top_s(scores: torch.Tensor, s: int) -> torch.Tensor:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-
+from segm.train.context import RunContext
+from segm.train.state import CheckpointedState
 from segm.utils.checkpoint import atomic_torch_save, safe_torch_load
-from segm.utils.determinism import get_rng_state, set_rng_state
 
 MODEL_FILE = "model.pth"
 STATE_FILE = "state.pth"
+RUN_FILES = (MODEL_FILE, STATE_FILE, "config.json", "log.txt")
 # Settings that must not change when a run is resumed (the data order and the update depend on them).
 RESUME_KEYS = ("dataset", "backbone", "batch_size_train", "optimizer", "lr", "weight_decay", "momentum",
                "hflip", "seed", "crop_size")
@@ -32,39 +32,39 @@ def resume_settings(cfg, dataset: str, crop: int) -> dict:
 
 
 @dataclasses.dataclass
-class TrainState:
-    """The model, its optimizer and the run's progress. `saved_iteration` is the iteration of
-    the `state.pth` on disk (None before the first save); `metrics` the last evaluation's."""
+class TrainState(CheckpointedState):
+    """The policy, its optimizer and the run's progress (segm.train's `CheckpointedState`),
+    with the settings a resumed run must share, the size of the train split and the last
+    evaluation's `metrics`."""
 
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
     settings: dict
     dataset_len: int
-    iteration: int = 0
-    saved_iteration: int | None = None
     metrics: dict = dataclasses.field(default_factory=dict)
 
-    def save(self, run_dir: Path, device: torch.device) -> None:
+    def save(self, run: RunContext) -> None:
         """`model.pth` (the plain state dict the segmenter loads), then `state.pth`."""
         weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        atomic_torch_save(weights, run_dir / MODEL_FILE)
-        atomic_torch_save({
-            "model": weights,
-            "optimizer": self.optimizer.state_dict(),
-            "iteration": self.iteration,
-            "rng": get_rng_state(device),
-            "data": {"seed": self.settings["seed"], "batch_size": self.settings["batch_size_train"],
-                     "dataset_len": self.dataset_len, "position": self.iteration},
-            "config": self.settings,
-        }, run_dir / STATE_FILE)
-        self.saved_iteration = self.iteration
 
-    def restore(self, checkpoint: dict, device: torch.device) -> None:
+        def write(rngs: list[dict]) -> None:
+            atomic_torch_save(weights, run.log_dir / MODEL_FILE)
+            atomic_torch_save({
+                "model": weights,
+                "optimizer": self.optimizer.state_dict(),
+                "iteration": self.iteration,
+                "rng": rngs[0],
+                "data": {"seed": self.settings["seed"], "batch_size": self.settings["batch_size_train"],
+                         "dataset_len": self.dataset_len, "position": self.iteration},
+                "config": self.settings,
+            }, run.log_dir / STATE_FILE)
+
+        self.write_checkpoint(run, write)
+
+    def restore(self, checkpoint: dict, run: RunContext) -> None:
         """Continues from a `load_checkpoint` result: weights, optimizer, RNGs and iteration."""
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        set_rng_state(checkpoint["rng"], device)
-        self.iteration = self.saved_iteration = int(checkpoint["iteration"])
+        self.restore_rng(run, [checkpoint["rng"]])
+        self.iteration = self.last_saved = int(checkpoint["iteration"])
 
 
 def load_checkpoint(path: Path, settings: dict, dataset_len: int, num_iterations: int) -> dict:

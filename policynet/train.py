@@ -10,165 +10,42 @@ counters), then writes `model.pth` (plain state dict: `backbone.*`, `head.*`) an
 `runs/policynet/<exp_name>` under the current directory). `config.json` records the run's
 settings; `log.txt` holds JSON lines; TensorBoard events go to the same folder.
 
-`train` reads top to bottom: resolve the options (`resolve_run`), find the state to resume
-(`read_checkpoint`), build the model and optimizer (`build_state`), then `train_iterations`,
-which calls `train_one_step`, `evaluate_splits` and `TrainState.save` on schedule.
+The machinery is segm.train's: the checkpoint protocol and RNG restore
+(`segm.train.state.CheckpointedState`), the loss and its guard (`segm.train.loss`), the update
+and progress bar (`segm.train.loop`), the log and TensorBoard writer
+(`segm.train.context.RunContext`). The options, data, labels and metrics are the policy's own.
+
+`train` reads top to bottom: resolve the options (`policynet.run.resolve_run`), find the state
+to resume (`read_checkpoint`), build the model and optimizer (`build_state`), then
+`train_iterations`, which calls `train_one_step`, `evaluate_splits` and `TrainState.save` on
+schedule.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import sys
 import time
-from pathlib import Path
-from typing import NamedTuple
 
 import click
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from segm import __version__
-from segm.data.base import DATASET_CHOICES, canonical_name
+from segm.data.base import DATASET_CHOICES
 from segm.data.policy_labels import policy_labels, rules_for
 from segm.model.spec import DEFAULT_POLICY_BACKBONE
+from segm.train.loop import apply_update, make_progress
+from segm.train.loss import NonFiniteLossError, check_loss
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
-from segm.utils.device import resolve_device
-from segm.utils.determinism import seed_everything
-from segm.utils.writable import check_writable
 
-from .data import PolicyDataset, TrainBatchSampler, eval_subset
-from .evaluation import build_eval_set, eval_loader, evaluate
-from .metrics import check_budget, policy_loss
-from .optim import OPTIMIZERS, build_optimizer, check_optimizer
-from .records import RunLog, json_safe, write_json
-from .state import MODEL_FILE, STATE_FILE, TrainState, load_checkpoint, resume_settings
+from .evaluation import evaluate
+from .metrics import policy_loss
+from .optim import OPTIMIZERS
+from .options import DEFAULT_LOGDIR, TrainConfig
+from .records import json_safe, log_line, log_metrics
+from .run import Loaders, PolicyRun, build_loaders, build_state, open_run_dir, read_checkpoint, resolve_run
+from .state import TrainState
 
-DEFAULT_LOGDIR = "runs/policynet"
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    dataset: str
-    exp_name: str = "experiment"
-    logdir: str = DEFAULT_LOGDIR
-    num_iterations: int = 50000
-    batch_size_train: int = 8
-    batch_size_test: int = 10
-    lr: float = 5e-5
-    weight_decay: float = 1e-3
-    momentum: float = 0.9
-    optimizer: str = "AdamW"
-    hflip: bool = True
-    backbone: str = DEFAULT_POLICY_BACKBONE
-    pretrained: str | None = "lite0"
-    resume: bool = False
-    seed: int = 0
-    num_workers: int = 8
-    device: str | None = None
-    data_root: str | None = None
-    classes: str | None = None
-    crop_size: int | None = None
-    eval_iterations: int = 10000
-    eval_train_batches: int = 50
-    num_shared: int | None = None
-    log_iterations: int = 100
-    summary_iterations: int = 20
-    progress: bool = True
-
-    def check(self) -> None:
-        check_optimizer(self.optimizer)
-        for key in ("num_iterations", "batch_size_train", "batch_size_test", "eval_iterations",
-                    "log_iterations", "summary_iterations"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"--{key} must be positive, got {getattr(self, key)}")
-        if self.eval_train_batches < 0 or self.num_workers < 0:
-            raise ValueError("--eval_train_batches and --num-workers must be ≥ 0")
-        if not self.exp_name or "/" in self.exp_name or self.exp_name in (".", ".."):
-            raise ValueError(f"--exp_name must be a plain folder name, got {self.exp_name!r}")
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
-@dataclasses.dataclass
-class Run:
-    """A run's options, resolved once: dataset, device, folder, data and the top-S budget."""
-
-    cfg: TrainConfig
-    name: str
-    device: torch.device
-    dir: Path
-    train_set: PolicyDataset
-    val_set: PolicyDataset
-    train_eval_set: PolicyDataset
-    num_shared: int
-
-    @property
-    def crop(self) -> int:
-        return self.train_set.geometry.size
-
-    @property
-    def settings(self) -> dict:
-        return resume_settings(self.cfg, self.name, self.crop)
-
-
-class Loaders(NamedTuple):
-    train: DataLoader  # the remaining batches, from the run's current iteration
-    val: DataLoader
-    train_eval: DataLoader  # a fixed subset of the train split, deterministic views
-
-
-def resolve_run(cfg: TrainConfig) -> Run:
-    cfg.check()
-    name = canonical_name(cfg.dataset)
-    device = resolve_device(cfg.device)
-    check_writable(Path(cfg.logdir) / cfg.exp_name, "--logdir")
-    data = dict(data_root=cfg.data_root, classes_file=cfg.classes, crop_size=cfg.crop_size)
-    train_set = PolicyDataset(name, "train", train=True, hflip=cfg.hflip, **data)
-    crop = train_set.geometry.size
-    val_set = build_eval_set(name, "val", **data)
-    train_eval_set = build_eval_set(name, "train", **data)
-    s = check_budget(cfg.num_shared, crop, name)
-    return Run(cfg, name, device, Path(cfg.logdir) / cfg.exp_name, train_set, val_set, train_eval_set, s)
-
-
-def read_checkpoint(run: Run) -> dict | None:
-    """The state to continue (`--resume`), or None for a new run; a run is never overwritten."""
-    if run.cfg.resume:
-        return load_checkpoint(run.dir / STATE_FILE, run.settings, len(run.train_set), run.cfg.num_iterations)
-    if (run.dir / STATE_FILE).exists() or (run.dir / MODEL_FILE).exists():
-        raise FileExistsError(
-            f"{run.dir} already holds a run; pass --resume to continue it or choose another --exp_name"
-        )
-    return None
-
-
-def build_state(run: Run, checkpoint: dict | None) -> TrainState:
-    cfg = run.cfg
-    seed_everything(cfg.seed)
-    model = build_policy(cfg.backbone, None if checkpoint else cfg.pretrained).to(run.device)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
-    state = TrainState(model, optimizer, run.settings, len(run.train_set))
-    if checkpoint is not None:
-        state.restore(checkpoint, run.device)
-    return state
-
-
-def build_loaders(run: Run, start: int) -> Loaders:
-    cfg, pin = run.cfg, run.device.type == "cuda"
-    sampler = TrainBatchSampler(len(run.train_set), cfg.batch_size_train, cfg.seed, start, cfg.num_iterations)
-    train = DataLoader(run.train_set, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin,
-                       persistent_workers=False)
-    subset = eval_subset(len(run.train_eval_set), cfg.eval_train_batches * cfg.batch_size_test)
-    return Loaders(
-        train,
-        eval_loader(run.val_set, cfg.batch_size_test, cfg.num_workers, run.device),
-        eval_loader(run.train_eval_set, cfg.batch_size_test, cfg.num_workers, run.device, indices=subset),
-    )
+__all__ = ["NonFiniteLossError", "TrainConfig", "main", "policy_loss", "train"]
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -176,18 +53,16 @@ def train(cfg: TrainConfig) -> dict:
     run = resolve_run(cfg)
     checkpoint = read_checkpoint(run)
     state = build_state(run, checkpoint)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    record = {**dataclasses.asdict(cfg), "crop": run.crop, "num_shared_eval": run.num_shared}
-    write_json(run.dir / "config.json", record)
+    open_run_dir(run)
     loaders = build_loaders(run, state.iteration)
-    log = RunLog(run.dir, purge_step=state.iteration + 1 if checkpoint else None)  # keeps the saved step
-    log.line({"event": "resume" if checkpoint else "start", "iteration": state.iteration,
-              "num_iterations": cfg.num_iterations, "device": str(run.device),
-              "train_images": len(run.train_set), "val_images": len(run.val_set)})
+    run.open_writer(state.iteration if checkpoint else None)
     try:
-        train_iterations(run, state, loaders, log)
+        log_line(run, {"event": "resume" if checkpoint else "start", "iteration": state.iteration,
+                       "num_iterations": cfg.num_iterations, "device": str(run.device),
+                       "train_images": len(run.train_set), "val_images": len(run.val_set)})
+        train_iterations(run, state, loaders)
     finally:
-        log.close()
+        run.close_writer()
     return state.metrics
 
 
@@ -216,25 +91,23 @@ def train_one_step(state: TrainState, im, label, rules, device: torch.device) ->
     im = im.to(device, non_blocking=True)
     target = policy_labels(label.to(device, non_blocking=True), rules)
     loss = policy_loss(state.model(im)["logits"], target)
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    state.optimizer.step()
+    apply_update(state.optimizer, loss)
     state.iteration += 1
     return loss.detach()
 
 
-def evaluate_splits(run: Run, state: TrainState, loaders: Loaders, log: RunLog) -> dict:
+def evaluate_splits(run: PolicyRun, state: TrainState, loaders: Loaders) -> dict:
     """Metrics of the val split and of the train subset (an empty one is skipped), logged."""
     results = {}
     for split, loader in (("val", loaders.val), ("train", loaders.train_eval)):
         if len(loader.dataset) == 0:
             continue
         results[split] = evaluate(state.model, loader, run.name, run.num_shared, run.device, seed=run.cfg.seed)
-        log.metrics(state.iteration, split, results[split])
+        log_metrics(run, state.iteration, split, results[split])
     return results
 
 
-def train_iterations(run: Run, state: TrainState, loaders: Loaders, log: RunLog) -> None:
+def train_iterations(run: PolicyRun, state: TrainState, loaders: Loaders) -> None:
     """The steps from `state.iteration` to `--num_iterations`, with the loss summaries, log
     lines, evaluations and saves each due at its own period and at the last iteration."""
     cfg = run.cfg
@@ -245,8 +118,7 @@ def train_iterations(run: Run, state: TrainState, loaders: Loaders, log: RunLog)
         return state.iteration % period == 0 or state.iteration == cfg.num_iterations
 
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.num_iterations, initial=state.iteration, desc=cfg.exp_name, disable=not cfg.progress,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = make_progress(cfg.num_iterations, state.iteration, cfg.exp_name, cfg.progress)
     try:
         for im, label, _ in loaders.train:
             loss = train_one_step(state, im, label, rules, run.device)
@@ -257,18 +129,15 @@ def train_iterations(run: Run, state: TrainState, loaders: Loaders, log: RunLog)
             if due(cfg.summary_iterations):
                 first = it - summary.count + 1
                 value = summary.pop()
-                if not math.isfinite(value):
-                    log.line({"iteration": it, "event": "non-finite loss", "loss": repr(value)})
-                    raise _non_finite_loss(run, state, value, first)
-                log.tb.add_scalar("Loss/train", value, it)
+                check_summary_loss(run, state, value, first)
+                run.writer.add_scalar("Loss/train", value, it)
                 bar.set_postfix(loss=f"{value:.4f}")
             if due(cfg.log_iterations):
-                log.line({"iteration": it, "loss": logged.pop(), "lr": cfg.lr,
-                          "elapsed_s": round(time.perf_counter() - t0, 2)})
+                log_line(run, {"iteration": it, "loss": logged.pop(), "lr": cfg.lr,
+                               "elapsed_s": round(time.perf_counter() - t0, 2)})
             if due(cfg.eval_iterations):
-                state.metrics = evaluate_splits(run, state, loaders, log)
-                log.tb.flush()  # the scalars up to this save are on disk with it
-                state.save(run.dir, run.device)
+                state.metrics = evaluate_splits(run, state, loaders)
+                state.save(run)
                 bar.write(_summary_line(it, state.metrics))
     finally:
         bar.close()
@@ -276,15 +145,20 @@ def train_iterations(run: Run, state: TrainState, loaders: Loaders, log: RunLog)
         raise RuntimeError(f"training stopped at iteration {state.iteration} of {cfg.num_iterations}")
 
 
-def _non_finite_loss(run: Run, state: TrainState, value: float, first: int) -> NonFiniteLossError:
-    """The stop, naming what can be continued: the last save (the settings of a resumed run
-    may not change, so a lower --lr means a new run)."""
-    if state.saved_iteration is None:
+def check_summary_loss(run: PolicyRun, state: TrainState, value: float, first: int) -> None:
+    """segm.train's loss guard on the mean loss of iterations `first`..now (K = 2 classes). The
+    stop names what can be continued: the last save (the settings of a resumed run may not
+    change, so a lower --lr means a new run)."""
+    if state.last_saved is None:
         advice = "no checkpoint was written yet: start the run again (without --resume) with a lower --lr"
     else:
-        advice = (f"the last good checkpoint is {run.dir / STATE_FILE} (iteration {state.saved_iteration}): "
+        advice = (f"the last good checkpoint is {run.ckpt_path} (iteration {state.last_saved}): "
                   "continue it with --resume, or start a new run (another --exp_name) with a lower --lr")
-    return NonFiniteLossError(f"non-finite loss ({value}) between iterations {first} and {state.iteration}; {advice}")
+    try:
+        check_loss(value, 2, f"between iterations {first} and {state.iteration}", advice)
+    except NonFiniteLossError:
+        log_line(run, {"iteration": state.iteration, "event": "non-finite loss", "loss": repr(value)})
+        raise
 
 
 def _summary_line(it: int, results: dict) -> str:

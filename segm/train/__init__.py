@@ -23,12 +23,28 @@ epoch end and every `--ckpt-every` iterations; running the same command again re
 the last one and ends with the weights an uninterrupted run would have produced.
 
 Reading order: `cli` (the command) → `options` (`TrainOptions`, resolved once) → `run`
-(`train`: the phases) → `process`, `data`, `model`, `variant`, `run_dir` (set-up) → `state`
-(`TrainState`: what a checkpoint holds) → `loop` (`train_one_epoch`, `evaluate`) → `loss`.
-"""
-from segm.train.cli import main
-from segm.train.model import PRETRAINED_TAGS
-from segm.train.options import ConfigError, TrainOptions, resolve_options
-from segm.train.run import train
+(`train`: the phases) → `context` (`Run`) → `process`, `data`, `model`, `variant`, `run_dir`
+(set-up) → `state` (`TrainState`: what a checkpoint holds) → `loop` (`train_one_epoch`,
+`evaluate`) → `loss`. The policy trainer (`policynet.train`) runs on `context`, `state`
+(`CheckpointedState`), `loop` (`apply_update`, `make_progress`), `loss` and `run_dir`.
 
-__all__ = ["PRETRAINED_TAGS", "ConfigError", "TrainOptions", "main", "resolve_options", "train"]
+Exports are imported lazily, so the policy trainer can use those modules without loading
+the segmentation trainer.
+"""
+_EXPORTS = {
+    "ConfigError": "segm.train.options",
+    "PRETRAINED_TAGS": "segm.train.model",
+    "TrainOptions": "segm.train.options",
+    "main": "segm.train.cli",
+    "resolve_options": "segm.train.options",
+    "train": "segm.train.run",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'segm.train' has no attribute {name!r}")

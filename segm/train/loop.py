@@ -1,21 +1,17 @@
 """The training loop: one epoch of steps, the evaluation, and the end of an epoch
-(checkpoint, log line). Everything that changes lives in the `TrainState`."""
+(checkpoint, log line). Everything that changes lives in the `TrainState`. `apply_update` and
+`make_progress` serve the policy trainer's iteration loop too."""
 from __future__ import annotations
 
-import math
 import sys
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
-from segm.train.loss import NonFiniteLossError, segmentation_loss
+from segm.train.context import Run
+from segm.train.loss import check_loss, segmentation_loss
 from segm.train.state import TrainState, fresh_meters
 from segm.utils.amp import autocast
-from segm.utils.logger import append_log
-
-if TYPE_CHECKING:
-    from segm.train.run import Run
 
 EVAL_WINDOW_BATCH = 4
 VAL_SCORES = ("pixel_accuracy", "mean_accuracy", "mean_iou")
@@ -64,21 +60,9 @@ def train_step(net: torch.nn.Module, state: TrainState, run: Run, batch: dict, e
         logits = net(im, seg) if state.model.needs_labels else net(im)
     loss, loss_global = segmentation_loss(logits, seg, run.world_size)
     loss_value = loss_global.item()
-    limit = exploded_loss(run.data.n_cls)
-    if not math.isfinite(loss_value) or loss_value > limit:
-        what = "" if not math.isfinite(loss_value) else f" (exploded: above 100·ln K = {limit:.0f}; lower the learning rate)"
-        raise NonFiniteLossError(
-            f"the loss is {loss_value:.4g} at iteration {state.iteration + 1} (epoch {epoch}){what}; training "
-            "stopped before this update. " + state.last_checkpoint_note(run)
-        )
-    state.optimizer.zero_grad(set_to_none=True)
-    if state.scaler is not None:
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-    else:
-        loss.backward()
-        state.optimizer.step()
+    check_loss(loss_value, run.data.n_cls, f"at iteration {state.iteration + 1} (epoch {epoch})",
+               "training stopped before this update. " + state.last_checkpoint_note(run))
+    apply_update(state.optimizer, loss, state.scaler)
     state.iteration += 1
     state.scheduler.step_update(state.iteration)
     lr = state.optimizer.param_groups[0]["lr"]  # as the reference: the lr after step_update
@@ -88,10 +72,17 @@ def train_step(net: torch.nn.Module, state: TrainState, run: Run, batch: dict, e
     return loss_value, lr
 
 
-def exploded_loss(n_cls: int) -> float:
-    """A cross-entropy far above that of a uniform guess (ln K) means the weights are destroyed,
-    even while they are finite: training stops before such a state can be checkpointed."""
-    return 100 * math.log(max(n_cls, 2))
+def apply_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+    """One optimiser update from `loss` (through the AMP loss scaler when there is one)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 def evaluate(net: torch.nn.Module, run: Run) -> tuple[dict, list]:
@@ -131,7 +122,7 @@ def finish_epoch(net: torch.nn.Module, state: TrainState, run: Run, epoch: int, 
 
 
 def log_epoch(run: Run, record: dict, iteration: int, cat_iou: list | None = None) -> None:
-    append_log(run.log_dir / "log.txt", record)
+    run.log_line(record)
     for key, value in record.items():
         if key.startswith("val_"):
             run.writer.add_scalar(f"val/{key[4:]}", value, iteration)

@@ -39,6 +39,11 @@ def init_device(opts: TrainOptions) -> DistInfo:
     return init_distributed()
 
 
+def single_process(device: torch.device) -> DistInfo:
+    """The place of a trainer that always runs as one process (the policy network's)."""
+    return DistInfo(0, 1, 0, device, False)
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's `obj` on every rank."""
     if not info.distributed:

@@ -5,14 +5,13 @@ resumed one continues exactly (docs/DESIGN.md, "Determinism and resuming")."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from segm.config import dump_yaml
-from segm.train.data import TrainData, build_data, dataset_classes
+from segm.train.context import Run
+from segm.train.data import build_data, dataset_classes
 from segm.train.loop import finish_epoch, train_one_epoch
 from segm.train.model import create_train_state, model_description
 from segm.train.options import TrainOptions, resolve_options, user_errors
@@ -21,43 +20,8 @@ from segm.train.run_dir import CHECKPOINT, agree_on_plan, open_log_dir
 from segm.train.state import TrainState
 from segm.train.variant import build_variant
 from segm.utils.determinism import seed_everything
-from segm.utils.distributed import DistInfo, barrier, cleanup, dist_env_from_environ
+from segm.utils.distributed import barrier, cleanup, dist_env_from_environ
 from segm.utils.logger import restore_log
-
-if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
-
-
-@dataclass
-class Run:
-    """What stays fixed while a run trains: its options, this process's place among the
-    processes, the data, the variant it records; and, on rank 0, its TensorBoard writer."""
-
-    opts: TrainOptions
-    dist: DistInfo
-    data: TrainData
-    variant: dict
-    writer: SummaryWriter | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist.rank == 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.dist.device
-
-    @property
-    def world_size(self) -> int:
-        return self.dist.world_size
-
-    @property
-    def log_dir(self) -> Path:
-        return self.opts.log_dir
-
-    @property
-    def ckpt_path(self) -> Path:
-        return self.log_dir / CHECKPOINT
 
 
 def train(options) -> dict:
@@ -84,8 +48,8 @@ def train(options) -> dict:
             return already_complete(run, state)
         return train_epochs(run, state, resumed=resume_from is not None)
     finally:
-        if run is not None and run.writer is not None:
-            run.writer.close()
+        if run is not None:
+            run.close_writer()
         torch.use_deterministic_algorithms(deterministic_before)
         cleanup()
 
@@ -100,7 +64,8 @@ def plan_run(opts: TrainOptions) -> tuple[Run, Path | None, list[str]]:
     data = build_data(opts, info, classes)
     variant = build_variant(opts, net_kwargs, info.world_size, data.total_iters, data.num_epochs)
     resume_from, diffs = agree_on_plan(opts.log_dir, variant, opts.resume, opts.overwrite, info)
-    return Run(opts, info, data, variant), resume_from, diffs
+    run = Run(info, opts.log_dir, opts.log_dir / CHECKPOINT, opts=opts, data=data, variant=variant)
+    return run, resume_from, diffs
 
 
 def already_complete(run: Run, state: TrainState) -> dict:
@@ -117,10 +82,7 @@ def train_epochs(run: Run, state: TrainState, *, resumed: bool) -> dict:
         restore_log(run.log_dir / "log.txt", before_epoch=state.next_epoch, pending=state.log_record)
     net = distribute(state.model, run.dist)
     if run.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        run.writer = SummaryWriter(str(run.log_dir), purge_step=state.iteration + 1 if resumed else None)
-        # events after the checkpoint (steps > iteration) are dropped; the checkpoint's own step is kept
+        run.open_writer(state.iteration if resumed else None)
         print_summary(run, state.model)
     while state.next_epoch < run.data.num_epochs and state.iteration < run.data.total_iters:
         epoch = state.next_epoch
@@ -136,7 +98,7 @@ def print_summary(run: Run, model: torch.nn.Module) -> None:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{opts.dataset}: {len(data.train_set)} train / {len(data.val_set)} val images, {data.n_cls} classes; "
           f"{opts.backbone} + {opts.decoder}, {n_params / 1e6:.2f} M trainable parameters, "
-          f"policy {opts.policy_method} (U, S) = {tuple(run.variant['net_kwargs']['policy_schedule'])}; "
+          f"{model.reducer.summary()}; "
           f"{run.world_size} process(es) on {run.device.type}, batch {opts.batch_size} "
           f"({data.local_batch} per process), {data.iters_per_epoch} iterations/epoch, "
           f"{data.total_iters} iterations")

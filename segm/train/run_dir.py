@@ -84,8 +84,9 @@ def clear_run(log_dir: Path) -> None:
         events.unlink()
 
 
-def remove_torn_writes(log_dir: Path) -> None:
-    """Temporary files of atomic writes (`.NAME.<random>.tmp`) interrupted by a crash."""
-    for name in RUN_FILES:
+def remove_torn_writes(log_dir: Path, names=RUN_FILES) -> None:
+    """Temporary files of atomic writes (`.NAME.<random>.tmp`) of the run files `names`,
+    interrupted by a crash."""
+    for name in names:
         for path in log_dir.glob(f".{name}.*.tmp"):
             path.unlink(missing_ok=True)

@@ -1,13 +1,17 @@
-"""`TrainState`: everything a checkpoint holds and a resumed run continues from, saved and
-restored as a whole (docs/DESIGN.md, "Checkpoints and variant.yml" and "Determinism and
-resuming")."""
+"""Training state, saved and restored as a whole. `CheckpointedState` is what every trainer's
+state shares (the model, its optimiser, the update count, the checkpoint on disk) and the one
+way a checkpoint is written and the RNGs restored; `TrainState` is segm.train's: everything a
+checkpoint holds and a resumed run continues from (docs/DESIGN.md, "Checkpoints and
+variant.yml" and "Determinism and resuming")."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from segm.train.context import Run, RunContext
 from segm.train.loss import NonFiniteLossError, check_finite_parameters
 from segm.train.options import ConfigError, user_errors
 from segm.train.process import broadcast_object
@@ -17,7 +21,6 @@ from segm.utils.determinism import gather_rng_states, set_rng_state
 if TYPE_CHECKING:
     from segm.model import Segmenter
     from segm.optim import PolynomialLR
-    from segm.train.run import Run
 
 
 def fresh_meters() -> dict:
@@ -26,22 +29,67 @@ def fresh_meters() -> dict:
 
 
 @dataclass
-class TrainState:
-    """The model (unwrapped), optimiser, schedule and scaler; the data position to continue
-    from (`next_epoch`, `next_batch`); the number of updates; the meters of the current epoch;
-    the last epoch's log line; and the iteration of the last checkpoint on disk (None: none
-    yet). Every process's RNG state travels with it in the checkpoint."""
+class CheckpointedState:
+    """The model (unwrapped) and its optimiser, the number of updates, and the iteration of the
+    last checkpoint on disk (None: none yet)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    _: KW_ONLY
+    iteration: int = 0
+    last_saved: int | None = None
+
+    def write_checkpoint(self, run: RunContext, write: Callable[[list[dict]], None]) -> None:
+        """Checkpoints the run through `write(rngs)`, called on rank 0 with every rank's RNG
+        state (a collective). TensorBoard is flushed first, so every scalar up to this step is
+        on disk with the checkpoint; broken weights never replace a good checkpoint; a failed
+        write (disk full) stops every rank, none waiting on the others."""
+        if run.writer is not None:
+            run.writer.flush()
+        try:
+            check_finite_parameters(self.model)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"{e} at iteration {self.iteration}; training stopped. "
+                                     + self.last_checkpoint_note(run)) from None
+        rngs = gather_rng_states(run.device, run.world_size, self.model)
+        failure = None
+        if run.is_main:
+            try:
+                write(rngs)
+            except CheckpointError as e:  # the old file is untouched
+                failure = f"{e}; training stopped at iteration {self.iteration}. {self.last_checkpoint_note(run)}"
+        failure = broadcast_object(failure, run.dist)
+        if failure is not None:
+            raise CheckpointError(failure)
+        self.last_saved = self.iteration
+
+    def last_checkpoint_note(self, run: RunContext) -> str:
+        if self.last_saved is None:
+            return f"No checkpoint was written yet ({run.ckpt_path} does not exist)"
+        return f"The last good checkpoint is {run.ckpt_path} (iteration {self.last_saved}), intact"
+
+    def restore_rng(self, run: RunContext, rngs: list[dict]) -> None:
+        """This rank's RNG state from a checkpoint's list (one per process of the saving run)."""
+        if len(rngs) == run.world_size:
+            set_rng_state(rngs[run.dist.rank], run.device, self.model)
+        elif run.is_main:
+            print(f"warning: the checkpoint holds RNG states for {len(rngs)} processes, this run has "
+                  f"{run.world_size}; dropout and drop path continue from fresh seeds", force=True)
+
+
+@dataclass
+class TrainState(CheckpointedState):
+    """segm.train's state: also the schedule and scaler; the data position to continue from
+    (`next_epoch`, `next_batch`); the meters of the current epoch; the last epoch's log line.
+    Every process's RNG state travels with it in the checkpoint."""
 
     model: Segmenter
-    optimizer: torch.optim.Optimizer
     scheduler: PolynomialLR
     scaler: torch.amp.GradScaler | None
-    iteration: int = 0
     next_epoch: int = 0
     next_batch: int = 0
     meters: dict = field(default_factory=fresh_meters)
     log_record: dict | None = None
-    last_saved: int | None = None
 
     def checkpoint_entries(self, rngs: list[dict], world_size: int, seed: int) -> dict:
         """The checkpoint's entries besides those `save_model` writes (model, variant, format,
@@ -60,35 +108,12 @@ class TrainState:
         return entries
 
     def save(self, run: Run, next_epoch: int, next_batch: int) -> None:
-        """Checkpoints the run to continue at (`next_epoch`, `next_batch`); a collective (every
-        rank's RNG state is gathered), written by rank 0."""
+        """Checkpoints the run to continue at (`next_epoch`, `next_batch`); a collective."""
         from segm.model import save_model
 
         self.next_epoch, self.next_batch = next_epoch, next_batch
-        if run.writer is not None:
-            run.writer.flush()  # every scalar up to this step is on disk with the checkpoint
-        try:
-            check_finite_parameters(self.model)  # never replace a good checkpoint with broken weights
-        except NonFiniteLossError as e:
-            raise NonFiniteLossError(f"{e} at iteration {self.iteration}; training stopped. "
-                                     + self.last_checkpoint_note(run)) from None
-        rngs = gather_rng_states(run.device, run.world_size, self.model)
-        failure = None
-        if run.is_main:
-            try:
-                save_model(self.model, run.variant, run.ckpt_path,
-                           **self.checkpoint_entries(rngs, run.world_size, run.opts.seed))
-            except CheckpointError as e:  # disk full, permission denied: the old file is untouched
-                failure = f"{e}; training stopped at iteration {self.iteration}. {self.last_checkpoint_note(run)}"
-        failure = broadcast_object(failure, run.dist)  # every rank stops, none waits on the others
-        if failure is not None:
-            raise CheckpointError(failure)
-        self.last_saved = self.iteration
-
-    def last_checkpoint_note(self, run: Run) -> str:
-        if self.last_saved is None:
-            return f"No checkpoint was written yet ({run.ckpt_path} does not exist)"
-        return f"The last good checkpoint is {run.ckpt_path} (iteration {self.last_saved}), intact"
+        self.write_checkpoint(run, lambda rngs: save_model(
+            self.model, run.variant, run.ckpt_path, **self.checkpoint_entries(rngs, run.world_size, run.opts.seed)))
 
     def restore(self, run: Run, path) -> None:
         """Continues from the checkpoint at `path`: this project's (exact position, meters, RNG
@@ -125,13 +150,6 @@ class TrainState:
         self.last_saved = self.iteration
         if run.is_main:
             print(f"resumed from {path}: epoch {self.next_epoch}, batch {self.next_batch}, iteration {self.iteration}")
-
-    def restore_rng(self, run: Run, rngs: list[dict]) -> None:
-        if len(rngs) == run.world_size:
-            set_rng_state(rngs[run.dist.rank], run.device, self.model)
-        elif run.is_main:
-            print(f"warning: the checkpoint holds RNG states for {len(rngs)} processes, this run has "
-                  f"{run.world_size}; dropout and drop path continue from fresh seeds", force=True)
 
 
 def restore_scheduler(scheduler, state: dict) -> list[str]:
