@@ -1,4 +1,4 @@
-"""Top-S purity of the training-free content scores (segm.model.content_policy) against random
+"""Top-S purity of the training-free content scores (segm.model.reduction.content_policy) against random
 selection, the oracle and, if given, a trained policy network, on a dataset's validation images.
 
     python scripts/content_policy_purity.py $DATASET/synthetic \
@@ -20,7 +20,7 @@ from PIL import Image
 
 from segm.data.policy_labels import policy_labels, rules_for
 from segm.model import content_policy as cp
-from segm.model.cts import select_shared
+from segm.model.reduction.cts import select_shared
 from segm.utils.checkpoint import safe_torch_load
 from segm.utils.cli import CONTEXT_SETTINGS
 

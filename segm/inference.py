@@ -105,12 +105,12 @@ def predict_probs(model, image, *, variant: dict, window_size=None, window_strid
     (`augmented_views`), under autocast to `amp_dtype` when given.
 
     With `return_sharing`, also `(shared, block_id)` of the image itself (the first view):
-    bool and int64 (H, W) maps at the image's size, `shared` true on pixels of a shared
-    superpatch and `block_id` numbering superpatches (unique per window). Each window paints
+    bool and int64 (H, W) maps at the image's size, `shared` true on pixels whose token covers
+    more than one cell (CTS: a shared superpatch) and `block_id` numbering tokens (unique per window). Each window paints
     its whole area in turn, so where windows overlap and disagree the last one wins.
     """
     if model.needs_labels:
-        raise ValueError("an oracle-policy model needs ground-truth labels; evaluate it with segm.eval.miou")
+        raise ValueError("this model reads ground-truth labels (the oracle policy); evaluate it with segm.eval.miou")
     image = _as_rgb_array(image)
     if device is None:
         device = next(model.parameters()).device
@@ -133,7 +133,8 @@ def predict_probs(model, image, *, variant: dict, window_size=None, window_strid
             if not return_sharing or sum(len(b) for b, _ in records) >= first_windows:
                 return model(windows).float()
             out = model.forward_all(windows)
-        records.append((boxes, out.layout.masks()[1]))
+        tmap = out.token_map
+        records.append((boxes, tmap.token_of_cell.view(-1, *tmap.grid)))
         return out.logits.float()
 
     try:
@@ -285,7 +286,7 @@ def main(model_path, onnx_path, input_path, output_dir, device, gpu, window_batc
         picture = _result_picture(out_format, dataset, palette, names, blend, legend)
         sharing = show_sharing and model.shares_tokens
         if show_sharing and not sharing:
-            click.echo("--show-sharing: this model shares no tokens (policy no_sharing); no sharing images", err=True)
+            click.echo("--show-sharing: this model reduces no tokens (reducer none); no sharing images", err=True)
         unreadable = []
         for path in tqdm(files, desc="inference", disable=len(files) < 2):
             try:

@@ -1,9 +1,10 @@
-"""Token sharing chosen on the command line for a trained checkpoint, with no retraining.
+"""A token reduction chosen on the command line for a trained checkpoint, with no retraining.
 
 `segm.eval.miou`, `segm.inference` and `segm.bench` accept `--policy-method` (with
 `--num-tokens-shared`/`--token-reduction`, and `--policynet-ckpt` for `policy_net`) to run a
-checkpoint, typically one trained without sharing, with another policy and budget. The
-checkpoint file is never modified; what was used is recorded in the outputs.
+checkpoint, typically one trained without sharing, with CTS and another policy and budget, or
+`--reducer NAME[:KEY=VALUE,...]` for any registered reducer. The checkpoint file is never
+modified; what was used is recorded in the outputs.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import click
 
-from segm.model.spec import POLICY_METHODS, ModelConfigError
+from segm.model.reduction.rules import NO_SHARING, POLICY_METHODS, ModelConfigError, parse_reducer
 
 
 @dataclass(frozen=True)
@@ -21,13 +22,14 @@ class PolicyChoice:
     token_reduction: float | None = None
     policynet_ckpt: str | None = None
     policy_backbone: str | None = None
+    reducer: dict | None = None  # {name, settings} of a registered reducer other than CTS
 
 
 def policy_options(command):
-    """The click options of a policy choice (`policy_choice` turns them into a PolicyChoice)."""
+    """The click options of a reduction choice (`policy_choice` turns them into a PolicyChoice)."""
     options = [
         click.option("--policy-method", type=click.Choice(POLICY_METHODS), default=None,
-                     help="Run the checkpoint with this token-sharing policy instead of its own, without "
+                     help="Run the checkpoint with CTS and this token-sharing policy instead of its own, without "
                           "retraining (e.g. content on a no_sharing checkpoint) [default: the checkpoint's]."),
         click.option("--num-tokens-shared", type=int, default=None,
                      help="S, shared superpatches per window, with --policy-method."),
@@ -36,6 +38,9 @@ def policy_options(command):
         click.option("--policynet-ckpt", type=str, default=None, help="Policy-network model.pth (policy_net)."),
         click.option("--policy-backbone", type=str, default=None,
                      help="The policy network's backbone [default: as recorded beside --policynet-ckpt]."),
+        click.option("--reducer", "reducer", type=str, default=None, metavar="NAME[:KEY=VALUE,...]",
+                     help="Run the checkpoint with this registered token reducer instead of its own, without "
+                          "retraining (CTS is chosen with --policy-method)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -43,8 +48,12 @@ def policy_options(command):
 
 
 def policy_choice(policy_method=None, num_tokens_shared=None, token_reduction=None, policynet_ckpt=None,
-                  policy_backbone=None) -> PolicyChoice | None:
-    """The choice the options make, or None (the checkpoint's own policy)."""
+                  policy_backbone=None, reducer=None) -> PolicyChoice | None:
+    """The choice the options make, or None (the checkpoint's own reduction)."""
+    if reducer is not None:
+        if policy_method not in (None, NO_SHARING):
+            raise ModelConfigError("--reducer and --policy-method choose two reductions: give one of them")
+        return PolicyChoice(NO_SHARING, reducer=parse_reducer(reducer))
     if policy_method is None:
         given = [name for name, value in (("--num-tokens-shared", num_tokens_shared),
                                           ("--token-reduction", token_reduction),
@@ -65,12 +74,5 @@ def apply_policy_choice(model, variant: dict, choice: PolicyChoice | None):
 
     shared, net = reshare(model, variant["net_kwargs"], choice.method, num_shared=choice.num_shared,
                           token_reduction=choice.token_reduction, policynet_ckpt=choice.policynet_ckpt,
-                          policy_backbone=choice.policy_backbone)
+                          policy_backbone=choice.policy_backbone, reducer=choice.reducer)
     return shared, {**variant, "net_kwargs": net}
-
-
-def policy_record(model) -> dict:
-    """What an output file records of the policy that produced it."""
-    grid = model.grid
-    return {"method": model.policy_method, "num_shared": model.num_shared,
-            "num_notshared": grid[0] * grid[1] - 4 * model.num_shared}

@@ -100,23 +100,26 @@ def checkpoint_palette(variant: dict, n_cls: int) -> tuple[list, str | None]:
 
 
 def sharing_maps(records, view_shape, ori_shape, ws):
-    """(shared, block_id) maps at `ori_shape` from the windows' layouts.
+    """(shared, block_id) maps at `ori_shape` from the windows' token maps.
 
     `records` holds, per window batch, the windows' top-left corners on the view and their
-    `mask2` (n, Gh/2, Gw/2). Each window paints its shared superpatches at its position on the
-    view (the last one wins where windows overlap); the maps are then resized (nearest) to the
-    original image."""
+    `token_of_cell` (n, Gh, Gw) (`TokenMap`). A cell is shared when its token covers more than
+    one cell; `block_id` numbers the tokens (unique per window). Each window paints its cells
+    at its position on the view (the last one wins where windows overlap); the maps are then
+    resized (nearest) to the original image."""
     shared = torch.zeros(view_shape, dtype=torch.bool)
     block_id = torch.full(view_shape, -1, dtype=torch.int64)
     n_windows = 0
-    for boxes, mask2 in records:
-        mask2 = mask2.cpu()
-        g_h, g_w = mask2.shape[-2:]
-        bs = ws // g_h  # superpatch side in pixels (2·patch)
-        ids = torch.arange(g_h * g_w).view(g_h, g_w).repeat_interleave(bs, 0).repeat_interleave(bs, 1)
-        for (y, x), m in zip(boxes, mask2):
-            shared[y : y + ws, x : x + ws] = m.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
-            block_id[y : y + ws, x : x + ws] = ids + n_windows * g_h * g_w
+    for boxes, token_of_cell in records:
+        token_of_cell = token_of_cell.cpu()
+        n, g_h, g_w = token_of_cell.shape
+        flat = token_of_cell.reshape(n, -1)
+        counts = torch.zeros(n, g_h * g_w, dtype=torch.int64).scatter_add_(1, flat, torch.ones_like(flat))
+        merged = counts.gather(1, flat).view(n, g_h, g_w) > 1
+        cs = ws // g_h  # cell side in pixels (the patch size)
+        for (y, x), m, ids in zip(boxes, merged, token_of_cell):
+            shared[y : y + ws, x : x + ws] = m.repeat_interleave(cs, 0).repeat_interleave(cs, 1)
+            block_id[y : y + ws, x : x + ws] = (ids + n_windows * g_h * g_w).repeat_interleave(cs, 0).repeat_interleave(cs, 1)
             n_windows += 1
     if view_shape != ori_shape:
         both = torch.stack([shared.double(), block_id.double()])[None]
@@ -126,7 +129,7 @@ def sharing_maps(records, view_shape, ori_shape, ws):
 
 
 def sharing_overlay(image: np.ndarray, shared: np.ndarray, block_id: np.ndarray, color=SHARING_COLOR) -> np.ndarray:
-    """The image with shared superpatches tinted (40 %) and outlined (1 px) in `color`."""
+    """The image with shared (merged) cells tinted (40 %) and each shared token outlined (1 px) in `color`."""
     out = image.astype(np.float32)
     color = np.asarray(color, dtype=np.float32)
     out[shared] = 0.6 * out[shared] + 0.4 * color

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from segm.model import content_policy as cp
-from segm.model.cts import layout_from_scores, select_shared
+from segm.model.reduction import content_policy as cp
+from segm.model.reduction.cts import layout_from_scores, select_shared
 
 _G = torch.Generator().manual_seed(0)
 W_EMB, B_EMB = torch.randn(8, 3, 16, 16, generator=_G) * 0.05, torch.randn(8, generator=_G)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segm.model import cts
+from segm.model.reduction import cts
 from tests.helpers.reference_cts import ref_images_to_patches, ref_masks, ref_unshare
 
 

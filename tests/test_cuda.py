@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import segm
 from segm.eval.window import sliding_window_inference
-from segm.model import cts
+from segm.model.reduction import CTS, Reduction, build_reducer, cts
 from segm.model.factory import save_model
 from segm.model.policy import PolicyNet
 from segm.model.policy import fastpath as policy_fastpath
@@ -118,7 +118,7 @@ def test_same_checkpoint_same_logits_on_cpu_and_cuda(policy_ckpt, tmp_path, poli
         ref = cpu.forward_all(x)
         out = gpu.forward_all(x.to(DEVICE))
         if policy_method == "policy_net":
-            assert boundary_gaps(cpu.policy_scores(x, None)[0], 4).min() > MIN_GAP  # no near-tie
+            assert boundary_gaps(cpu.reducer.scorer(x, None)[0], 4).min() > MIN_GAP  # no near-tie
             torch.testing.assert_close(out.policy_logits.cpu(), ref.policy_logits, rtol=FP32_TOL, atol=FP32_TOL)
     assert torch.equal(out.layout.shared_idx.cpu(), ref.layout.shared_idx)
     torch.testing.assert_close(out.logits.cpu(), ref.logits, rtol=FP32_TOL, atol=FP32_TOL)
@@ -144,10 +144,10 @@ def test_policy_fast_path_is_cpu_only_and_selects_the_same(policy_ckpt, monkeypa
     gpu = copy.deepcopy(cpu).to(DEVICE)
     x, _ = blocks(2, 512, seed=3)
     with torch.no_grad(), strict_fp32():
-        s_cpu = cpu.policy_scores(x, None)[0]
+        s_cpu = cpu.reducer.scorer(x, None)[0]
         cpu_calls, cpu_fused = calls[:], fused[:]
         calls.clear(), fused.clear()
-        s_gpu = gpu.policy_scores(x.to(DEVICE), None)[0].cpu()
+        s_gpu = gpu.reducer.scorer(x.to(DEVICE), None)[0].cpu()
     assert [b for b, size in cpu_calls if size == 512] == [1, 1]  # control: one image at a time
     if policy_fastpath._ONEDNN_FUSED_CONV:
         assert any(cpu_fused)  # control: the CPU took the fused oneDNN conv
@@ -168,7 +168,7 @@ def test_sliding_window_inference_cuda_equals_cpu(policy_ckpt):
             out = model.forward_all(windows)
             layouts[key].append(out.layout.shared_idx.cpu())
             if key == "cpu":
-                gaps.append(boundary_gaps(model.policy_scores(windows, None)[0], 4))
+                gaps.append(boundary_gaps(model.reducer.scorer(windows, None)[0], 4))
             return out.logits
         return run
 
@@ -189,7 +189,8 @@ def test_evaluate_dataset_cuda_equals_cpu(mmseg, synthetic_root, trained):
     from segm.data import build_dataset, val_collate
     from segm.eval.evaluate import evaluate_dataset
 
-    gpu = Segmenter(trained.encoder, trained.decoder, K, "oracle", 4).eval()
+    oracle = build_reducer(Reduction(CTS, "oracle", 4), trained.grid, trained.patch_size)
+    gpu = Segmenter(trained.encoder, trained.decoder, K, oracle).eval()
     cpu = copy.deepcopy(gpu).cpu()
     data = build_dataset("synthetic", "val", im_size=128, crop_size=128, normalization="vit", data_root=synthetic_root)
     loader = DataLoader(data, batch_size=1, shuffle=False, collate_fn=val_collate, num_workers=0)
@@ -270,7 +271,7 @@ def test_torch_compile_matches_eager(policy_ckpt):
     x = blocks(2, 128, seed=5)[0].to(DEVICE)
     compiled = torch.compile(model, dynamic=False)
     with torch.no_grad(), strict_fp32():
-        assert boundary_gaps(model.policy_scores(x, None)[0], 4).min() > MIN_GAP
+        assert boundary_gaps(model.reducer.scorer(x, None)[0], 4).min() > MIN_GAP
         eager = model(x)
         out = compiled(x)
     torch.testing.assert_close(out, eager, rtol=FP32_TOL, atol=FP32_TOL)

@@ -72,12 +72,12 @@ def test_evaluate_matches_mmseg_mean_iou(synthetic_root, tmp_path, multiscale):
     _, model, _ = make_model_dir(tmp_path, synthetic_root)
     frac, stride = (0.25, 64) if multiscale else (1.0, 32)
     loader = val_loader(synthetic_root, multiscale=multiscale)
-    model.reset_random_policy()
+    model.reducer.reset()
     scores = evaluate_dataset(model, loader, n_cls=K, window_size=CROP, window_stride=stride,
                               window_batch_size=3, device="cpu", frac_dataset=frac, progress=False)
 
     # Brute force: the same views through inference_views, then mmseg 0.x mean_iou.
-    model.reset_random_policy()
+    model.reducer.reset()
     preds, labels = [], []
     n = int(np.ceil(len(loader) * frac))
     for i, item in enumerate(loader):
@@ -171,7 +171,7 @@ def test_saved_images_are_palette_coloured(synthetic_root, tmp_path):
 
 # ----------------------------------------------------------------------------- settings
 def _fake_model(crop, policy="policy_net"):
-    return types.SimpleNamespace(crop_size=(crop, crop), policy_method=policy)
+    return types.SimpleNamespace(crop_size=(crop, crop), reduction_method="none" if policy == "no_sharing" else "cts")
 
 
 @pytest.mark.parametrize("dataset, crop, stride, im_size", [
@@ -209,9 +209,11 @@ def test_cli_writes_reference_scores_file(synthetic_root, tmp_path):
                                             "--save-images", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     scores = load_yaml(ckpt.parent / "scores_ss.yml")
-    # the reference's keys plus the policy and the settings that produced the scores, sorted
+    # the reference's keys plus the policy, the reduction and the settings that produced the scores, sorted
     assert list(scores) == ["cat_iou", "dataset", "im_size", "inference", "mean_accuracy", "mean_iou",
-                            "per_class", "pixel_accuracy", "policy", "window_size", "window_stride"]
+                            "per_class", "pixel_accuracy", "policy", "reducer", "window_size", "window_stride"]
+    assert scores["reducer"] == {"reducer": "cts", "tokens": 10, "reduction": 1 - 10 / 16, "policy": "random",
+                                 "num_shared": 2, "num_notshared": 8, "random_seed": 0}
     assert scores["policy"] == {"method": "random", "num_shared": 2, "num_notshared": 8, "policynet_ckpt": None}
     trained_im_size = variant["dataset_kwargs"]["image_size"]  # the default on the training dataset
     assert (scores["dataset"], scores["im_size"], scores["window_size"], scores["window_stride"]) == (
@@ -229,7 +231,7 @@ def test_cli_writes_reference_scores_file(synthetic_root, tmp_path):
         assert f"| {name}" in table and f"{c['iou']:.2f}" in table
 
     # Defaults: window = the crop, stride = the variant's 32 (config's synthetic 128 > window).
-    model.reset_random_policy()
+    model.reducer.reset()
     direct = evaluate_dataset(model, val_loader(synthetic_root, im_size=trained_im_size), n_cls=K, window_size=CROP,
                               window_stride=32, window_batch_size=4, device="cpu", frac_dataset=0.25, progress=False)
     assert {k: scores[k] for k in ("mean_iou", "pixel_accuracy", "mean_accuracy")} == {

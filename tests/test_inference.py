@@ -90,9 +90,9 @@ def test_predict_equals_one_window_forward(synthetic_root, tmp_path):
     image = rng.integers(0, 256, (CROP, CROP, 3), dtype=np.uint8)
     for policy in ("no_sharing", "random"):
         _, model, variant = make_model_dir(tmp_path / policy, synthetic_root, policy_method=policy)
-        model.reset_random_policy()
+        model.reducer.reset()
         label = segm.predict(model, image, variant=variant)
-        model.reset_random_policy()
+        model.reducer.reset()
         with torch.no_grad():
             expected = model(_normalised(image))[0].argmax(0).numpy()
         assert label.dtype == np.int64 and label.shape == (CROP, CROP)
@@ -124,7 +124,9 @@ def test_predict_errors(synthetic_root, tmp_path):
         segm.predict(model, image.astype(np.float32), variant=variant)
     with pytest.raises(ValueError, match="window_size=64"):
         segm.predict(model, image, variant=variant, window_size=96)
-    model.policy_method = "oracle"
+    from segm.model.reduction.scorers import OracleScorer
+
+    model.reducer.scorer = OracleScorer(4, 16)
     with pytest.raises(ValueError, match="oracle"):
         segm.predict(model, image, variant=variant)
 
@@ -132,16 +134,19 @@ def test_predict_errors(synthetic_root, tmp_path):
 def test_sharing_maps_follow_the_layout(synthetic_root, tmp_path):
     _, model, variant = make_model_dir(tmp_path, synthetic_root, policy_method="random")
     image = np.random.default_rng(3).integers(0, 256, (CROP, 2 * CROP, 3), dtype=np.uint8)
-    model.reset_random_policy()
+    model.reducer.reset()
     label, (shared, block) = predict_image(model, image, variant=variant, window_stride=CROP, return_sharing=True)
-    model.reset_random_policy()
+    model.reducer.reset()
     with torch.no_grad():
         windows = torch.cat([_normalised(image[:, :CROP]), _normalised(image[:, CROP:])])
         mask2 = model.forward_all(windows).layout.masks()[1]  # (2, 2, 2): S = 2 per window
     expected = mask2.repeat_interleave(32, 1).repeat_interleave(32, 2)
     assert np.array_equal(shared, torch.cat(list(expected), dim=1).numpy())
     assert shared.sum() == 2 * 2 * 32 * 32
-    assert len(np.unique(block)) == 8  # 4 superpatches per window, numbered per window
+    # tokens numbered per window: T = 16 − 3·2 = 10 per window; a shared superpatch is one token
+    assert len(np.unique(block)) == 2 * 10
+    assert all(len(np.unique(block[shared & (block == b)])) <= 1 for b in np.unique(block))
+    assert all((shared[block == b]).sum() in (0, 32 * 32) for b in np.unique(block))
 
 
 def test_checkpoint_palette(synthetic_root, tmp_path):

@@ -131,9 +131,9 @@ def test_runs_under_torch_compile():
     im = torch.randn(2, 3, 64, 96)
     compiled = torch.compile(model.forward, dynamic=False)
     with torch.no_grad():
-        model.reset_random_policy()
+        model.reducer.reset()
         want = model(im)
-        model.reset_random_policy()
+        model.reducer.reset()
         torch.testing.assert_close(compiled(im), want, rtol=1e-4, atol=1e-4)
 
 

@@ -68,4 +68,4 @@ def test_the_recorded_description_is_what_gets_built(synthetic_root, tmp_path):
     built = spec.check_net_kwargs(net)
     assert (built.num_notshared, built.num_shared, built.crop) == (8, 2, (64, 64))
     model, _ = segm.load_model(log_dir / "checkpoint.pth")
-    assert model.num_shared == 2 and model.crop_size == (64, 64)
+    assert model.reducer.num_shared == 2 and model.crop_size == (64, 64)

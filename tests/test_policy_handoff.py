@@ -43,7 +43,7 @@ def test_segmenter_runs_the_policy_exactly_as_trained(tf_policy):
     trained.load_state_dict(torch.load(tf_policy, weights_only=True))
     im = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        scores, _ = model.policy_scores(im, None)
+        scores, _ = model.reducer.scorer(im, None)
         want = torch.softmax(trained(im)["logits"], dim=1)[:, 1].reshape(3, -1)
     torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
 

@@ -33,8 +33,8 @@ def test_reshare_keeps_the_trained_weights_and_changes_only_the_policy(plain_run
     _, model, variant = plain_run
     shared, net = reshare(model, variant["net_kwargs"], "content", num_shared=2)
     assert shared.encoder is model.encoder and shared.decoder is model.decoder
-    assert (shared.policy_method, shared.num_shared, net["policy_schedule"]) == ("content", 2, (8, 2))
-    assert model.policy_method == "no_sharing"  # the loaded model is not changed
+    assert (shared.reducer.scorer_name, shared.reducer.num_shared, net["policy_schedule"]) == ("content", 2, (8, 2))
+    assert model.reduction_method == "none"  # the loaded model is not changed
     im = torch.randn(2, 3, CROP, CROP)
     with torch.no_grad():
         out = shared.forward_all(im)
@@ -111,7 +111,7 @@ def test_training_with_the_content_policy(synthetic_root, tmp_path):
                                "--iterations", "2", "--batch-size", "2", "--eval-freq", "0"))
     assert result.exit_code == 0, result.output
     model, variant = segm.load_model(log_dir / "checkpoint.pth")
-    assert variant["net_kwargs"]["policy_method"] == "content" and model.num_shared == 2
+    assert variant["net_kwargs"]["policy_method"] == "content" and model.reducer.num_shared == 2
 
 
 def test_bench_times_the_content_policy_on_a_plain_checkpoint(plain_run):

@@ -210,7 +210,7 @@ def test_inference_views_needs_matching_metas():
 def test_resolve_window_defaults_per_command():
     """Evaluating on a dataset: the training crop and the dataset's stride (config.yml); segmenting
     images: the run's inference_kwargs. Either way the stride never exceeds the window."""
-    model = types.SimpleNamespace(crop_size=(480, 480), policy_method="no_sharing")
+    model = types.SimpleNamespace(crop_size=(480, 480), reduction_method="none")
     variant = {"dataset_kwargs": {"crop_size": 480}, "inference_kwargs": {"window_size": 400, "window_stride": 300}}
     assert resolve_window(model, variant, "pascal_context") == (480, 320)
     assert resolve_window(model, variant) == (400, 300)
@@ -219,7 +219,7 @@ def test_resolve_window_defaults_per_command():
     for dataset in ("pascal_context", None):
         with pytest.raises(ValueError, match="window stride 500 must be in 1..480 .*--window-stride"):
             resolve_window(model, variant, dataset, window_size=480, window_stride=500)
-    sharing = types.SimpleNamespace(crop_size=(480, 480), policy_method="random")
+    sharing = types.SimpleNamespace(crop_size=(480, 480), reduction_method="cts")
     with pytest.raises(ValueError, match="--window-size 480"):
         resolve_window(sharing, variant)
 

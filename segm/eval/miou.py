@@ -25,7 +25,7 @@ from segm.data.base import DATASET_CHOICES
 from segm.eval.evaluate import AMP_DTYPES, SAVE_FORMATS
 from segm.eval.window import resolve_window
 from segm.metrics import per_class_table
-from segm.policy_choice import PolicyChoice, apply_policy_choice, policy_choice, policy_options, policy_record
+from segm.policy_choice import PolicyChoice, apply_policy_choice, policy_choice, policy_options
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.cli import CONTEXT_SETTINGS
 from segm.utils.device import DEVICE_HELP, resolve_device
@@ -69,9 +69,10 @@ def _same_name(a: str, b: str) -> bool:
 
 
 def scores_for_yaml(scores: dict, multiscale: bool, policy: dict | None = None, settings: dict | None = None,
-                    class_names=None) -> dict:
+                    class_names=None, reducer: dict | None = None) -> dict:
     """The reference's scores file: sorted keys, `inference` = single_scale | multi_scale; plus
-    the token-sharing policy and budget that produced the scores, the evaluation `settings`
+    the token-sharing policy and budget that produced the scores (`policy`, the reference's
+    spelling) and the whole token reduction (`reducer`, `Reducer.describe`), the evaluation `settings`
     (dataset, im_size, window_size, window_stride) and, with `class_names`, `per_class`:
     [{name, iou, acc}, ...] in class order."""
     out = {
@@ -83,6 +84,8 @@ def scores_for_yaml(scores: dict, multiscale: bool, policy: dict | None = None, 
     }
     if policy is not None:
         out["policy"] = policy
+    if reducer is not None:
+        out["reducer"] = reducer
     if settings is not None:
         out.update({k: settings[k] for k in ("dataset", "im_size", "window_size", "window_stride")})
     if class_names is not None:
@@ -92,11 +95,12 @@ def scores_for_yaml(scores: dict, multiscale: bool, policy: dict | None = None, 
 
 
 def scores_path(model_dir: Path, multiscale: bool, choice: PolicyChoice | None, model) -> Path:
-    """`scores_ss.yml`/`scores_ms.yml`; with a policy chosen on the command line
-    `scores_ss_<policy>_s<S>.yml`, so the checkpoint's own scores are not replaced."""
+    """`scores_ss.yml`/`scores_ms.yml`; with a reduction chosen on the command line
+    `scores_ss_<reducer tag>.yml` (CTS: `scores_ss_<policy>_s<S>.yml`), so the checkpoint's own
+    scores are not replaced."""
     name = "scores_ms" if multiscale else "scores_ss"
     if choice is not None:
-        name += f"_{model.policy_method}_s{model.num_shared}"
+        name += f"_{model.reducer.tag()}"
     return model_dir / f"{name}.yml"
 
 
@@ -146,18 +150,15 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
     settings = resolve_settings(variant, model, dataset, im_size=im_size, window_size=window_size,
                                 window_stride=window_stride, data_root=data_root, classes_file=classes_file)
     if settings["data_root"] is None and dataset != "custom":
-        try:
-            dataset_dir()
-        except RuntimeError as e:  # $DATASET unset: a usage error, not a crash
-            raise ValueError(str(e)) from None
+        dataset_dir()  # $DATASET unset: a usage error before the model runs
     info = dataset_info(dataset, data_root=settings["data_root"], classes_file=settings["classes_file"])
     if info.n_cls != model.n_cls:
         raise ValueError(
             f"the model predicts {model.n_cls} classes but dataset {dataset} has {info.n_cls}: "
             "evaluate on the dataset it was trained on (or pass the right --classes)"
         )
-    if model.needs_labels and model.oracle_dataset is None:
-        model.oracle_dataset = dataset
+    if model.needs_labels:
+        model.reducer.label_dataset(dataset)
     db = build_dataset(dataset, "val", im_size=settings["im_size"], crop_size=settings["window_size"],
                        normalization=settings["normalization"], data_root=settings["data_root"],
                        classes_file=settings["classes_file"], multiscale=multiscale)
@@ -178,10 +179,13 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
         palette=info.palette, blend=blend, save_format=save_format,
     )
     barrier()
-    scores["policy"] = policy_record(model)
+    scores["policy"] = model.reducer.policy_record()
+    scores["reducer"] = model.describe_reduction()
+    scores["reducer_summary"] = model.reducer.summary()
     if is_main_process():
         record = {**scores["policy"], "policynet_ckpt": variant["net_kwargs"].get("policynet_ckpt")}
-        _write_scores(scores_for_yaml(scores, multiscale, record, {**settings, "dataset": dataset}, info.class_names),
+        _write_scores(scores_for_yaml(scores, multiscale, record, {**settings, "dataset": dataset}, info.class_names,
+                                      scores["reducer"]),
                       scores_path(model_dir, multiscale, policy, model), images_dir)
     scores["settings"] = settings
     scores["class_names"] = list(info.class_names)
@@ -240,9 +244,8 @@ def main(model_path, dataset_name, im_size, multiscale, blend, window_size, wind
         cleanup()
     if main_process:
         s = scores["settings"]
-        p = scores["policy"]
         print(f"window {s['window_size']}, stride {s['window_stride']}, im_size {s['im_size']}, "
-              f"{scores['num_images']} images; policy {p['method']} (U, S) = ({p['num_notshared']}, {p['num_shared']})")
+              f"{scores['num_images']} images; {scores['reducer_summary']}")
         for key in ("pixel_accuracy", "mean_accuracy", "mean_iou"):
             print(f"{key}: {scores[key]}")
         print(f"inference: {'multi_scale' if multiscale else 'single_scale'}")

@@ -37,21 +37,21 @@ def view_plan(multiscale: bool, flip: bool = False) -> tuple[list[float], bool]:
 
 def resolve_window(model, variant: dict, dataset: str | None = None, window_size: int | None = None,
                    window_stride: int | None = None) -> tuple[int, int]:
-    """(window size, stride) for running `model` (its `crop_size`, `policy_method`) over images.
+    """(window size, stride) for running `model` (its `crop_size`, `reduction_method`) over images.
 
     Given values win; the defaults are the reference's, which differ by command:
 
     - window size: evaluating on a `dataset`, the run's training crop
       (`dataset_kwargs.crop_size`); segmenting images (no dataset), the run's
       `inference_kwargs.window_size`; else the model's crop. A token-sharing model runs only
-      at its crop (`segm.model.spec.check_window`).
+      at its crop (`segm.model.reduction.rules.check_window`).
     - stride: the first that fits in the window of, on a `dataset`, its stride in
       configs/config.yml (ADE20K 512, Cityscapes 512, Pascal-Context 320), then the run's
       `inference_kwargs.window_stride`, then the window size itself.
 
     A stride outside 1..window size is an error (`check_stride`).
     """
-    from segm.model.spec import check_window  # segm.model imports timm; the window mechanics need none
+    from segm.model.reduction.rules import check_window  # no torch: the window mechanics need none
 
     run = variant.get("inference_kwargs") or {}
     if dataset is None:
@@ -63,7 +63,7 @@ def resolve_window(model, variant: dict, dataset: str | None = None, window_size
     crop = tuple(model.crop_size)
     if window_size is None:
         window_size = int(run_window or crop[0])
-    check_window(model.policy_method, crop, (window_size, window_size))
+    check_window(model.reduction_method, crop, (window_size, window_size))
     if window_stride is None:
         window_stride = next(int(s) for s in [*strides, window_size] if s is not None and int(s) <= window_size)
     check_stride(window_size, window_stride)

@@ -30,7 +30,6 @@ def is_shared_folder(path) -> bool:
 def model_config(model, variant: dict) -> dict:
     """config.json: the variant's model part plus what a colleague needs to use the model."""
     from segm.data.base import STATS, variant_normalization
-    from segm.policy_choice import policy_record
     from segm.visualize import checkpoint_classes
 
     kept = {k: variant[k] for k in _VARIANT_KEYS if k in variant}
@@ -47,7 +46,8 @@ def model_config(model, variant: dict) -> dict:
         "palette": palette,
         "normalization": {"name": normalization, **{k: list(v) for k, v in STATS[normalization].items()}},
         "crop_size": list(model.crop_size),
-        "policy": {**policy_record(model), "policy_backbone": net.get("policy_backbone")},
+        "policy": {**model.reducer.policy_record(), "policy_backbone": net.get("policy_backbone")},
+        "reducer": model.describe_reduction(),
     }
 
 
@@ -106,9 +106,16 @@ def _restore_tuples(variant: dict) -> dict:
     return {**variant, "net_kwargs": net}
 
 
+def _reduction_words(config: dict, h: int, w: int) -> str:
+    """The card's sentence on token reduction, from the recorded description."""
+    r = config.get("reducer") or {}
+    settings = {k: v for k, v in r.items() if k not in ("reducer", "tokens", "reduction")}
+    tokens = f"{r['tokens']} tokens per {h}×{w} window" if r.get("tokens") is not None else "a varying token count"
+    return f"`{r.get('reducer', 'none')}`, {tokens}" + "".join(f", {k} {v}" for k, v in settings.items())
+
+
 def model_card(config: dict, name: str) -> str:
     net = config["variant"]["net_kwargs"]
-    policy = config["policy"]
     h, w = config["crop_size"]
     classes = config["class_names"]
     return f"""---
@@ -118,9 +125,7 @@ tags: [semantic-segmentation, vision-transformer, token-sharing]
 # {name}
 
 Segmenter ({net.get('backbone')}, {net['decoder'].get('name')} decoder) trained on
-{config.get('dataset')} ({net['n_cls']} classes), with Content-aware Token Sharing policy
-`{policy['method']}`: {policy['num_shared']} shared superpatches per {h}×{w} window
-(U = {policy['num_notshared']} non-shared patches).
+{config.get('dataset')} ({net['n_cls']} classes), with token reduction: {_reduction_words(config, h, w)}.
 
 Inputs: RGB, normalised with mean {config['normalization']['mean']} and std
 {config['normalization']['std']} (0–1 scale); sliding windows of {h}×{w}.

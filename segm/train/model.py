@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from segm.model.reduction.rules import policy_settings
 from segm.model.spec import build_net_kwargs
 from segm.train.options import ConfigError, TrainOptions, user_errors
 from segm.train.state import TrainState
@@ -29,11 +30,8 @@ PRETRAINED_TAGS = {
 
 def model_description(opts: TrainOptions, n_cls: int) -> dict:
     """The validated `net_kwargs` the options describe (raises ConfigError)."""
-    extra = {"layer_norm_eps": opts.layer_norm_eps, "n_layers": opts.encoder_layers}
-    if opts.policy_method == "random":
-        extra["random_seed"] = opts.seed
-    if opts.policy_method == "oracle":
-        extra["oracle_dataset"] = opts.dataset
+    extra = {"layer_norm_eps": opts.layer_norm_eps, "n_layers": opts.encoder_layers,
+             **policy_settings(opts.policy_method, seed=opts.seed, dataset=opts.dataset)}
     with user_errors():
         return build_net_kwargs(
             opts.backbone, opts.decoder, n_cls, opts.crop_size, dropout=opts.dropout, drop_path_rate=opts.drop_path,

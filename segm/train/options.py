@@ -17,7 +17,7 @@ import torch
 
 from segm.config import load_config
 from segm.eval.window import check_stride
-from segm.model.spec import check_window
+from segm.model.reduction.rules import check_window, policy_reduction
 from segm.utils.amp import AMP_DTYPES
 from segm.utils.checkpoint import CheckpointError
 
@@ -149,7 +149,7 @@ def check_options(opts: TrainOptions, world_size: int) -> None:
             f"{world_size} processes; use a multiple of {world_size}"
         )
     check_stride(opts.window_size, opts.window_stride)
-    check_window(opts.policy_method, (opts.crop_size, opts.crop_size), (opts.window_size, opts.window_size))
+    check_window(policy_reduction(opts.policy_method, 0).method, (opts.crop_size, opts.crop_size), (opts.window_size, opts.window_size))
     if opts.dataset == "custom" and not opts.data_root:
         raise ConfigError("--dataset custom needs --data-root DIR (and --classes FILE)")
     if opts.overwrite and opts.resume:

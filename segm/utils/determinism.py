@@ -126,7 +126,7 @@ def get_rng_state(device: torch.device | None = None, model: torch.nn.Module | N
     }
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
-    generators = getattr(model, "_generators", None)
+    generators = model.reducer.generators() if hasattr(model, "reducer") else None
     if generators:
         state["policy"] = {str(dev): g.get_state() for dev, g in generators.items()}
     return state
@@ -141,12 +141,13 @@ def set_rng_state(state: dict, device: torch.device | None = None, model: torch.
     torch.set_rng_state(state["torch"])
     if device is not None and device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-    if model is not None and hasattr(model, "_generators"):
-        model._generators.clear()
+    if model is not None and hasattr(model, "reducer"):
+        generators = model.reducer.generators()
+        generators.clear()
         for dev, g_state in state.get("policy", {}).items():
             g = torch.Generator(device=dev)
             g.set_state(g_state)
-            model._generators[torch.device(dev)] = g
+            generators[torch.device(dev)] = g
 
 
 def gather_rng_states(device: torch.device, world_size: int, model: torch.nn.Module | None = None) -> list[dict]:

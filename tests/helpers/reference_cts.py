@@ -61,7 +61,7 @@ def ref_forward(model, im: torch.Tensor, scores: torch.Tensor):
     vit = model.encoder
     p = model.patch_size
     grid = model.grid
-    mask1, mask2 = ref_masks(scores, model.num_shared, grid)
+    mask1, mask2 = ref_masks(scores, model.reducer.num_shared, grid)
     patches, code = ref_images_to_patches(im, p, mask1, mask2)
     x = ref_embed(vit.patch_embed.proj, patches)
     npt = vit.num_prefix_tokens
