@@ -202,3 +202,63 @@ def test_help_does_not_import_the_dataset_stack():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mmseg', 'mmcv')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_reducer_registered_here_runs_through_the_cli(tmp_path, monkeypatch):
+    """`--reducer NAME[:KEY=VALUE]` times any registered reducer beside the others, with no change
+    outside this file: a toy that keeps every `stride`-th patch token and unmerges features."""
+    from segm.model.reduction import rules
+    from segm.model.reduction.base import Reducer, TokenMap
+
+    class Strided(Reducer):
+        name = "toy"
+        unmerge_at = "features"
+        fixed_input = True
+
+        def __init__(self, grid, patch_size, stride):
+            super().__init__(grid, patch_size)
+            self.stride = stride
+
+        def embed(self, vit, im, labels=None, given=None):
+            x, tmap = super().embed(vit, im, labels, given)
+            n = x.shape[1]
+            cells = torch.arange(n, device=x.device) // self.stride  # each cell takes its group's first token
+            return x[:, ::self.stride], TokenMap(cells.expand(x.shape[0], n), tmap.grid, n // self.stride)
+
+        def static_tokens(self, grid):
+            return grid[0] * grid[1] // self.stride
+
+        def settings(self):
+            return {"stride": self.stride}
+
+        def tag(self):
+            return "toy" if self.stride == 2 else f"toy_s{self.stride}"
+
+    def check(options, grid):
+        stride = options.get("stride", 2)
+        if set(options) - {"stride"} or not isinstance(stride, int) or (grid[0] * grid[1]) % stride:
+            raise rules.ReductionError(f"toy takes stride=K, K dividing {grid[0] * grid[1]}; got {options}")
+        return {"stride": stride}
+
+    monkeypatch.setattr(rules, "_REDUCERS", dict(rules._REDUCERS))  # the registration ends with the test
+    rules.register_reducer("toy", lambda red, grid, p, net: Strided(grid, p, red.option("stride", 2)), check=check)
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(bench.main, TINY_ARGS + ["--no-memory", "--reducer", "toy", "--reducer", "toy:stride=4",
+                                                      "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(out.read_text())["variants"]}
+    assert list(rows) == ["no_sharing", "cts", "toy", "toy_s4"]
+    for name, t in (("toy", 8), ("toy_s4", 4)):  # N = 16
+        r = rows[name]
+        assert (r["patch_tokens"], r["tokens"], r["reduction"]) == (t, t + 1, 1 - t / 16)
+        assert r["reducer"]["reducer"] == "toy" and r["reducer"]["tokens"] == t and r["reducer"]["stride"] == 16 // t
+        assert r["num_shared"] == 0 and r["policy"] is None and r["policy_gflops"] == 0
+        assert r["gflops"] < rows["no_sharing"]["gflops"]
+    assert rows["cts"]["reducer"] == {"reducer": "cts", "tokens": 10, "reduction": 6 / 16, "policy": "policy_net",
+                                      "num_shared": 2, "num_notshared": 8}
+    assert "| toy | – | 9 | 50.0 % |" in res.output
+    for args, message in [(["--reducer", "toy:stride=3"], "toy takes stride=K"),
+                          (["--reducer", "nothing"], "unknown reducer 'nothing'"),
+                          (["--reducer", "toy:stride"], "KEY=VALUE")]:
+        res = CliRunner().invoke(bench.main, TINY_ARGS + args)
+        assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output

@@ -2,7 +2,12 @@
 
     python -m segm.bench --backbone vit_small_patch16_384 --crop 512 --decoder mask_transformer \
         --n-cls 150 --batch-size 2 --repeats 10 [--with-random] [--latency] [--train-step] \
-        [--json out.json] [--plot sweep.png --sweep 0,0.1,0.2,0.3,0.4,0.5]
+        [--reducer NAME[:KEY=VALUE,...]] [--json out.json] [--plot sweep.png --sweep 0,0.1,0.2,0.3,0.4,0.5]
+
+Each variant is one token reducer (`segm.model.reduction`): none (`no_sharing`), CTS with its
+scorers and budgets, and any reducer registered with `register_reducer` (`--reducer`). Token
+counts come from the forward's token map, the reduction is 1 − T/N, and every row records the
+reducer's `describe()`.
 
 All variants share one encoder and decoder and are timed in the same run, interleaved: every
 repeat times each variant once on the same batch, starting from a different variant each time,
@@ -14,10 +19,10 @@ Defaults follow the lab protocol: fp32, eager, no_grad. bf16 (autocast), torch.c
 timm's fused attention on/off are separately labelled modes. FLOPs come from
 `torch.utils.flop_counter` (2 FLOPs per multiply-add; fvcore, used by the lab, counts 1).
 
-Modules: `settings` (BenchConfig and its checks), `budgets` (the S values timed), `variants`
-(the shared-weight models), `inputs`, `timing`, `memory`, `flops`, `machine`, `phases`
-(inference and training step), `run` (run_benchmark), `report` (table, JSON, plot), `cli`,
-`onnx` (`--with-onnxruntime`: each variant exported and timed in ONNX Runtime beside eager).
+Modules: `settings` (BenchConfig, its checks and the variant names), `budgets` (the S values
+timed), `variants` (the shared-weight models, one reducer each), `inputs`, `timing`, `memory`,
+`flops`, `machine`, `phases` (inference and training step), `run` (run_benchmark), `report`
+(table, JSON, plot), `cli`, `onnx` (`--with-onnxruntime`: each variant exported and timed in ONNX Runtime beside eager).
 """
 from segm.bench.budgets import default_num_shared, resolve_budgets
 from segm.bench.cli import main

@@ -1,11 +1,11 @@
 """The token budgets the benchmark times: the main CTS budget S and the sweep's.
 
-Every budget is validated by the project's one budget rule, `segm.model.cts.resolve_token_budget`.
+Every budget is validated by the project's one budget rule, `segm.model.reduction.rules.resolve_token_budget`.
 """
 from __future__ import annotations
 
-from segm.bench.settings import BenchConfig, BenchError
-from segm.model.cts import TokenBudgetError, resolve_token_budget
+from segm.bench.settings import MAIN_SCORER, BenchConfig, BenchError
+from segm.model.reduction.rules import TokenBudgetError, resolve_token_budget
 from segm.model.spec import DEFAULT_TOKEN_REDUCTION, POLICY_PATCH_SIZE, reference_num_shared
 
 def default_num_shared(grid: tuple[int, int]) -> int:
@@ -22,13 +22,13 @@ def resolve_budgets(cfg: BenchConfig, grid: tuple[int, int], model_s: int | None
     asked = cfg.num_shared
     if cfg.num_shared is None and cfg.token_reduction is None:
         asked = model_s or default_num_shared(grid)
-    _, s_main = resolve_token_budget(grid, "policy_net", asked, None, cfg.token_reduction)
+    _, s_main = resolve_token_budget(grid, MAIN_SCORER, asked, None, cfg.token_reduction)
     if s_main == 0:
         raise BenchError("the CTS budget is S = 0, which is no_sharing itself; give --num-shared ≥ 1")
     sweep = []
     for rho in cfg.sweep:
         try:
-            _, s = resolve_token_budget(grid, "policy_net", token_reduction=rho)
+            _, s = resolve_token_budget(grid, MAIN_SCORER, token_reduction=rho)
         except TokenBudgetError as e:
             raise BenchError(f"--sweep {rho}: {e}") from None
         if abs(3 * s / n - 3 * s_main / n) < 0.01:

@@ -58,6 +58,9 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
 @click.option("--token-reduction", type=float, help="CTS budget as reduction ρ: S = round(ρN/3).")
 @click.option("--with-random", is_flag=True, help="Also time the random policy on the same budget.")
 @click.option("--with-content", is_flag=True, help="Also time the training-free content policy on the same budget.")
+@click.option("--reducer", "reducers", multiple=True, metavar="NAME[:KEY=VALUE,...]",
+              help="Also time a registered token reducer (segm.model.reduction.register_reducer) with these "
+                   "settings; repeatable.")
 @click.option("--with-onnxruntime", "onnxruntime", is_flag=True,
               help="Also time every variant exported to ONNX, in ONNX Runtime (CPU, fp32).")
 @click.option("--sweep", help="Comma-separated reductions to time too, e.g. 0,0.1,0.2,0.3,0.4,0.5.")
@@ -84,7 +87,8 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Plot images/s against reduction.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 def main(d_model, n_heads, n_layers, decoder_layers, sweep, json_path, plot_path, quiet, **kw):
-    """Time no_sharing against CTS (and optionally the random and content policies) in one interleaved run."""
+    """Time no_sharing against CTS (and optionally the random and content policies and other
+    registered reducers) in one interleaved run."""
     overrides = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, decoder_layers=decoder_layers)
     try:
         _check_output(json_path, "--json")

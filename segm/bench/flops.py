@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from segm.bench.variants import Variant, restore_fused_attention, set_fused_attention
+from segm.bench.variants import Variant, policy_network, restore_fused_attention, set_fused_attention
 from segm.model.segmenter import Segmenter
 
 
 def count_flops(variant: Variant, x: torch.Tensor) -> dict:
-    """Forward FLOPs per image (and of the policy net alone) on eager fp32, and the token count.
+    """Forward FLOPs per image (and of the policy network alone, when the reducer runs one) on
+    eager fp32, and the token count the forward's token map reports.
 
     Attention is counted with timm's explicit path: the flop counter does not see the fused CPU
     kernel, and both compute the same products."""
@@ -21,17 +22,18 @@ def count_flops(variant: Variant, x: torch.Tensor) -> dict:
             out = model.forward_all(x)
         total = fc.get_total_flops()
         policy = 0
-        if variant.policy == "policy_net":
+        scorer = policy_network(model)
+        if scorer is not None:  # as the forward runs it
             with torch.no_grad(), FlopCounterMode(display=False) as fp:
-                model.policy_net(x)
+                scorer(x, None)
             policy = fp.get_total_flops()
     finally:
         restore_fused_attention(saved)
     b = x.shape[0]
     prefix = model.encoder.num_prefix_tokens
+    t = out.token_map.num_tokens
     return {"gflops": total / b / 1e9, "policy_gflops": policy / b / 1e9,
-            "tokens": out.layout.num_tokens + prefix, "patch_tokens": out.layout.num_tokens,
-            "prefix_tokens": prefix}
+            "tokens": t + prefix, "patch_tokens": t, "prefix_tokens": prefix}
 
 
 def count_train_flops(model: Segmenter, x: torch.Tensor, labels: torch.Tensor) -> float:

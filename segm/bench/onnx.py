@@ -10,6 +10,7 @@ The ONNX rows are named `<variant>_ort`; their FLOPs are the eager variant's (th
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 
 from segm.bench.settings import BenchConfig, BenchError
-from segm.bench.variants import Variant
+from segm.bench.variants import BASELINE, Variant
 
 SUFFIX = "_ort"
 
@@ -40,7 +41,7 @@ def _ort_variant(cfg: BenchConfig, v: Variant, folder: Path, batch: torch.Tensor
     if worst > LOGIT_TOL:
         raise BenchError(f"{v.name}: ONNX Runtime differs from eager by {worst:.3g} > {LOGIT_TOL:g}")
     log(f"{v.name}{SUFFIX}: exported, max |Δlogits| {worst:.2g} against eager")
-    ort = Variant(v.name + SUFFIX, v.policy, v.num_shared, v.model, v.reduction, dict(v.counts), backend="onnxruntime")
+    ort = dataclasses.replace(v, name=v.name + SUFFIX, counts=dict(v.counts), backend="onnxruntime")
     return ort, runner
 
 
@@ -50,7 +51,7 @@ def add_onnxruntime(cfg: BenchConfig, variants: list[Variant], runners: dict, ba
     twins, ort_runners = [], {}
     with tempfile.TemporaryDirectory(prefix="segm-bench-onnx-") as tmp:  # sessions keep their model in memory
         for v in variants:
-            if v.name.startswith("cts_"):  # sweep points: eager only
+            if v.sweep:  # sweep points: eager only
                 continue
             twin, runner = _ort_variant(cfg, v, Path(tmp), batch, log)
             twins.append(twin)
@@ -68,7 +69,7 @@ def onnx_summary(results: list[dict]) -> dict:
         return {"median": statistics.median(a) / statistics.median(b),
                 "paired": statistics.median(x / y for x, y in zip(a, b))}
 
-    base = "no_sharing" + SUFFIX
+    base = BASELINE + SUFFIX
     ort = [n for n in times if n.endswith(SUFFIX)]
     return {
         "speedup_over_ort_no_sharing": {n: ratio(base, n) for n in ort if n != base},

@@ -12,8 +12,10 @@ from segm.bench.flops import count_train_flops
 from segm.bench.memory import variant_memory
 from segm.bench.settings import BenchConfig
 from segm.bench.timing import rate, round_robin, speedups, summary
-from segm.bench.variants import Variant
+from segm.bench.variants import BASELINE, Variant, policy_network
 from segm.utils.amp import AMP_DTYPES, autocast
+
+POLICY_KEY = "policy network"  # the policy network's own calls in the inference rounds
 
 
 def _autocast(cfg: BenchConfig):
@@ -27,20 +29,20 @@ def _inference_fn(cfg: BenchConfig, m) -> Callable:
     return fn
 
 
-def _policy_fn(cfg: BenchConfig, model) -> Callable:
+def _policy_fn(cfg: BenchConfig, scorer) -> Callable:
     """The policy network alone, as the CTS forward runs it in eager mode (scores included)."""
     def fn(x):
         with torch.no_grad(), _autocast(cfg):
-            model.policy_scores(x, None)
+            scorer(x, None)
     return fn
 
 
-def _policy_result(cfg: BenchConfig, model, t: list[float], cts_t: list[float]) -> dict:
+def _policy_result(cfg: BenchConfig, scorer, t: list[float], cts_t: list[float]) -> dict:
     from segm.model.policy import onednn_layers
 
     median = statistics.median(t)
     return {"times_s": t, "ms_per_batch": 1e3 * median, "ms_per_image": 1e3 * median / cfg.batch_size,
-            "share_of_cts": median / statistics.median(cts_t), "onednn": onednn_layers(model.inference_policy())}
+            "share_of_cts": median / statistics.median(cts_t), "onednn": onednn_layers(scorer.inference_policy())}
 
 
 def _matmul_fn(size: int, device) -> tuple[Callable, int]:
@@ -61,8 +63,8 @@ def _inference_row(cfg: BenchConfig, v: Variant, times: dict, mm_rate: float) ->
     achieved = v.counts["gflops"] * img_s["median"]
     return {
         "name": v.name, "policy": v.policy, "num_shared": v.num_shared, "reduction": v.reduction,
-        **v.counts,
-        "inference": {"times_s": t, "img_s": img_s, **speedups(times["no_sharing"], t),
+        "reducer": v.describe(), "series": v.series, "backend": v.backend, **v.counts,
+        "inference": {"times_s": t, "img_s": img_s, **speedups(times[BASELINE], t),
                       "gflop_per_s": achieved, "matmul_fraction": achieved / mm_rate},
     }
 
@@ -75,25 +77,28 @@ def _add_latency(cfg: BenchConfig, fns: dict, batches: list, results: list[dict]
     for r in results:
         t = lat[r["name"]]
         r["latency_b1"] = {"times_s": t, "ms": {k: 1e3 * s for k, s in summary(t).items()},
-                           "speedup": statistics.median(lat["no_sharing"]) / statistics.median(t)}
+                           "speedup": statistics.median(lat[BASELINE]) / statistics.median(t)}
 
 
 def inference_phase(cfg: BenchConfig, variants: list[Variant], runners: dict, batches: list, device,
                     log: Callable) -> tuple[list[dict], dict, dict | None]:
     """Throughput (and optionally batch-1 latency and peak memory) per variant, with the fp32
-    reference matmul and the CTS variant's policy network alone timed in the same rounds.
+    reference matmul and the policy network of the first variant that runs one (the main CTS
+    variant) alone, timed in the same rounds.
     Returns (per-variant results, matmul result, policy-network result or None)."""
     n_mm = cfg.matmul_size
     matmul, mm_iters = _matmul_fn(n_mm, device)
     fns = {v.name: _inference_fn(cfg, runners[v.name]) for v in variants}
     references = {"matmul": matmul}
-    cts = next((v for v in variants if v.name == "cts" and v.backend == "eager"), None)
+    cts = next((v for v in variants if v.backend == "eager" and not v.sweep and policy_network(v.model)), None)
     if cts is not None:
-        references["policy_net"] = _policy_fn(cfg, cts.model)
+        references[POLICY_KEY] = _policy_fn(cfg, policy_network(cts.model))
     times = round_robin({**fns, **references}, batches, cfg.warmup, cfg.repeats, device, log, "inference")
     matmul_res = {"size": n_mm, "dtype": "fp32", "iters_per_call": mm_iters,
                   "gflop_per_s": rate(times.pop("matmul"), 2 * n_mm**3 * mm_iters / 1e9)}
-    policy = None if cts is None else _policy_result(cfg, cts.model, times.pop("policy_net"), times["cts"])
+    policy = None
+    if cts is not None:
+        policy = _policy_result(cfg, policy_network(cts.model), times.pop(POLICY_KEY), times[cts.name])
     results = [_inference_row(cfg, v, times, matmul_res["gflop_per_s"]["median"]) for v in variants]
     if cfg.latency:
         _add_latency(cfg, fns, batches, results, device, log)
@@ -140,7 +145,7 @@ def train_phase(cfg: BenchConfig, variants: list[Variant], runners: dict, batche
         t = times[v.name]
         img_s = rate(t, cfg.batch_size)
         out[v.name] = {"times_s": t, "img_s": img_s, "gflops": train_flops[v.name],
-                       "gflop_per_s": train_flops[v.name] * img_s["median"], **speedups(times["no_sharing"], t)}
+                       "gflop_per_s": train_flops[v.name] * img_s["median"], **speedups(times[BASELINE], t)}
         if cfg.memory:
             out[v.name]["memory"] = variant_memory(cfg, fns[v.name], _train_step_fn(cfg, v.model, opt), pairs[0],
                                                    device)

@@ -29,7 +29,7 @@ def _head(has_lat: bool, has_mem: bool, has_train: bool) -> list[str]:
 def _row(r: dict, has_lat: bool, has_mem: bool, has_train: bool) -> list[str]:
     inf = r["inference"]
     i = inf["img_s"]
-    row = [r["name"], str(r["num_shared"]), str(r["tokens"]), f"{100 * r['reduction']:.1f} %",
+    row = [r["name"], _budget(r), str(r["tokens"]), f"{100 * r['reduction']:.1f} %",
            f"{r['gflops']:.3g}", f"{i['median']:.3g} [{i['min']:.3g}–{i['max']:.3g}]",
            f"{inf['speedup']:.2f}×", f"{inf['speedup_paired']:.2f}×", f"{inf['speedup_best']:.2f}×",
            f"{inf['gflop_per_s']:.1f} ({100 * inf['matmul_fraction']:.0f} %)"]
@@ -43,6 +43,13 @@ def _row(r: dict, has_lat: bool, has_mem: bool, has_train: bool) -> list[str]:
         row += [f"{t['img_s']['median']:.3g} [{t['img_s']['min']:.3g}–{t['img_s']['max']:.3g}]",
                 f"{t['speedup']:.2f}×"] + ([f"{t['memory']['delta_mib']:.0f}"] if has_mem else [])
     return row
+
+
+def _budget(r: dict) -> str:
+    """The S column: CTS's budget, 0 without reduction, "–" for a reducer that has none."""
+    if "num_shared" in r.get("reducer", {"num_shared": None}) or not r["reduction"]:
+        return str(r["num_shared"])
+    return "–"
 
 
 def _footer(result: dict) -> list[str]:
@@ -111,38 +118,46 @@ def write_json(result: dict, path) -> None:
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
 
-def _sweep_series(result: dict) -> list[tuple[str, str, str, str]]:
-    """(phase, policy, label, line style) of each plotted line."""
-    series = [("inference", "policy_net", "CTS (policy net)", "o-")]
-    for policy, label in (("random", "random policy"), ("content", "content policy")):
-        if any(r["policy"] == policy for r in result["variants"]):
-            series.append(("inference", policy, label, "s" if policy == "random" else "D"))
-    if any("train" in r for r in result["variants"]):
-        series.append(("train", "policy_net", "CTS train step", "^--"))
+_MARKERS = ("s", "D", "v", "P", "X", "*", "<", ">")
+
+
+def _sweep_series(result: dict) -> list[tuple[str, list[dict], str, str]]:
+    """(phase, rows, label, line style) of each plotted line. The first series (the main CTS
+    variant and the sweep's budgets) is a line from the unreduced model; each other series
+    (another scorer or reducer) is drawn as points. Eager rows only."""
+    base, *rows = result["variants"]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("backend", "eager") == "eager":
+            groups.setdefault(r.get("series") or r["name"], []).append(r)
+    series = []
+    for k, (label, group) in enumerate(groups.items()):
+        if k == 0:
+            series.append(("inference", [base] + group, label, "o-"))
+            if any("train" in r for r in result["variants"]):
+                series.append(("train", [base] + group, f"{label} train step", "^--"))
+        else:
+            series.append(("inference", group, label, _MARKERS[(k - 1) % len(_MARKERS)]))
     return series
 
 
 def plot_sweep(result: dict, path) -> None:
-    """Images/s (median, min–max bars) against token reduction, one line per policy."""
+    """Images/s (median, min–max bars) against token reduction, one line per reducer (CTS: per scorer)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    base = result["variants"][0]
-    for phase, policy, label, style in _sweep_series(result):
-        rows = [base] + [r for r in result["variants"] if r["policy"] == policy]
-        if policy in ("random", "content"):
-            rows = rows[1:]
-        rows.sort(key=lambda r: r["reduction"])
+    for phase, rows, label, style in _sweep_series(result):
+        rows = sorted(rows, key=lambda r: r["reduction"])
         x = [100 * r["reduction"] for r in rows]
         y = [r[phase]["img_s"]["median"] for r in rows]
         err = [[yy - r[phase]["img_s"]["min"] for yy, r in zip(y, rows)],
                [r[phase]["img_s"]["max"] - yy for yy, r in zip(y, rows)]]
         ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=label)
     m, p = result["model"], result["protocol"]
-    ax.set_xlabel("token reduction 3S/N (%)")
+    ax.set_xlabel("token reduction 1 − T/N (%)")
     ax.set_ylabel("images / s")
     ax.set_title(f"{m['backbone']}, {m['crop_size'][0]} px, batch {p['batch_size']}, {p['dtype']}", fontsize=9)
     ax.grid(alpha=0.3)

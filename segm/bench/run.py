@@ -40,7 +40,7 @@ def _prepare(cfg: BenchConfig, device, log: Callable) -> tuple[list[Variant], di
             v.model.to(memory_format=torch.channels_last)
     set_fused_attention(base, cfg.sdpa)  # encoder and decoder are shared by all variants
     batches = make_batches(cfg, base.crop_size, model_info["normalization"], device)
-    log(f"{len(variants)} variants: " + ", ".join(f"{v.name} (S={v.num_shared})" for v in variants))
+    log(f"{len(variants)} variants: " + "; ".join(f"{v.name}: {v.reducer.summary()}" for v in variants))
     return variants, model_info, batches
 
 
@@ -48,15 +48,18 @@ def _measure(cfg: BenchConfig, variants: list[Variant], model_info: dict, batche
              log: Callable) -> tuple[list[dict], dict, dict | None]:
     """Per-variant results (counts, inference, optional training step), the matmul result and
     the policy network's own time (None without a CTS variant)."""
+    n = model_info["num_patches"]
     for v in variants:  # one counted eager fp32 forward per variant, batch 1
         v.counts = count_flops(v, batches[0][:1])
+        if v.reduction is None:  # the reducer's token count depends on the input: as measured
+            v.reduction = 1 - v.counts["patch_tokens"] / n
     runners = {v.name: (torch.compile(v.model) if cfg.compile else v.model) for v in variants}
     timed = variants
     if cfg.onnxruntime:
         timed, runners = add_onnxruntime(cfg, variants, runners, batches[0], log)
     results, matmul, policy = inference_phase(cfg, timed, runners, batches, device, log)
-    for v, r in zip(timed, results):
-        r["num_notshared"] = model_info["num_patches"] - 4 * v.num_shared
+    for v, r in zip(timed, results):  # CTS's U; N without reduction; None for other reducers
+        r["num_notshared"] = v.describe().get("num_notshared", None if v.model.shares_tokens else n)
     if cfg.train_step:
         train = train_phase(cfg, variants, runners, batches, device, log)
         for r in results:

@@ -3,9 +3,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from segm.model.reduction.rules import CTS, NONE, ReductionError, reducer_entry
 from segm.utils.device import resolve_device
 
 MATMUL_SIZE = 2048
+
+# The variants a run times, named here and nowhere else. BASELINE runs without token reduction:
+# speed-ups are against it. CTS_VARIANTS time CTS at the main budget S: (variant name,
+# superpatch scorer, the BenchConfig flag that adds it or None for always, plot label); the
+# first one's scorer also runs the sweep's budgets, named `<its name>_<reduction>` (cts_0.30).
+# `--reducer` variants are named by their reducer's `tag()`.
+BASELINE = "no_sharing"
+CTS_VARIANTS = (
+    ("cts", "policy_net", None, "CTS (policy net)"),
+    ("random", "random", "with_random", "random policy"),
+    ("content", "content", "with_content", "content policy"),
+)
+MAIN_SCORER = CTS_VARIANTS[0][1]
 
 
 class BenchError(ValueError):
@@ -26,6 +40,7 @@ class BenchConfig:
     token_reduction: float | None = None
     with_random: bool = False
     with_content: bool = False
+    reducers: tuple = ()  # --reducer NAME[:KEY=VALUE,...]: a variant per registered reducer
     onnxruntime: bool = False  # also time every variant exported to ONNX, in ONNX Runtime
     sweep: tuple = ()
     # protocol
@@ -69,6 +84,39 @@ def parse_inputs(spec: str) -> tuple[str, str] | None:
     return name, split
 
 
+def _value(text: str):
+    """A setting's value: an int, a float, true/false, or the text itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_reducer(spec: str) -> tuple[str, dict]:
+    """'NAME' or 'NAME:KEY=VALUE,KEY=VALUE' → (a registered reducer's name, its settings as
+    given). The reducer's own check validates the settings against the model's grid."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    options = {}
+    for item in filter(None, (t.strip() for t in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise BenchError(f"--reducer {spec!r}: settings are KEY=VALUE pairs separated by commas, got {item!r}")
+        options[key.strip()] = _value(value.strip())
+    try:
+        reducer_entry(name)
+    except ReductionError as e:
+        raise BenchError(f"--reducer {spec!r}: {e}") from None
+    if name == NONE:
+        raise BenchError(f"--reducer {spec!r}: every run times the model without reduction already")
+    if name == CTS:
+        raise BenchError(f"--reducer {spec!r}: CTS variants come from --num-shared/--token-reduction, "
+                         "--with-random, --with-content and --sweep")
+    return name, options
+
+
 def check_config(cfg: BenchConfig) -> None:
     """Rejects bad settings before any model is built, and resolves `device` (auto, cuda → cuda:0).
     The token budgets are checked by `resolve_budgets`, which needs the model's token grid."""
@@ -85,6 +133,8 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.num_shared is not None and cfg.token_reduction is not None:
         raise BenchError("give --num-shared or --token-reduction, not both")
     parse_inputs(cfg.inputs)
+    for spec in cfg.reducers:
+        parse_reducer(spec)
     check_onnx_config(cfg)
 
 
