@@ -80,11 +80,16 @@ def dataset_preset(name: str) -> dict:
     return load_config()["dataset"].get(name, {})
 
 
+class DatasetRootError(ValueError, RuntimeError):
+    """`$DATASET` is not set and no folder was given: a usage error (ValueError: one line on
+    every command), and a RuntimeError for callers that catch it as such."""
+
+
 def dataset_dir() -> Path:
-    """The datasets root, `$DATASET`."""
+    """The datasets root, `$DATASET`; unset, DatasetRootError."""
     root = os.environ.get("DATASET")
     if not root:
-        raise RuntimeError(
+        raise DatasetRootError(
             "the datasets root is not set: export DATASET=/path/to/datasets "
             "or pass --data-root DIR"
         )

@@ -387,6 +387,20 @@ def test_missing_roots_name_the_prepare_command(tmp_path, monkeypatch):
         build_dataset("ade20k", "train", **kw)
 
 
+def test_unset_dataset_root_is_a_usage_error(monkeypatch):
+    """One function says `$DATASET` is unset (`segm.config.dataset_dir`), as a usage error that
+    every command prints in one line; the readers of default folders call it."""
+    from segm.config import DatasetRootError, dataset_dir
+    from segm.data.base import default_root
+    from segm.data.layout import dataset_root
+
+    monkeypatch.delenv("DATASET", raising=False)
+    for read in (dataset_dir, lambda: default_root("ade20k"), lambda: dataset_root("cityscapes")):
+        with pytest.raises(DatasetRootError, match="export DATASET=/path/to/datasets or pass --data-root DIR"):
+            read()
+    assert issubclass(DatasetRootError, ValueError) and issubclass(DatasetRootError, RuntimeError)
+
+
 def test_bad_arguments(tmp_path, synthetic_root):
     kw = dict(im_size=32, crop_size=32, normalization="vit")
     with pytest.raises(ValueError, match="unknown dataset"):

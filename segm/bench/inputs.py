@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segm.bench.settings import BenchConfig, BenchError, parse_inputs
+from segm.bench.settings import BenchConfig, parse_inputs
 
 
 def make_batches(cfg: BenchConfig, crop: tuple[int, int], normalization: str, device) -> list[torch.Tensor]:
@@ -31,11 +31,8 @@ def load_images(name: str, split: str, count: int, crop: tuple[int, int], normal
     the split; a split smaller than `count` is cycled."""
     from segm.data import build_dataset
 
-    try:
-        ds = build_dataset(name, split, im_size=crop[0], crop_size=crop[0], normalization=normalization,
-                           data_root=data_root)
-    except RuntimeError as e:  # e.g. $DATASET unset
-        raise BenchError(f"--inputs {name}:{split}: {e}") from None
+    ds = build_dataset(name, split, im_size=crop[0], crop_size=crop[0], normalization=normalization,
+                       data_root=data_root)
     idx = [(i * len(ds)) // count for i in range(count)] if count <= len(ds) else [i % len(ds) for i in range(count)]
     out = torch.empty(count, 3, *crop)
     for j, i in enumerate(idx):

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from segm.config import dataset_dir
-from segm.train.options import ConfigError, TrainOptions, user_errors
+from segm.train.options import TrainOptions, user_errors
 from segm.utils.determinism import ResumableSampler, SeededDataset
 from segm.utils.distributed import DistInfo
 
@@ -35,10 +35,7 @@ def dataset_classes(opts: TrainOptions):
 
     with user_errors():
         if opts.data_root is None:
-            try:
-                dataset_dir()
-            except RuntimeError as e:  # $DATASET unset
-                raise ConfigError(str(e)) from None
+            dataset_dir()  # $DATASET unset: a usage error before anything is built
         return dataset_info(opts.dataset, data_root=opts.data_root, classes_file=opts.classes)
 
 
