@@ -6,7 +6,13 @@ windows of `segm.eval.window` and `segm.bench --with-onnxruntime`.
     logits = model(images)                       # (B, 3, H, W) normalised float → (B, K, H, W)
 
 The graph takes images normalised as the sidecar says ((x/255 − mean)/std), as the eager model
-does. A model exported for a fixed batch B runs batches of B: a shorter batch (the last chunk of
+does. The model describes its reduction as a Segmenter does (`reduction_method`,
+`describe_reduction()`, from the sidecar's `reducer`), and `forward_all` rebuilds the token map
+from the graph's outputs: CTS's `shared_idx` gives its layout; a graph that returns only logits
+gives the identity map when no token is merged, else a map whose cells are all `UNKNOWN_TOKEN`
+(the graph does not say which token covers which cell; `num_tokens` is still the reducer's T).
+
+A model exported for a fixed batch B runs batches of B: a shorter batch (the last chunk of
 sliding windows) is padded by repeating its last image and the padding's outputs are dropped
 (images in a batch are computed independently, so this changes nothing); a longer one is an error.
 """
@@ -17,9 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segm.export.sidecar import read_sidecar, sidecar_path
+from segm.export.sidecar import read_sidecar, reduction_description, sidecar_path
+from segm.model.reduction.rules import NONE
 
-__all__ = ["OnnxModelError", "OnnxSegmenter", "load_for_inference", "session_options"]
+__all__ = ["OnnxModelError", "OnnxSegmenter", "UNKNOWN_TOKEN", "load_for_inference", "session_options"]
+
+UNKNOWN_TOKEN = -1  # a token map's cell whose token the exported graph does not report
 
 
 class OnnxModelError(ValueError):
@@ -53,9 +62,10 @@ def _session(path: Path, threads: int | None, spinning: bool):
 
 
 class OnnxSegmenter:
-    """An exported model in an ONNX Runtime CPU session, with the attributes that inference reads
-    from a Segmenter (`n_cls`, `crop_size`, `policy_method`, `shares_tokens`, `needs_labels`,
-    `variant`) and its calls (`__call__`, `forward_all`, `to`, `eval`, `train`, `parameters`)."""
+    """An exported model in an ONNX Runtime CPU session, with the attributes that consumers read
+    from a Segmenter (`n_cls`, `crop_size`, `patch_size`, `grid`, `reduction_method`,
+    `describe_reduction()`, `shares_tokens`, `needs_labels`, `variant`) and its calls (`__call__`,
+    `forward_all`, `to`, `eval`, `train`, `parameters`)."""
 
     needs_labels = False
     training = False
@@ -76,14 +86,23 @@ class OnnxSegmenter:
         self.n_cls = int(self.info["n_cls"])
         self.crop_size = tuple(self.info["crop"])
         self.patch_size = int(self.info["patch_size"])
-        self.policy_method = self.info["policy"]
-        self.num_shared = int(self.info["num_shared"])
+        self.grid = (self.crop_size[0] // self.patch_size, self.crop_size[1] // self.patch_size)
+        self.reduction = reduction_description(self.info)
         self.variant = self.info["variant"]
         self._device = torch.device("cpu")
 
     @property
+    def reduction_method(self) -> str:
+        """The reducer's registered name (`none`, `cts`, ...), as `Segmenter.reduction_method`."""
+        return self.reduction["reducer"]
+
+    def describe_reduction(self) -> dict:
+        """`Segmenter.describe_reduction()` of the exported model (the sidecar's `reducer`)."""
+        return dict(self.reduction)
+
+    @property
     def shares_tokens(self) -> bool:
-        return self.policy_method != "no_sharing"
+        return self.reduction_method != NONE
 
     def check_batch(self, n: int, option: str = "batch size") -> None:
         """Refuses `n` images per call when the model was exported for another fixed batch."""
@@ -112,17 +131,28 @@ class OnnxSegmenter:
         return self.run(im)["logits"]
 
     def forward_all(self, im: torch.Tensor):
-        """`Segmenter.forward_all`'s output (policy logits: None), the layout from `shared_idx`."""
-        from segm.model import cts
+        """`Segmenter.forward_all`'s output: SegmenterOutput(logits, None, token map)."""
         from segm.model.segmenter import SegmenterOutput
 
         out = self.run(im)
-        grid = (self.crop_size[0] // self.patch_size, self.crop_size[1] // self.patch_size)
-        if "shared_idx" in out:
-            layout = cts.layout_from_shared(out["shared_idx"], grid)
-        else:
-            layout = cts.no_sharing_layout(im.shape[0], grid, im.device)
-        return SegmenterOutput(out["logits"], None, layout)
+        return SegmenterOutput(out["logits"], None, self.token_map(out, im.shape[0], im.device))
+
+    def token_map(self, out: dict[str, torch.Tensor], batch: int, device):
+        """The batch's `TokenMap` from the graph's outputs (see the module docstring)."""
+        from segm.model.reduction.base import TokenMap, identity_map
+
+        if "shared_idx" in out:  # CTS's record (segm.export.graph)
+            from segm.model.reduction import cts
+            from segm.model.reduction.cts_reducer import CtsRecord
+
+            layout = cts.layout_from_shared(out["shared_idx"], self.grid)
+            return cts.layout_map(layout, CtsRecord(layout, out.get("scores"), None))
+        n = self.grid[0] * self.grid[1]
+        tokens = self.reduction.get("tokens")
+        if tokens == n:
+            return identity_map(batch, self.grid, device)
+        unknown = torch.full((batch, n), UNKNOWN_TOKEN, dtype=torch.int64, device=device)
+        return TokenMap(unknown, self.grid, tokens)
 
     # ------------------------------------------------------ what inference calls on a Segmenter
     def to(self, device):
@@ -151,8 +181,8 @@ def load_for_inference(onnx_path, model_path, policy_choice, window_batch_size: 
     if model_path is not None:
         raise OnnxModelError("give --model-path CHECKPOINT or --onnx MODEL.onnx, not both")
     if policy_choice is not None:
-        raise OnnxModelError("an ONNX model's policy is fixed at export: re-export the checkpoint with "
-                             "python -m segm.export CHECKPOINT OUT.onnx --policy-method ...")
+        raise OnnxModelError("an ONNX model's reduction is fixed at export: re-export the checkpoint with "
+                             "python -m segm.export CHECKPOINT OUT.onnx --policy-method ... (or --reducer ...)")
     model = OnnxSegmenter(onnx_path)
     model.check_batch(window_batch_size, "--window-batch-size")
     return model, model.variant

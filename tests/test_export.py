@@ -12,7 +12,8 @@ from click.testing import CliRunner
 import segm
 from segm.export.cli import main as export_cli
 from segm.export.graph import DEFAULT_OPSET
-from segm.model import cts, save_model
+from segm.model import save_model
+from segm.model.reduction import cts
 from segm.model.factory import write_variant
 from segm.onnx_runtime import OnnxModelError, OnnxSegmenter
 from tests.helpers.models import tiny_variant
@@ -50,7 +51,7 @@ def exported(tmp_path_factory):
         ckpt = _checkpoint(root / policy, policy)
         res = _export([ckpt, root / f"{policy}.onnx"])
         assert res.exit_code == 0, res.output
-        assert "identical superpatch selection" in res.output or policy == "no_sharing"
+        assert "identical selection" in res.output or policy == "no_sharing"
         out[policy] = (ckpt, root / f"{policy}.onnx")
     return out
 
@@ -98,7 +99,7 @@ def test_onnx_runtime_matches_eager(exported, policy):
     assert side["num_shared"] == (0 if policy == "no_sharing" else S) and side["crop"] == [CROP, CROP]
     assert side["normalization"]["mean"] == [0.5] * 3 and side["parity"]["max_abs_logit_diff"] <= 1e-4
     for im in _tied_and_random(2):
-        model.reset_random_policy()  # the exported random policy: the first draw after seeding
+        model.reducer.reset()  # the exported random policy: the first draw after seeding
         with torch.no_grad():
             ref = model.forward_all(im)
         out = ort.forward_all(im)
@@ -143,11 +144,11 @@ def test_near_ties_are_reported_and_wrong_tie_breaking_fails():
     net.update(image_size=(CROP, CROP), policy_schedule=(44, S))
     model = segm.create_segmenter(net).eval()
     im = torch.full((2, 3, CROP, CROP), 0.1)  # all scores tie at 0: eager shares superpatches 0..4
-    eager_scores = model.policy_scores(im, None)[0]
+    eager_scores = model.reducer.scorer(im, None)[0]
     scores = eager_scores.clone()
     scores[:, 10] += 1e-6  # "rounded" differently by the other runtime: 10 now wins
     with torch.no_grad():
-        ort = model.forward_with_scores(im, scores)
+        ort = model.forward_all(im, given=scores)
     r = compare(model, [ort.logits, ort.layout.shared_idx, scores], im)
     assert r["near_ties"] == 2 and r["selection_given_scores"] and _failure("x", r) is None
     assert eager_scores.eq(0).all() and 10 in ort.layout.shared_idx[0]
@@ -211,7 +212,7 @@ def test_bad_export_inputs_fail_with_one_line_and_no_file(tmp_path, exported):
         ([ckpt, tmp_path / "m.pt"], "must end in .onnx"),
         ([ckpt, tmp_path / "nowhere" / "m.onnx"], "does not exist"),
         ([exported["random"][0], tmp_path / "m.onnx", "--dynamic-batch"], "drawn once at export for a fixed batch"),
-        ([oracle, tmp_path / "m.onnx"], "the oracle policy selects from ground-truth labels"),
+        ([oracle, tmp_path / "m.onnx"], "oracle_s5 selects from ground-truth labels"),
     ]
     before = sorted(tmp_path.iterdir())
     for args, message in cases:
@@ -256,3 +257,66 @@ def test_bench_refuses_onnx_runtime_outside_cpu_fp32_inference():
     for kw, message in [(dict(dtype="bf16"), "CPU in fp32"), (dict(train_step=True), "batched inference only")]:
         with pytest.raises(bench.BenchError, match=message):
             bench.check_config(bench.BenchConfig(onnxruntime=True, **kw))
+
+
+# ----------------------------------------------------------------------------- any reducer
+@pytest.fixture
+def test_reducers(monkeypatch):
+    """Two reducers that are not CTS, registered for one test: `test_pool2` (every 2×2 block
+    of patches is one token, T = N/4, static) and `test_dynamic` (no static token count)."""
+    import torch.nn.functional as F
+
+    from segm.model.reduction import rules
+    from segm.model.reduction.base import Reducer, TokenMap
+
+    class Pool2(Reducer):
+        name = "test_pool2"
+
+        def embed(self, vit, im, labels=None, given=None):
+            x, tmap = super().embed(vit, im, labels, given)
+            (gh, gw), b = tmap.grid, x.shape[0]
+            x = F.avg_pool2d(x.transpose(1, 2).reshape(b, -1, gh, gw), 2).flatten(2).transpose(1, 2)
+            cell = torch.arange(gh * gw, device=im.device)
+            token = (cell // gw // 2) * (gw // 2) + cell % gw // 2
+            return x, TokenMap(token.expand(b, -1), tmap.grid, gh * gw // 4)
+
+        def static_tokens(self, grid):
+            return grid[0] * grid[1] // 4
+
+    class Dynamic(Reducer):
+        name = "test_dynamic"
+
+        def static_tokens(self, grid):
+            return None
+
+    monkeypatch.setattr(rules, "_REDUCERS", dict(rules._REDUCERS))
+    rules.register_reducer("test_pool2", lambda reduction, grid, p, net: Pool2(grid, p))
+    rules.register_reducer("test_dynamic", lambda reduction, grid, p, net: Dynamic(grid, p))
+
+
+def test_a_reducer_that_is_not_cts_exports_and_runs(tmp_path, exported, test_reducers):
+    """The export and OnnxSegmenter speak the reducer interface: a registered reducer exports
+    (logits only: its token map is unknown to the deployment) and matches eager; one whose token
+    count depends on the image is refused in one line."""
+    from segm.onnx_runtime import UNKNOWN_TOKEN
+    from segm.policy_choice import apply_policy_choice, policy_choice
+
+    ckpt = exported["no_sharing"][0]
+    res = _export([ckpt, tmp_path / "pool.onnx", "--reducer", "test_pool2"])
+    assert res.exit_code == 0, res.output
+    side = json.loads((tmp_path / "pool.json").read_text())
+    assert side["reducer"] == {"reducer": "test_pool2", "tokens": 16, "reduction": 0.75}
+    assert list(side["outputs"]) == ["logits"] and side["parity"]["max_abs_logit_diff"] <= 1e-4
+    model, _ = apply_policy_choice(*segm.load_model(ckpt), policy_choice(reducer="test_pool2"))
+    ort = OnnxSegmenter(tmp_path / "pool.onnx")
+    assert ort.reduction_method == "test_pool2" and ort.shares_tokens and ort.describe_reduction() == side["reducer"]
+    for im in _tied_and_random(2):
+        with torch.no_grad():
+            ref = model.forward_all(im)
+        out = ort.forward_all(im)
+        assert (out.logits - ref.logits).abs().max() <= 1e-4
+        assert out.token_map.num_tokens == 16 and not out.token_map.identity
+        assert (out.token_map.token_of_cell == UNKNOWN_TOKEN).all()
+    res = _export([ckpt, tmp_path / "dyn.onnx", "--reducer", "test_dynamic"])
+    assert res.exit_code == 1 and "test_dynamic has no static token count" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "dyn.onnx").exists()

@@ -1,11 +1,13 @@
-"""ONNX export of a Segmenter of any policy, with a parity check against eager PyTorch.
+"""ONNX export of a Segmenter of any reduction with static token counts that needs no labels,
+with a parity check against eager PyTorch. It speaks the reducer interface only
+(`Reducer.export_given`, `export_outputs`, `given_from_outputs`; docs/DESIGN.md, "Deployment").
 
     python -m segm.export runs/NAME/checkpoint.pth model.onnx [--batch-size B | --dynamic-batch]
         [--opset N] [--check/--no-check] [--dataset NAME --data-root DIR]
 
 CTS has static token counts (U + S per image), so the whole forward pass, policy network and
 top-S selection included, is one static graph. ONNX has no stable sort: the exported selection
-counts, for every superpatch, the scores that beat it (`segm.model.cts.select_shared`), which
+counts, for every superpatch, the scores that beat it (`segm.model.reduction.cts.select_shared`), which
 breaks ties exactly as eager does (lower raster index first). Modules: `graph` (the traced
 module, `export_bytes`), `check` (the parity check), `sidecar` (`OUT.json`), `write`
 (`export_model`), `cli`. Running the result: `segm.onnx_runtime`.

@@ -1,20 +1,25 @@
 """The parity check of an export: the ONNX model in ONNX Runtime against the eager model, on
 random inputs, inputs whose scores tie, and optionally real validation crops.
 
+Eager runs `forward_all(im, given=reducer.export_given(B))`, the graph's constant where it has
+one; the graph's outputs after the logits are the reducer's record of its selection
+(`Reducer.export_outputs`; CTS: `shared_idx`, `scores`), compared with eager's record.
 What must hold (else `ExportError`, and nothing is written):
-- the policy's scores agree within `SCORE_TOL` (relative to their size);
-- given the graph's own scores, eager selects exactly the same superpatches (the tie rule:
-  lower raster index first) and its logits agree within `LOGIT_TOL`.
+- the record's float outputs (the policy's scores) agree within `SCORE_TOL` (relative to their size);
+- given the graph's own selection input (`Reducer.given_from_outputs`: CTS's scores), eager
+  selects exactly the same (the tie rule: lower raster index first) and its logits agree
+  within `LOGIT_TOL`.
 Reported beside: the end-to-end logit difference and argmax agreement against eager on its own
 scores. Where float rounding reorders two scores that tie within `SCORE_TOL` (possible with
 the policy network, whose convolutions the two runtimes round differently), that image's
-selection differs end to end; this is counted as a near tie, not a failure.
+selection differs end to end; this is counted as a near tie, not a failure. A graph with no
+record (plain models) is compared on its logits.
 """
 from __future__ import annotations
 
 import torch
 
-from segm.export.graph import ExportError, random_scores
+from segm.export.graph import ExportError
 from segm.export.sidecar import INPUT_NAME
 from segm.model.segmenter import Segmenter
 
@@ -44,26 +49,32 @@ def check_inputs(model: Segmenter, batch_sizes: list[int], real: torch.Tensor | 
     return out
 
 
-def _eager_scores(model: Segmenter, im: torch.Tensor) -> torch.Tensor | None:
-    if model.policy_method == "random":
-        return random_scores(model, im.shape[0])
-    return model.policy_scores(im, None)[0]
+def _same_selection(a: dict, b: dict) -> torch.Tensor:
+    """(B,) bool: every integer output (a selection) of two records agrees, image by image."""
+    same = torch.ones(len(next(iter(a.values()))), dtype=torch.bool)
+    for name, x in a.items():
+        if not x.is_floating_point():
+            same &= (x == b[name]).flatten(1).all(1).cpu()
+    return same
 
 
 @torch.no_grad()
 def compare(model: Segmenter, outputs: list, im: torch.Tensor) -> dict:
-    """One input's comparison (see the module docstring); `outputs`: the graph's outputs (arrays or tensors)."""
+    """One input's comparison (see the module docstring); `outputs`: the graph's outputs, in
+    order (arrays or tensors)."""
+    reducer = model.reducer
     ort_logits = torch.as_tensor(outputs[0])
-    eager_scores = _eager_scores(model, im)
-    eager = model.forward_with_scores(im, eager_scores)
+    eager = model.forward_all(im, given=reducer.export_given(im.shape[0]))
+    eager_record = reducer.export_outputs(eager.token_map)
     res = {"images": im.shape[0], "near_ties": 0, "score_diff": 0.0, "selection_given_scores": True}
     if len(outputs) > 1:
-        ort_idx, ort_scores = torch.as_tensor(outputs[1]), torch.as_tensor(outputs[2])
-        res["score_diff"] = float(((ort_scores - eager_scores).abs() / eager_scores.abs().clamp_min(1)).max())
-        same = (ort_idx == eager.layout.shared_idx).all(1)
+        record = {name: torch.as_tensor(o) for name, o in zip(eager_record, outputs[1:])}
+        res["score_diff"] = max((float(((record[n] - x).abs() / x.abs().clamp_min(1)).max())
+                                 for n, x in eager_record.items() if x.is_floating_point() and x.numel()), default=0.0)
+        same = _same_selection(record, eager_record)
         res["near_ties"] = int((~same).sum())
-        given = model.forward_with_scores(im, ort_scores)  # eager on the graph's scores
-        res["selection_given_scores"] = bool(torch.equal(given.layout.shared_idx, ort_idx))
+        given = model.forward_all(im, given=reducer.given_from_outputs(record))  # eager on the graph's scores
+        res["selection_given_scores"] = bool(_same_selection(record, reducer.export_outputs(given.token_map)).all())
         res["logit_diff"] = float((given.logits - ort_logits).abs().max())
         keep = same.view(-1, 1, 1, 1)  # end to end, images whose selection agrees
         res["end_to_end_diff"] = float(((eager.logits - ort_logits).abs() * keep).max())
@@ -75,9 +86,9 @@ def compare(model: Segmenter, outputs: list, im: torch.Tensor) -> dict:
 
 def _failure(name: str, r: dict) -> str | None:
     if r["score_diff"] > SCORE_TOL:
-        return f"policy scores differ by {r['score_diff']:.3g} > {SCORE_TOL:g}"
+        return f"the recorded scores differ by {r['score_diff']:.3g} > {SCORE_TOL:g}"
     if not r["selection_given_scores"]:
-        return "the graph selects other superpatches than eager from the same scores (tie-breaking)"
+        return "the graph selects other tokens than eager from the same scores (tie-breaking)"
     if max(r["logit_diff"], r["end_to_end_diff"]) > LOGIT_TOL:
         return f"max |Δlogits| {max(r['logit_diff'], r['end_to_end_diff']):.3g} > {LOGIT_TOL:g}"
     return None
@@ -104,13 +115,13 @@ def run_check(session, model: Segmenter, inputs: list[tuple]) -> dict:
     }
 
 
-def format_check(summary: dict, shares_tokens: bool) -> str:
+def format_check(summary: dict, record: list[str]) -> str:
+    """One line; `record`: the graph's outputs after the logits (the reducer's record)."""
     near = summary["near_tie_images"]
     text = (f"parity (ONNX Runtime vs eager, {summary['images']} images): max |Δlogits| "
             f"{summary['max_abs_logit_diff']:.2g} (tolerance {LOGIT_TOL:g}), argmax agreement ≥ "
             f"{100 * summary['min_argmax_agreement']:.3f} %")
-    if not shares_tokens:
+    if not record:
         return text
-    return text + (f", max score difference {summary['max_score_diff']:.2g}, "
-                   + (f"{near} image(s) with a near tie selected differently" if near
-                      else "identical superpatch selection"))
+    return text + (f"; {', '.join(record)}: max score difference {summary['max_score_diff']:.2g}, "
+                   + (f"{near} image(s) with a near tie selected differently" if near else "identical selection"))

@@ -36,7 +36,9 @@ def _load(checkpoint: str, policy: dict):
 @click.argument("checkpoint", type=str)
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--batch-size", type=int, default=None, help="The batch the model is exported for [default: 2].")
-@click.option("--dynamic-batch", is_flag=True, help="Export for any batch size (not with the random policy).")
+@click.option("--dynamic-batch", is_flag=True,
+              help="Export for any batch size (not for a reduction that fixes its input at export, as the random "
+                   "policy does).")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 18..25.")
 @click.option("--check/--no-check", default=True, help="Compare ONNX Runtime with eager PyTorch before writing.")
 @click.option("--dataset", type=click.Choice(DATASET_CHOICES), default=None,
@@ -44,10 +46,11 @@ def _load(checkpoint: str, policy: dict):
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="The dataset's folder.")
 @policy_options
 def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data_root, **policy):
-    """Export CHECKPOINT (any policy; at its crop size) to OUT.onnx, with OUT.json beside it.
+    """Export CHECKPOINT (any reduction with a static token count that needs no labels; at its crop
+    size) to OUT.onnx, with OUT.json beside it.
 
     The graph takes normalised float32 images (B, 3, H, W), as the eager model does; the sidecar
-    records the normalisation, the batch, the policy and the parity check's result."""
+    records the normalisation, the batch, the reduction and the parity check's result."""
     from segm.export.write import check_output_path, export_model
     from segm.utils.checkpoint import CheckpointError
 
@@ -67,5 +70,5 @@ def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data
                             check=check, real=real, checkpoint=str(checkpoint), log=log)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, CheckpointError) as e:
         raise click.ClickException(str(e).splitlines()[0]) from None
-    click.echo(f"wrote {out} and {sidecar_path(out)} ({side['policy']}, U={side['num_notshared']}, "
-               f"S={side['num_shared']}, input {side['input']['shape']})")
+    reduction = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in side["reducer"].items())
+    click.echo(f"wrote {out} and {sidecar_path(out)} ({reduction}; input {side['input']['shape']})")

@@ -1,16 +1,18 @@
-"""The exported graph: a Segmenter whose superpatch scores the graph computes (policy_net,
-content) or holds as a constant (random), traced by `torch.export`, rewritten by
-`segm.export.ops` and converted by `torch.onnx.export`. While exporting, `segm.model.cts`
-selects without sorting (ONNX has no stable sort), with the same result.
+"""The exported graph: a Segmenter whose reducer selects in the graph (CTS's policy_net and
+content scores) or from a constant it fixed at export (`Reducer.export_given`: CTS's random
+scores), traced by `torch.export`, rewritten by `segm.export.ops` and converted by
+`torch.onnx.export`. While exporting, `segm.model.reduction.cts` selects without sorting (ONNX
+has no stable sort), with the same result.
 
-Inputs and outputs (docs/DESIGN.md, "Data flow"; sidecar: `segm.export.sidecar`):
+Inputs and outputs (docs/DESIGN.md, "Deployment"; sidecar: `segm.export.sidecar`):
 - `im` float32 (B, 3, H, W) at the model's crop, RGB, normalised as training does:
   (x/255 − mean)/std with the checkpoint's statistics. Normalisation is not in the graph, so
   the sliding-window code feeds the ONNX model exactly what it feeds the eager one.
 - `logits` float32 (B, K, H, W);
-- token-sharing models also return `shared_idx` int64 (B, S), the shared superpatches in raster
-  order over the superpatch grid (`TokenLayout.shared_idx`), and `scores` float32 (B, n2), the
-  policy's scores the selection was made from.
+- then the reducer's record of the batch, `Reducer.export_outputs` (none for plain models).
+  CTS: `shared_idx` int64 (B, S), the shared superpatches in raster order over the superpatch
+  grid (`TokenLayout.shared_idx`), and `scores` float32 (B, n2), the policy's scores the
+  selection was made from.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from segm.export.ops import DECOMPOSITIONS
 from segm.export.sidecar import INPUT_NAME
 from segm.model.segmenter import Segmenter
 
-OUTPUT_NAMES = ("logits", "shared_idx", "scores")
+LOGITS = "logits"  # the graph's first output; the reducer's (`Reducer.export_outputs`) follow
 # torch's exporter emits opset 18 and later; ONNX Runtime 1.32 cannot load its opset-26 graphs.
 # Default 20: GELU becomes ONNX's Gelu op, which ONNX Runtime runs as one kernel (18 spells it
 # Div, Erf, Add, Mul): ViT-S/16 at 512 px ran 4–8 % faster on one CPU thread (BENCHMARKS.md).
@@ -37,46 +39,59 @@ class ExportError(ValueError):
     """A model or a setting that cannot be exported, or an export that failed its parity check."""
 
 
-def random_scores(model: Segmenter, batch_size: int) -> torch.Tensor:
-    """The random policy's scores as the eager model draws them on its first CPU forward after
-    `reset_random_policy()`: uniform, from a generator seeded with `random_seed`."""
-    return model.random_scores(batch_size, torch.Generator().manual_seed(model.random_seed))
-
-
 def check_exportable(model: Segmenter, batch_size: int | None) -> None:
+    """Refuses, in one line, a reducer that reads labels, one whose token count depends on the
+    image (ONNX shapes are static), and any batch for a reducer that fixes its input for one."""
+    reducer = model.reducer
     if model.needs_labels:
-        raise ExportError("the oracle policy selects from ground-truth labels, which a deployed model does not "
-                          "have: export a policy_net, content, random or no_sharing model")
-    if model.policy_method == "random" and batch_size is None:
-        raise ExportError("the random policy's scores are drawn once at export for a fixed batch: give "
-                          "--batch-size B instead of --dynamic-batch")
+        raise ExportError(f"the reduction {reducer.tag()} selects from ground-truth labels, which a deployed model "
+                          "does not have: export the checkpoint with another (--policy-method, --reducer)")
+    if reducer.static_tokens(model.grid) is None:
+        raise ExportError(f"the reduction {reducer.tag()} has no static token count (it depends on the image): "
+                          "an ONNX graph needs static shapes")
+    if batch_size is None:
+        try:
+            reducer.export_given(None)
+        except ValueError as e:
+            raise ExportError(f"{str(e).splitlines()[0]}: give --batch-size B instead of --dynamic-batch") from None
 
 
 class ExportedSegmenter(nn.Module):
-    """`model` as the graph computes it: the returned tensors are `OUTPUT_NAMES`' (logits only
-    without sharing). The random policy's scores are drawn once, for a fixed batch."""
+    """`model` as the graph computes it: `logits`, then the reducer's `export_outputs` (the
+    forward returns the logits alone when there are none). What the reducer fixes at export
+    (`export_given`: CTS's random scores, for a fixed batch) is a constant of the graph."""
 
     def __init__(self, model: Segmenter, batch_size: int | None):
         super().__init__()
         check_exportable(model, batch_size)
         self.model = model
-        if model.policy_method == "random":
-            self.register_buffer("fixed_scores", random_scores(model, batch_size))
+        given = model.reducer.export_given(batch_size)
+        if given is not None:
+            self.register_buffer("given", given)
+        else:
+            self.given = None
+
+    def outputs(self, im: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model.forward_all(im, given=self.given)
+        extra = self.model.reducer.export_outputs(out.token_map)
+        if LOGITS in extra:
+            raise ExportError(f"the reducer's export_outputs may not be named {LOGITS!r}")
+        return {LOGITS: out.logits, **extra}
 
     def forward(self, im: torch.Tensor):
-        m = self.model
-        if not m.shares_tokens:
-            return m.forward_with_scores(im, None).logits
-        if m.policy_method == "random":
-            scores = self.fixed_scores
-        else:
-            scores, _ = m.policy_scores(im, None)
-        out = m.forward_with_scores(im, scores)
-        return out.logits, out.layout.shared_idx, scores
+        outs = tuple(self.outputs(im).values())
+        return outs[0] if len(outs) == 1 else outs
 
 
-def output_names(model: Segmenter) -> list[str]:
-    return list(OUTPUT_NAMES) if model.shares_tokens else [OUTPUT_NAMES[0]]
+def output_specs(model: Segmenter, batch_size: int | None) -> dict[str, dict]:
+    """{name: {"shape", "dtype"}} of the graph's outputs, in order, from one eager run at the
+    crop; the batch dimension is "batch" for a dynamic batch."""
+    graph = ExportedSegmenter(model, batch_size).eval()
+    with torch.no_grad():
+        outs = graph.outputs(torch.zeros(batch_size or 1, 3, *model.crop_size))
+    batch = batch_size if batch_size is not None else "batch"
+    return {name: {"shape": [batch, *t.shape[1:]], "dtype": str(t.dtype).removeprefix("torch.")}
+            for name, t in outs.items()}
 
 
 def check_opset(opset: int) -> None:
@@ -110,8 +125,9 @@ def export_bytes(model: Segmenter, *, batch_size: int | None, opset: int) -> byt
     sample = torch.zeros(batch_size or 2, 3, *model.crop_size)
     dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}} if batch_size is None else None
     with _quiet_exporter(), torch.no_grad():
+        names = list(graph.outputs(sample))
         program = torch.export.export(graph, (sample,), dynamic_shapes=dynamic).run_decompositions(DECOMPOSITIONS)
         onnx_program = torch.onnx.export(program, (sample,), None, input_names=[INPUT_NAME],
-                                         output_names=output_names(model), opset_version=opset, dynamo=True,
+                                         output_names=names, opset_version=opset, dynamo=True,
                                          verbose=False)
     return onnx_program.model_proto.SerializeToString()

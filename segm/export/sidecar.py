@@ -1,10 +1,12 @@
 """The JSON file beside an exported model (`OUT.json` for `OUT.onnx`): what a deployment needs
-to feed the graph and read its outputs, and where the model came from. Read by
-`segm.onnx_runtime`; no torch import here."""
+to feed the graph and read its outputs, the reduction (`reducer`: `describe_reduction()`), and
+where the model came from. Read by `segm.onnx_runtime`; no torch import here."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from segm.model.reduction.rules import CTS, NO_SHARING, NONE  # no torch
 
 SIDECAR_FORMAT = "segm-cts-onnx/1"
 INPUT_NAME = "im"  # the graph's one input
@@ -28,14 +30,18 @@ def _classes(variant: dict, n_cls: int) -> dict | None:
 
 
 def build_sidecar(model, variant: dict, *, checkpoint: str, normalization: str, batch_size: int | None,
-                  opset: int, outputs: list[str], versions: dict) -> dict:
-    """The sidecar of `model` (a Segmenter) exported at its crop, for a fixed batch or any (None)."""
+                  opset: int, outputs: dict, versions: dict) -> dict:
+    """The sidecar of `model` (a Segmenter) exported at its crop, for a fixed batch or any (None);
+    `outputs`: the graph's, {name: {"shape", "dtype"}} in order (`segm.export.graph.output_specs`).
+
+    `reducer` is the whole `model.describe_reduction()`. `policy`, `num_notshared`,
+    `num_shared` and `random_seed` are the reference's CTS fields, kept for older readers and
+    read from the same description (a reduction that is not CTS shares no superpatches: `no_sharing`)."""
     from segm.data.base import STATS
 
     h, w = model.crop_size
     batch = batch_size if batch_size is not None else "batch"
-    shapes = {"logits": [batch, model.n_cls, h, w], "shared_idx": [batch, model.num_shared],
-              "scores": [batch, model.num_superpatches]}
+    reduction = model.describe_reduction()
     variant = dict(variant, classes=_classes(variant, model.n_cls))
     return _json_safe({
         "format": SIDECAR_FORMAT,
@@ -44,21 +50,37 @@ def build_sidecar(model, variant: dict, *, checkpoint: str, normalization: str, 
         "classes": variant["classes"],
         "crop": [h, w],
         "patch_size": model.patch_size,
-        "policy": model.policy_method,
-        "num_notshared": model.grid[0] * model.grid[1] - 4 * model.num_shared,
-        "num_shared": model.num_shared,
-        "random_seed": model.random_seed if model.policy_method == "random" else None,
+        "reducer": reduction,
+        "policy": reduction.get("policy", NO_SHARING),
+        "num_notshared": reduction.get("num_notshared", model.grid[0] * model.grid[1]),
+        "num_shared": reduction.get("num_shared", 0),
+        "random_seed": reduction.get("random_seed"),
         "normalization": {"name": normalization, **STATS[normalization], "in_graph": False,
                           "formula": "(x / 255 - mean) / std per RGB channel, x in 0..255"},
         "input": {"name": INPUT_NAME, "shape": [batch, 3, h, w], "dtype": "float32", "layout": "NCHW, RGB"},
-        "outputs": {name: {"shape": shapes[name], "dtype": "int64" if name == "shared_idx" else "float32"}
-                    for name in outputs},
+        "outputs": outputs,
         "batch_size": batch_size,
         "dynamic_batch": batch_size is None,
         "opset": opset,
         "versions": versions,
         "variant": variant,
     })
+
+
+def reduction_description(side: dict) -> dict:
+    """The exported model's `describe_reduction()`: the sidecar's `reducer`, or for sidecars
+    written before it, the description their CTS fields make."""
+    if isinstance(side.get("reducer"), dict):
+        return dict(side["reducer"])
+    h, w = side["crop"]
+    p = int(side["patch_size"])
+    n = (h // p) * (w // p)
+    if side["policy"] == NO_SHARING:
+        return {"reducer": NONE, "tokens": n, "reduction": 0.0}
+    u, s = int(side["num_notshared"]), int(side["num_shared"])
+    seed = {"random_seed": side["random_seed"]} if side.get("random_seed") is not None else {}
+    return {"reducer": CTS, "tokens": u + s, "reduction": 1 - (u + s) / n, "policy": side["policy"],
+            "num_shared": s, "num_notshared": u, **seed}
 
 
 def read_sidecar(onnx_path) -> dict:

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from segm.export.check import check_inputs, format_check, run_check
-from segm.export.graph import ExportError, check_exportable, export_bytes, output_names
+from segm.export.graph import ExportError, check_exportable, export_bytes, output_specs
 from segm.export.sidecar import build_sidecar, sidecar_path
 from segm.model.segmenter import Segmenter
 from segm.utils.atomic import atomic_write, atomic_write_text
@@ -43,16 +43,17 @@ def export_model(model: Segmenter, variant: dict, out, *, normalization: str, ba
     out = check_output_path(out)
     check_exportable(model, batch_size)
     model = model.float().cpu().eval()
-    log(f"exporting {model.policy_method} (S={model.num_shared}) at {model.crop_size[0]}×{model.crop_size[1]}, "
+    log(f"exporting {model.reducer.summary()} at {model.crop_size[0]}×{model.crop_size[1]}, "
         f"batch {batch_size if batch_size is not None else 'dynamic'}, opset {opset}")
+    outputs = output_specs(model, batch_size)
     data = export_bytes(model, batch_size=batch_size, opset=opset)
     side = build_sidecar(model, variant, checkpoint=checkpoint, normalization=normalization, batch_size=batch_size,
-                         opset=opset, outputs=output_names(model), versions=_versions())
+                         opset=opset, outputs=outputs, versions=_versions())
     if check:
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         batches = [batch_size] if batch_size is not None else [1, 3]
         side["parity"] = run_check(session, model, check_inputs(model, batches, real))
-        log(format_check(side["parity"], model.shares_tokens))
+        log(format_check(side["parity"], list(outputs)[1:]))
     atomic_write(out, lambda f: f.write(data))
     try:
         atomic_write_text(sidecar_path(out), json.dumps(side, indent=1) + "\n")
