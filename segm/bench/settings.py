@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from segm.model.reduction.rules import CTS, NONE, ReductionError, reducer_entry
+from segm.model.reduction import rules
+from segm.model.reduction.rules import CTS, NONE, ReductionError
 from segm.utils.device import resolve_device
 
 MATMUL_SIZE = 2048
@@ -84,37 +85,20 @@ def parse_inputs(spec: str) -> tuple[str, str] | None:
     return name, split
 
 
-def _value(text: str):
-    """A setting's value: an int, a float, true/false, or the text itself."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
-def parse_reducer(spec: str) -> tuple[str, dict]:
-    """'NAME' or 'NAME:KEY=VALUE,KEY=VALUE' → (a registered reducer's name, its settings as
-    given). The reducer's own check validates the settings against the model's grid."""
-    name, _, rest = spec.partition(":")
-    name = name.strip()
-    options = {}
-    for item in filter(None, (t.strip() for t in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise BenchError(f"--reducer {spec!r}: settings are KEY=VALUE pairs separated by commas, got {item!r}")
-        options[key.strip()] = _value(value.strip())
+def parse_reducer(spec: str) -> dict:
+    """'NAME' or 'NAME:KEY=VALUE,KEY=VALUE' → the `reducer` entry {name, settings as given}
+    (`segm.model.reduction.rules.parse_reducer`); the reducer's own check validates the settings
+    against the model's grid. `none` and `cts` are refused: every run has them."""
     try:
-        reducer_entry(name)
+        entry = rules.parse_reducer(spec)
     except ReductionError as e:
         raise BenchError(f"--reducer {spec!r}: {e}") from None
-    if name == NONE:
+    if entry["name"] == NONE:
         raise BenchError(f"--reducer {spec!r}: every run times the model without reduction already")
-    if name == CTS:
+    if entry["name"] == CTS:
         raise BenchError(f"--reducer {spec!r}: CTS variants come from --num-shared/--token-reduction, "
                          "--with-random, --with-content and --sweep")
-    return name, options
+    return entry
 
 
 def check_config(cfg: BenchConfig) -> None:

@@ -11,10 +11,10 @@ import torch
 from segm.bench.budgets import resolve_budgets
 from segm.bench.settings import BASELINE, CTS_VARIANTS, BenchConfig, BenchError, parse_reducer
 from segm.model.factory import create_segmenter, load_model
-from segm.model.reduction import CTS, NONE, Reduction, ReductionError, build_reducer, reducer_entry
+from segm.model.reduction import CTS, NONE, Reduction, ReductionError, build_reducer
 from segm.model.reduction.base import Reducer
 from segm.model.reduction.cts_reducer import CtsReducer
-from segm.model.reduction.rules import NO_SHARING
+from segm.model.reduction.rules import NO_SHARING, registered_reduction
 from segm.model.reduction.scorers import PolicyNetScorer
 from segm.model.segmenter import Segmenter
 from segm.model.spec import build_net_kwargs, check_net_kwargs
@@ -121,10 +121,9 @@ class _Reducers:
 
     def registered(self, spec: str) -> Reducer:
         """The reducer a `--reducer NAME[:KEY=VALUE,...]` names, its settings checked."""
-        name, options = parse_reducer(spec)
+        entry = parse_reducer(spec)
         try:
-            options = reducer_entry(name).check(options, self.grid)
-            return self.build(Reduction(name, options=tuple(sorted(options.items()))))
+            return self.build(registered_reduction(entry, self.grid))
         except ReductionError as e:
             raise BenchError(f"--reducer {spec!r}: {e}") from None
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from segm.config import dump_yaml, load_yaml
 from segm.model.decoder import create_decoder
 from segm.model.hub import is_shared_folder, load_shared
-from segm.model.policy import load_policy_checkpoint
 from segm.model.reduction import build_reducer
 from segm.model.segmenter import Segmenter
 from segm.model.spec import ModelSpec, build_net_kwargs, check_net_kwargs
@@ -53,11 +52,7 @@ def create_segmenter(cfg: dict, *, policy_ckpt_required: bool = True) -> Segment
 
 def _with_reduction(encoder, decoder, n_cls: int, spec: ModelSpec) -> Segmenter:
     """A Segmenter on `encoder` and `decoder` with the token reduction of `spec`."""
-    reducer = build_reducer(spec.reduction, spec.grid, spec.patch_size, spec.complete)
-    model = Segmenter(encoder, decoder, n_cls, reducer)
-    if spec.policy_method == "policy_net" and spec.policynet_ckpt and Path(spec.policynet_ckpt).is_file():
-        load_policy_checkpoint(model.policy_net, spec.policynet_ckpt)
-    return model
+    return Segmenter(encoder, decoder, n_cls, build_reducer(spec.reduction, spec.grid, spec.patch_size, spec.complete))
 
 
 def reshare(model: Segmenter, net_kwargs: dict, policy_method: str, *, num_shared: int | None = None,

@@ -11,38 +11,20 @@ This module imports no model code (no timm), so command-line tools can validate 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from segm.config import load_config, pair
+from segm.model.reduction.policy_rules import (  # noqa: F401 (re-exported: the model's rules, one import)
+    DEFAULT_TOKEN_REDUCTION, POLICY_PATCH_SIZE, POLICY_RECORD, REFERENCE_NUM_SHARED, check_policy_backbone,
+    check_policy_checkpoint, check_policy_options, read_policy_record, recorded_policy_backbone,
+    reference_num_shared, resolve_policy_backbone, uses_policy_net,
+)
 from segm.model.reduction.rules import (  # noqa: F401 (re-exported: the model's rules, one import)
     CTS, DEFAULT_POLICY_BACKBONE, NO_SHARING, NONE, POLICY_METHODS, ModelConfigError, Reduction, ReductionError,
     TokenBudgetError, check_crop, check_policy_method, check_window, policy_reduction, reducer_entry,
+    registered_reduction,
     resolve_token_budget,
 )
-# The policy network scores 2×2 groups of 16-px patches (its output stride is 32).
-POLICY_PATCH_SIZE = 16
-POLICY_RECORD = "config.json"
-
-
-# The reference's token budgets S at its crops (U = N − 4S): 612/103 on ADE20K at 512, 540/90
-# on Pascal-Context at 480, 960/336 on Cityscapes at 768. Elsewhere S = round(ρ·N/3) with the
-# reference's reduction ρ: 30 %, and Cityscapes' 44 % (3·336/2304).
-REFERENCE_NUM_SHARED = {("ade20k", 512): 103, ("pascal_context", 480): 90, ("cityscapes", 768): 336}
-REFERENCE_REDUCTION = {"cityscapes": 0.4375}
-DEFAULT_TOKEN_REDUCTION = 0.3
-
-
-def reference_num_shared(crop: int, dataset: str = "ade20k", patch_size: int = POLICY_PATCH_SIZE) -> int:
-    """The reference's token budget S for a square crop of a dataset (ADE20K's recipe when no
-    dataset is named)."""
-    if (dataset, crop) in REFERENCE_NUM_SHARED:
-        return REFERENCE_NUM_SHARED[(dataset, crop)]
-    n = (crop // patch_size) ** 2
-    return round(REFERENCE_REDUCTION.get(dataset, DEFAULT_TOKEN_REDUCTION) * n / 3)
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """A validated model description: what `create_segmenter` builds from, made once by
@@ -73,58 +55,6 @@ class ModelSpec:
     @property
     def shares_tokens(self) -> bool:
         return self.reduction.reduces
-
-
-# --------------------------------------------------------------------------- policy record
-def read_policy_record(ckpt) -> dict | None:
-    """The `config.json` that `policynet.train` writes beside its model.pth, or None when there
-    is none (reference checkpoints). A record that exists but cannot be read is an error: a
-    silent fallback would run the policy as a backbone it was not trained as."""
-    record = Path(ckpt).with_name(POLICY_RECORD)
-    if not record.is_file():
-        return None
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ModelConfigError(
-            f"cannot read {record} (the record of the policy checkpoint {ckpt}): {e}. Restore it from the "
-            "policy's run folder, or delete it and pass --policy-backbone explicitly"
-        ) from None
-    if not isinstance(data, dict) or not isinstance(data.get("backbone", ""), str):
-        raise ModelConfigError(f"{record} is not a policy-run record (expected a JSON object with a 'backbone' name)")
-    return data
-
-
-def recorded_policy_backbone(ckpt) -> str | None:
-    """The backbone a policy checkpoint was trained with, as recorded beside it (None: no record)."""
-    record = read_policy_record(ckpt)
-    return record.get("backbone") if record else None
-
-
-def check_policy_backbone(ckpt, backbone: str) -> None:
-    """efficientnet_lite0 and tf_efficientnet_lite0 share every state-dict key but pad
-    differently: a checkpoint loaded into the other one loads cleanly and scores superpatches
-    almost at random. The recorded backbone must therefore match the one built."""
-    trained = recorded_policy_backbone(ckpt)
-    if trained is not None and trained != backbone:
-        raise ModelConfigError(
-            f"policy-network checkpoint {ckpt} was trained with backbone {trained!r} "
-            f"({Path(ckpt).with_name(POLICY_RECORD)}), but the policy network here is {backbone!r}: "
-            f"drop --policy-backbone or pass --policy-backbone {trained} (net_kwargs `policy_backbone`)"
-        )
-
-
-def check_policy_checkpoint(ckpt) -> None:
-    if not ckpt:
-        raise ModelConfigError(
-            "--policy-method policy_net needs --policynet-ckpt PATH/model.pth (train one with "
-            "`python -m policynet.train`), or use --policy-method no_sharing"
-        )
-    if not Path(ckpt).is_file():
-        raise ModelConfigError(
-            f"policy-network checkpoint not found: {ckpt} (--policynet-ckpt). Train one with "
-            "`python -m policynet.train --dataset DATASET --exp_name NAME` and pass its model.pth"
-        )
 
 
 # --------------------------------------------------------------------------- model description
@@ -159,10 +89,7 @@ def build_net_kwargs(
     if decoder not in cfg["decoder"]:
         raise ModelConfigError(f"unknown decoder {decoder!r}; choose one of: {', '.join(cfg['decoder'])}")
     check_policy_method(policy_method)
-    if policy_method != "policy_net" and (policynet_ckpt or policy_backbone):
-        raise ModelConfigError(
-            f"--policynet-ckpt and --policy-backbone are only used with --policy-method policy_net, not {policy_method}"
-        )
+    check_policy_options(policy_method, policynet_ckpt, policy_backbone)
     net = dict(cfg["model"][backbone])
     net["image_size"] = pair(crop_size)
     net["backbone"] = backbone
@@ -182,7 +109,7 @@ def build_net_kwargs(
     if token_reduction is not None:
         net["token_reduction"] = token_reduction
     net["policynet_ckpt"] = policynet_ckpt
-    if policy_method == "policy_net":
+    if uses_policy_net(policy_method):
         net["policy_backbone"] = policy_backbone
     return check_net_kwargs(net, policy_ckpt_required=policy_ckpt_required).net_kwargs
 
@@ -222,19 +149,8 @@ def check_net_kwargs(net: dict, *, policy_ckpt_required: bool = True) -> ModelSp
     u, s = complete.get("policy_schedule") or (None, None)
     u, s = resolve_token_budget(grid, method, s, u, complete.get("token_reduction"))
     reduction = _reduction(complete, method, s, grid)
-    backbone, ckpt = None, complete.get("policynet_ckpt")
-    if method == "policy_net":
-        if p != POLICY_PATCH_SIZE:
-            raise TokenBudgetError(
-                f"the policy network scores 32-px superpatches, which needs patch size {POLICY_PATCH_SIZE} "
-                f"(got {p}); use --policy-method content, random or oracle, or a /16 backbone"
-            )
-        if policy_ckpt_required:
-            check_policy_checkpoint(ckpt)
-        recorded = recorded_policy_backbone(ckpt) if ckpt and Path(ckpt).is_file() else None
-        backbone = complete.get("policy_backbone") or recorded
-        if recorded is not None:
-            check_policy_backbone(ckpt, backbone)
+    ckpt = complete.get("policynet_ckpt")
+    backbone = resolve_policy_backbone(method, p, complete, policy_ckpt_required=policy_ckpt_required)
     recorded_net = _recorded(net, (u, s), backbone)
     return ModelSpec(crop, p, reduction, u, backbone, ckpt, recorded_net, _recorded(complete, (u, s), backbone))
 
@@ -247,15 +163,13 @@ def _reduction(net: dict, method: str, num_shared: int, grid: tuple[int, int]) -
         return policy_reduction(method, num_shared)
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise ReductionError(f"net_kwargs `reducer` must be a mapping with a `name`, got {entry!r}")
-    options = {k: v for k, v in entry.items() if k != "name"}
     name = entry["name"]
     if name == CTS:
         raise ReductionError("CTS is described by `policy_method` and `policy_schedule`, not a `reducer` entry")
     if method != NO_SHARING:
         raise ReductionError(f"reducer {name!r} does not combine with token sharing (policy {method!r}); "
                              "use --policy-method no_sharing")
-    options = reducer_entry(name).check(options, grid)
-    return Reduction(name, options=tuple(sorted(options.items())))
+    return registered_reduction(entry, grid)
 
 
 def _recorded(net: dict, budget: tuple[int, int], backbone: str | None) -> dict:

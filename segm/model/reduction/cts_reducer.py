@@ -4,6 +4,7 @@ the U + S mixed-scale tokens, and the decoder's class scores are unshared to the
 `segm.model.reduction.scorers`."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from segm.model.reduction import cts
 from segm.model.reduction.base import Reducer, TokenMap, grid_pos_embed, grid_to_tokens
 from segm.model.reduction.rules import CTS, DEFAULT_POLICY_BACKBONE, Reduction, check_window
-from segm.model.reduction.scorers import Scorer, build_scorer
+from segm.model.policy import load_policy_checkpoint
+from segm.model.reduction.scorers import PolicyNetScorer, Scorer, build_scorer
 
 
 class CtsRecord(NamedTuple):
@@ -41,6 +43,9 @@ class CtsReducer(Reducer):
         scorer = build_scorer(reduction.scorer, n2, patch_size,
                               policy_backbone=net.get("policy_backbone") or DEFAULT_POLICY_BACKBONE,
                               random_seed=int(net.get("random_seed", 0)), oracle_dataset=net.get("oracle_dataset"))
+        ckpt = net.get("policynet_ckpt")
+        if isinstance(scorer, PolicyNetScorer) and ckpt and Path(ckpt).is_file():
+            load_policy_checkpoint(scorer.policy_net, ckpt)
         return cls(grid, patch_size, reduction.scorer, scorer, reduction.num_shared)
 
     @property
@@ -77,6 +82,21 @@ class CtsReducer(Reducer):
         n = self.grid[0] * self.grid[1]
         return {"policy": self.scorer_name, "num_shared": self.num_shared, "num_notshared": n - 4 * self.num_shared}
 
+    def policy_record(self) -> dict:
+        s = self.settings()
+        return {"method": s["policy"], "num_shared": s["num_shared"], "num_notshared": s["num_notshared"]}
+
+    def generators(self) -> dict:
+        return getattr(self.scorer, "generators", {})
+
+    def reset(self, seed: int | None = None) -> None:
+        if hasattr(self.scorer, "reset"):
+            self.scorer.reset(seed)
+
+    def label_dataset(self, name: str) -> None:
+        if getattr(self.scorer, "dataset", "") is None:  # the oracle's label rules, unless the run named them
+            self.scorer.dataset = name
+
     def tag(self) -> str:
         return f"{self.scorer_name}_s{self.num_shared}"
 
@@ -87,3 +107,22 @@ class CtsReducer(Reducer):
     def export_outputs(self, tmap: TokenMap) -> dict[str, torch.Tensor]:
         """The graph outputs beside the logits: the shared superpatches and their scores."""
         return {"shared_idx": tmap.record.layout.shared_idx, "scores": tmap.record.scores}
+
+    def export_given(self, batch_size):
+        """The random scorer's scores, drawn once at export as eager's first CPU call after
+        `reset()` draws them; the other scorers score in the graph."""
+        from segm.model.reduction.scorers import RandomScorer
+
+        if not isinstance(self.scorer, RandomScorer):
+            return None
+        if batch_size is None:
+            raise ValueError(f"the {self.scorer_name} policy's scores are drawn once at export for a fixed batch")
+        return self.scorer.first_draw(batch_size)
+
+    def given_from_outputs(self, outputs):
+        return outputs["scores"]
+
+    def describe(self) -> dict:
+        """`Reducer.describe`, with the random scorer's seed (its selections depend on it)."""
+        seed = getattr(self.scorer, "seed", None)
+        return {**super().describe(), **({"random_seed": seed} if seed is not None else {})}

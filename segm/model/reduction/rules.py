@@ -66,6 +66,16 @@ def policy_reduction(policy_method: str, num_shared: int) -> Reduction:
     return Reduction(CTS, policy_method, int(num_shared))
 
 
+def policy_settings(policy_method: str, *, seed: int, dataset: str) -> dict:
+    """The `net_kwargs` keys a training run records for its policy: the random policy's seed,
+    the oracle's dataset (its label rules)."""
+    if policy_method == "random":
+        return {"random_seed": seed}
+    if policy_method == "oracle":
+        return {"oracle_dataset": dataset}
+    return {}
+
+
 def check_policy_method(policy_method: str) -> None:
     if policy_method not in POLICY_METHODS:
         raise ReductionError(f"unknown policy method {policy_method!r}; choose one of: {', '.join(POLICY_METHODS)}")
@@ -171,6 +181,30 @@ _REDUCERS: dict[str, ReducerEntry] = {
     NONE: ReducerEntry(_build_none, _no_options, fixed_input=False),
     CTS: ReducerEntry(_build_cts, _no_options),
 }
+
+
+def parse_reducer(text: str) -> dict:
+    """`NAME[:KEY=VALUE,...]` (the `--reducer` option) → the `reducer` entry {name, settings};
+    values are read as YAML scalars (`2` an int, `0.3` a float, `true` a bool)."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    entry: dict = {"name": name.strip()}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ReductionError(f"--reducer {text!r}: settings are KEY=VALUE pairs separated by commas, got {item!r}")
+        entry[key.strip()] = yaml.safe_load(value)
+    reducer_entry(entry["name"])
+    return entry
+
+
+def registered_reduction(entry: dict, grid: tuple[int, int]) -> Reduction:
+    """The `Reduction` a `reducer` entry ({name, settings}) describes, its settings checked and
+    normalised by the reducer's own `check` for this token grid."""
+    options = {k: v for k, v in entry.items() if k != "name"}
+    options = reducer_entry(entry["name"]).check(options, grid)
+    return Reduction(entry["name"], options=tuple(sorted(options.items())))
 
 
 def register_reducer(name: str, build: Callable, *, check: Callable | None = None, fixed_input: bool = True) -> None:
