@@ -85,6 +85,47 @@ def test_helpers_without_process_group():
     assert du.all_reduce_sum(t) is t and torch.equal(t, torch.ones(3))
 
 
+@pytest.fixture
+def fake_two_gpus(monkeypatch):
+    """CUDA seen as two GPUs, two processes launched: the calls init_distributed makes, recorded."""
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
+    monkeypatch.setattr(du.dist, "init_process_group", lambda **kw: calls.setdefault("group", kw))
+    monkeypatch.setattr(du, "barrier", lambda: None)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(k, v)
+    yield calls
+    du.cleanup()  # the print silencer
+
+
+def test_init_distributed_follows_the_device_choice(fake_two_gpus):
+    """One set-up for every command: the `--device` choice picks the device and the backend."""
+    info = du.init_distributed()
+    assert info.device == torch.device("cuda", 1) and info.distributed
+    assert fake_two_gpus["set_device"] == info.device and fake_two_gpus["group"]["backend"] == "nccl"
+
+
+def test_init_distributed_on_the_cpu_beside_gpus(fake_two_gpus):
+    info = du.init_distributed(device="cpu")
+    assert info.device == torch.device("cpu") and (info.rank, info.world_size, info.distributed) == (0, 2, True)
+    assert "set_device" not in fake_two_gpus
+    assert fake_two_gpus["group"]["backend"] == "gloo" and fake_two_gpus["group"]["device_id"] is None
+
+
+def test_init_distributed_refuses_more_processes_than_gpus(fake_two_gpus, monkeypatch):
+    from segm.utils.device import DeviceError
+
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match="local rank 2 but only 2 visible GPU"):
+        du.init_distributed()
+    with pytest.raises(DeviceError, match="unknown device"):
+        du.init_distributed(device="tpu")
+    assert "group" not in fake_two_gpus
+
+
 def test_print_silencer(capsys):
     original = builtins.print
     try:

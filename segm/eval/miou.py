@@ -28,7 +28,7 @@ from segm.metrics import per_class_table
 from segm.policy_choice import PolicyChoice, apply_policy_choice, policy_choice, policy_options
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.cli import CONTEXT_SETTINGS
-from segm.utils.device import DEVICE_HELP, resolve_device
+from segm.utils.device import DEVICE_HELP
 from segm.utils.distributed import barrier, cleanup, init_distributed, is_main_process
 from segm.utils.writable import NotWritableError, check_writable, write_error_message
 
@@ -142,8 +142,8 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
     if window_batch_size < 1:
         raise ValueError(f"--window-batch-size must be >= 1, got {window_batch_size}")
     model_path = Path(model_path)
-    dist_info = init_distributed()
-    device = dist_info.device if device is None else resolve_device(device, local_rank=dist_info.local_rank)
+    dist_info = init_distributed(device=device)  # `device` None: cuda:local_rank when available, else the CPU
+    device = dist_info.device
 
     model, variant = load_model(model_path)
     model, variant = apply_policy_choice(model, variant, policy)

@@ -20,6 +20,8 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+from segm.utils.device import resolve_device
+
 __all__ = [
     "DistEnv",
     "DistInfo",
@@ -197,24 +199,16 @@ def silence_print(is_main: bool) -> None:
     builtins.print = print
 
 
-def init_distributed(timeout_min: float = 30.0) -> DistInfo:
+def init_distributed(timeout_min: float = 30.0, device: str | None = "auto") -> DistInfo:
     """Initialise the process group if the launcher started several processes.
 
-    The device is `cuda:{local_rank}` when CUDA is available (backend `nccl`), else the
-    CPU (backend `gloo`). Calling it again after initialisation returns the same info.
+    `device` is a `--device` choice (`segm.utils.device.resolve_device`): by default
+    `cuda:{local_rank}` when CUDA is available, else the CPU. The backend follows it: `nccl`
+    on CUDA, `gloo` on the CPU. Calling it again after initialisation returns the same info.
     """
     env = dist_env_from_environ()
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        if env.local_rank >= torch.cuda.device_count():
-            raise ValueError(
-                f"local rank {env.local_rank} but only {torch.cuda.device_count()} visible GPU(s): "
-                "launch one process per GPU"
-            )
-        device = torch.device("cuda", env.local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    device = _process_device(device, env.local_rank)
+    use_cuda = device.type == "cuda"
     distributed = env.world_size > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group(
@@ -228,6 +222,19 @@ def init_distributed(timeout_min: float = 30.0) -> DistInfo:
         barrier()
         silence_print(env.rank == 0)
     return DistInfo(env.rank, env.world_size, env.local_rank, device, distributed)
+
+
+def _process_device(name: str | None, local_rank: int) -> torch.device:
+    """This process's device, made the current CUDA device when it is one."""
+    device = resolve_device(name, local_rank=local_rank)
+    if device.type == "cuda":
+        if device.index >= torch.cuda.device_count():  # `auto` with more processes than GPUs
+            raise ValueError(
+                f"local rank {local_rank} but only {torch.cuda.device_count()} visible GPU(s): "
+                "launch one process per GPU"
+            )
+        torch.cuda.set_device(device)
+    return device
 
 
 def get_rank() -> int:
