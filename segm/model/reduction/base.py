@@ -131,6 +131,22 @@ class Reducer:
     def settings(self) -> dict:
         return {}
 
+    def policy_record(self) -> dict:
+        """The reference's record of token sharing: policy `method`, S and U (no sharing here)."""
+        n = self.grid[0] * self.grid[1]
+        return {"method": "no_sharing", "num_shared": 0, "num_notshared": n}
+
+    def generators(self) -> dict:
+        """The random generators (per device) the method draws from; saved with training
+        checkpoints so a resumed run draws the same."""
+        return {}
+
+    def reset(self, seed: int | None = None) -> None:
+        """Restart the method's random draws (from `seed` when given)."""
+
+    def label_dataset(self, name: str) -> None:
+        """Told the dataset's name before a reducer that reads labels (`needs_labels`) runs."""
+
     def tag(self) -> str:
         """A short name for file names (e.g. `content_s103`)."""
         return self.name
@@ -140,3 +156,21 @@ class Reducer:
         d = self.describe()
         n = self.grid[0] * self.grid[1]
         return f"reducer {self.name}: {d['tokens'] if d['tokens'] is not None else 'dynamic'} of {n} tokens"
+
+    # ---------------------------------------------------------------- export (segm.export)
+    def export_given(self, batch_size: int | None) -> torch.Tensor | None:
+        """What an exported graph holds as `embed`'s `given` for batches of `batch_size`, or None
+        (default): the graph computes its selection from the image. A method that must fix it at
+        export (CTS's random scores) needs a fixed batch: for `batch_size` None (any batch) it
+        raises ValueError saying why."""
+        return None
+
+    def export_outputs(self, tmap: TokenMap) -> dict[str, torch.Tensor]:
+        """The graph outputs beside the logits that record a batch's reduction, in order, each
+        (B, ...). Default none: a deployment then knows the token map only when T = N."""
+        return {}
+
+    def given_from_outputs(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The `given` under which eager makes the selection that `export_outputs` recorded (CTS:
+        the graph's scores), for the export's parity check; None (default): the image alone."""
+        return None
