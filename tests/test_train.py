@@ -4,6 +4,7 @@ Tiny runs on the synthetic fixture (crop 64, one encoder layer), in process thro
 CliRunner (`tests/helpers/train.py`)."""
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -387,6 +388,20 @@ def test_rng_state_round_trip():
     determinism.set_rng_state(state, torch.device("cpu"))
     again = random.random(), np.random.rand(), torch.rand(2)
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
+
+
+def test_set_numerics_sets_every_deterministic_flag(monkeypatch):
+    """One function sets the flags of --deterministic, cuBLAS's workspace among them."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        determinism.set_numerics(False, torch.device("cpu"))
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        determinism.set_numerics(True, torch.device("cpu"))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def test_restore_log_keeps_covered_epochs_and_the_pending_record(tmp_path):

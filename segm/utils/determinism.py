@@ -9,10 +9,13 @@ one:
   (`SeededDataset`), so it does not depend on the worker, the rank or the world size;
 - every process's RNG state (python, numpy, torch, CUDA, a random policy's generators) is
   saved in the checkpoint and restored on resume (`gather_rng_states`, `set_rng_state`).
+
+`set_numerics` sets every flag `--deterministic` stands for, and the TF32 matmuls of CUDA runs.
 """
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import numpy as np
@@ -26,6 +29,7 @@ __all__ = [
     "gather_rng_states",
     "get_rng_state",
     "seed_everything",
+    "set_numerics",
     "set_rng_state",
 ]
 
@@ -103,6 +107,26 @@ class ResumableSampler(Sampler):
 
     def __len__(self) -> int:
         return self.per_rank - self.start
+
+
+# ----------------------------------------------------------------------------- numerics
+def set_numerics(deterministic: bool, device: torch.device) -> None:
+    """The numerics flags of a training process on `device`, set once it has its device and
+    before its first matrix product (cuBLAS reads its workspace setting when it starts).
+
+    Deterministic: deterministic algorithms (CUDA lacks deterministic kernels for a few ops,
+    e.g. the bilinear upsampling backward: those warn; CPU runs are bit-exact), cuBLAS's fixed
+    workspace and no cuDNN autotuning. On CUDA, TF32 matmuls, as the reference had them
+    (PyTorch < 1.12 enabled them by default).
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = bool(deterministic)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 # ----------------------------------------------------------------------------- RNG state
