@@ -14,7 +14,7 @@ from pathlib import Path
 
 from segm.config import dump_yaml, load_yaml
 from segm.model.decoder import create_decoder
-from segm.model.hub import is_shared_folder, load_shared
+from segm.model.hub import CONFIG, WEIGHTS, is_shared_folder, read_shared
 from segm.model.reduction import build_reducer
 from segm.model.segmenter import Segmenter
 from segm.model.spec import ModelSpec, build_net_kwargs, check_net_kwargs
@@ -94,7 +94,8 @@ def load_model(path, map_location="cpu") -> tuple[Segmenter, dict]:
     Returns (model in eval mode, variant)."""
     path = Path(path)
     if is_shared_folder(path):
-        model, variant = load_shared(path)
+        variant, state = read_shared(path)
+        model = _built_with(variant, state, f"{path / WEIGHTS} does not fit its {CONFIG}")
         return model.to(map_location), variant
     if path.is_dir():
         path = path / "checkpoint.pth"
@@ -115,14 +116,18 @@ def load_model(path, map_location="cpu") -> tuple[Segmenter, dict]:
         )
     if "net_kwargs" not in variant:
         raise ValueError(f"the variant of {path} has no net_kwargs")
+    return _built_with(variant, ckpt["model"], f"checkpoint {path} does not fit the model its variant describes"), variant
+
+
+def _built_with(variant: dict, state, misfit: str) -> Segmenter:
+    """The model `variant` describes with the weights `state`, in eval mode; a state that does
+    not fit is refused with `misfit` and the first mismatch."""
     model = create_segmenter(variant["net_kwargs"], policy_ckpt_required=False)
-    state = ckpt["model"]
     problem = state_dict_mismatch(model, state) if isinstance(state, dict) else "'model' is not a state dict"
     if problem:
-        raise ValueError(f"checkpoint {path} does not fit the model its variant describes: {problem}")
+        raise ValueError(f"{misfit}: {problem}")
     model.load_state_dict(state, strict=True)
-    model.eval()
-    return model, variant
+    return model.eval()
 
 
 def write_variant(variant: dict, log_dir) -> None:

@@ -67,13 +67,11 @@ def share_model(model, variant: dict, out_dir, *, overwrite: bool = False) -> Pa
     return out
 
 
-def load_shared(folder):
-    """(model in eval mode, variant) from a shared folder; reads JSON and safetensors only."""
+def read_shared(folder) -> tuple[dict, dict]:
+    """(variant, state dict) of a shared folder; reads JSON and safetensors only. The model is
+    built from them by `segm.model.factory.load_model`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from segm.model.factory import create_segmenter
-    from segm.utils.checkpoint import state_dict_mismatch
 
     folder = Path(folder)
     if not (folder / WEIGHTS).is_file():
@@ -89,12 +87,7 @@ def load_shared(folder):
         raise ValueError(f"{folder / CONFIG} is not a shared segm-cts model (format {FORMAT})")
     variant = _restore_tuples(config["variant"])
     variant["classes"] = {"names": config.get("class_names"), "palette": config.get("palette")}
-    model = create_segmenter(variant["net_kwargs"], policy_ckpt_required=False)
-    problem = state_dict_mismatch(model, state)
-    if problem:
-        raise ValueError(f"{folder / WEIGHTS} does not fit its {CONFIG}: {problem}")
-    model.load_state_dict(state, strict=True)
-    return model.eval(), variant
+    return variant, state
 
 
 def _restore_tuples(variant: dict) -> dict:

@@ -13,7 +13,8 @@ import timm
 import torch
 from torch import nn
 
-from segm.model.spec import DEFAULT_POLICY_BACKBONE, check_policy_backbone, check_policy_checkpoint
+from segm.model.reduction.policy_rules import check_policy_backbone, check_policy_checkpoint
+from segm.model.reduction.rules import DEFAULT_POLICY_BACKBONE
 from segm.utils.checkpoint import safe_torch_load
 
 

@@ -10,4 +10,12 @@ from segm.model.reduction.rules import (  # noqa: F401
 
 def build_reducer(reduction, grid: tuple[int, int], patch_size: int, net: dict | None = None):
     """The `Reducer` a validated `Reduction` describes, for a model of this grid."""
-    return reducer_entry(reduction.method).build(reduction, tuple(grid), patch_size, net or {})
+    build = reducer_entry(reduction.method).build
+    if isinstance(build, str):  # "module:Class.method"
+        import importlib
+
+        module, _, attr = build.partition(":")
+        build = importlib.import_module(module)
+        for part in attr.split("."):
+            build = getattr(build, part)
+    return build(reduction, tuple(grid), patch_size, net or {})

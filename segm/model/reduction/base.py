@@ -91,6 +91,11 @@ class Reducer:
         self.grid = tuple(grid)
         self.patch_size = patch_size
 
+    @classmethod
+    def from_description(cls, reduction, grid: tuple[int, int], patch_size: int, net: dict) -> Reducer:
+        """The reducer a validated `Reduction` (and the model description `net`) describes."""
+        return cls(grid, patch_size)
+
     def modules(self) -> dict[str, nn.Module]:
         """Frozen modules the method owns (e.g. a policy network). The Segmenter registers each
         under its name, so its weights travel in checkpoints, and keeps it in eval mode."""

@@ -149,26 +149,15 @@ def check_crop(reduction: Reduction, crop: tuple[int, int], patch_size: int) -> 
 # --------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class ReducerEntry:
-    """A registered reducer. `build(reduction, grid, patch_size, net)` returns the `Reducer`
-    (it may import torch); `check(options, grid)` validates the `reducer` entry's settings
-    without torch and returns them normalised. `fixed_input`: the reducer's token count is
-    fixed for one token grid, so the model runs only at its crop."""
+    """A registered reducer. `build(reduction, grid, patch_size, net)` returns the `Reducer`;
+    it is a callable, or the `module:attribute` name of one, imported only when a model is
+    built (this module imports no torch). `check(options, grid)` validates the `reducer`
+    entry's settings without torch and returns them normalised. `fixed_input`: the reducer's
+    token count is fixed for one token grid, so the model runs only at its crop."""
 
-    build: Callable
+    build: Callable | str
     check: Callable[[dict, tuple[int, int]], dict]
     fixed_input: bool = True
-
-
-def _build_none(reduction, grid, patch_size, net):
-    from segm.model.reduction.base import Reducer
-
-    return Reducer(grid, patch_size)
-
-
-def _build_cts(reduction, grid, patch_size, net):
-    from segm.model.reduction.cts_reducer import CtsReducer
-
-    return CtsReducer.from_description(reduction, grid, patch_size, net)
 
 
 def _no_options(options: dict, grid) -> dict:
@@ -178,8 +167,8 @@ def _no_options(options: dict, grid) -> dict:
 
 
 _REDUCERS: dict[str, ReducerEntry] = {
-    NONE: ReducerEntry(_build_none, _no_options, fixed_input=False),
-    CTS: ReducerEntry(_build_cts, _no_options),
+    NONE: ReducerEntry("segm.model.reduction.base:Reducer.from_description", _no_options, fixed_input=False),
+    CTS: ReducerEntry("segm.model.reduction.cts_reducer:CtsReducer.from_description", _no_options),
 }
 
 
