@@ -104,10 +104,7 @@ class PolicyDataset(Dataset):
                  crop_size: int | None = None, train: bool = False, hflip: bool = True):
         self.name = canonical_name(name)
         self.split = split
-        try:
-            self.root = dataset_root(self.name, data_root)
-        except RuntimeError as e:  # $DATASET unset: a usage error, reported as such by the CLIs
-            raise ValueError(str(e)) from None
+        self.root = dataset_root(self.name, data_root)  # $DATASET unset: a ValueError (a usage error)
         self.geometry = geometry_for(self.name, crop_size)
         self.files = list_files(self.name, split, self.root)
         self.info = dataset_info(self.name, data_root=self.root, classes_file=classes_file)

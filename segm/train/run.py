@@ -4,7 +4,6 @@ every rank, then dropout and drop path by --seed + rank), so a run is reproducib
 resumed one continues exactly (docs/DESIGN.md, "Determinism and resuming")."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -29,8 +28,6 @@ def train(options) -> dict:
     TrainOptions, or `main`'s parameters as a mapping or a namespace."""
     with user_errors():
         opts = resolve_options(options, dist_env_from_environ().world_size)
-    if opts.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     run = None
     try:
