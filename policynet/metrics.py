@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from segm.data import IGNORE_LABEL
-from segm.model.reduction.cts import TokenBudgetError, resolve_token_budget, select_shared
+from segm.model.reduction.cts import select_shared
+from segm.model.reduction.rules import TokenBudgetError, resolve_token_budget
 from segm.model.spec import reference_num_shared
 from segm.train.loss import segmentation_loss
 

@@ -34,8 +34,7 @@ class CtsReducer(Reducer):
         super().__init__(grid, patch_size)
         self.scorer_name = scorer_name
         self.scorer = scorer
-        self.num_shared = int(num_shared)
-        cts.resolve_token_budget(self.grid, scorer_name, num_shared=self.num_shared)
+        self.num_shared = int(num_shared)  # validated with the model description (spec.check_net_kwargs)
 
     @classmethod
     def from_description(cls, reduction: Reduction, grid, patch_size: int, net: dict) -> CtsReducer:
@@ -60,7 +59,8 @@ class CtsReducer(Reducer):
         return self.scorer.modules()
 
     def embed(self, vit, im, labels=None, given=None):
-        check_window(CTS, self.crop, tuple(im.shape[-2:]))
+        if tuple(im.shape[-2:]) != self.crop:  # the token budget is fixed for the crop's grid
+            check_window(CTS, self.crop, tuple(im.shape[-2:]))
         scores, logits = self.scorer(im, labels) if given is None else (given, None)
         grid = (im.shape[2] // self.patch_size, im.shape[3] // self.patch_size)
         layout = cts.layout_from_scores(scores, self.num_shared, grid)
