@@ -4,7 +4,7 @@
 `policy_labels`, `dataset_info` and `segm.data.io` (read_image, read_label) do not pay for
 importing mmcv/mmseg (about 3 s).
 """
-import importlib
+from segm.utils.lazy import lazy_exports
 
 from .base import (
     DATASET_NAMES,
@@ -18,18 +18,12 @@ from .base import (
 )
 from .policy_labels import PolicyLabelRules, policy_labels, rules_for
 
-_LAZY = {
-    "SegmentationDataset": ".datasets",
-    "build_dataset": ".datasets",
-    "val_collate": ".datasets",
-    "DataError": ".io",
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {
+    "SegmentationDataset": "segm.data.datasets",
+    "build_dataset": "segm.data.datasets",
+    "val_collate": "segm.data.datasets",
+    "DataError": "segm.data.io",
+})
 
 
 __all__ = [

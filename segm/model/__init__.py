@@ -4,6 +4,8 @@ policy network, factory.
 Exports are imported lazily (timm costs seconds), so command-line tools that only need
 `segm.model.spec` or `segm.model.reduction.rules` start fast.
 """
+from segm.utils.lazy import lazy_exports
+
 _EXPORTS = {
     "Segmenter": "segm.model.segmenter",
     "SegmenterOutput": "segm.model.segmenter",
@@ -20,9 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'segm.model' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -31,6 +31,8 @@ Reading order: `cli` (the command) → `options` (`TrainOptions`, resolved once)
 Exports are imported lazily, so the policy trainer can use those modules without loading
 the segmentation trainer.
 """
+from segm.utils.lazy import lazy_exports
+
 _EXPORTS = {
     "ConfigError": "segm.train.options",
     "PRETRAINED_TAGS": "segm.train.model",
@@ -42,9 +44,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'segm.train' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
