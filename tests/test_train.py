@@ -321,6 +321,7 @@ def test_tensorboard_keeps_every_step_across_a_resume(synthetic_root, tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     per_class = [t for t in events.Tags()["scalars"] if t.startswith("val_iou/")]
     assert per_class and all(t.split("/")[1] in SYNTHETIC_CLASSES for t in per_class)  # by class name
+    assert "model/reduction/text_summary" in events.Tags()["tensors"]  # the reduction, beside the curves
 
 
 # ----------------------------------------------------------------------------- loss and determinism

@@ -4,6 +4,8 @@ every rank, then dropout and drop path by --seed + rank), so a run is reproducib
 resumed one continues exactly (docs/DESIGN.md, "Determinism and resuming")."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import torch
@@ -80,6 +82,8 @@ def train_epochs(run: Run, state: TrainState, *, resumed: bool) -> dict:
     net = distribute(state.model, run.dist)
     if run.is_main:
         run.open_writer(state.iteration if resumed else None)
+        # what the run reduces, beside its curves (TensorBoard's text tab)
+        run.writer.add_text("model/reduction", json.dumps(state.model.describe_reduction()), state.iteration)
         print_summary(run, state.model)
     while state.next_epoch < run.data.num_epochs and state.iteration < run.data.total_iters:
         epoch = state.next_epoch
