@@ -3,8 +3,6 @@ FLOPs against the CTS formulas, the interleaving, memory measurement, real-image
 CLI and its errors. One thread, so a loaded machine does not stall OpenMP barriers."""
 import json
 import statistics
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -91,8 +89,12 @@ def test_reuse_memory_option_reaches_the_allocator_and_the_report(monkeypatch):
 
 def test_thread_count_restored():
     before = torch.get_num_threads()
-    bench.run_benchmark(bench.BenchConfig(**{**TINY, "threads": 1, "repeats": 1, "warmup": 0}, memory=False))
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)  # not the benchmark's 1 (the test run itself uses one thread)
+    try:
+        bench.run_benchmark(bench.BenchConfig(**{**TINY, "threads": 1, "repeats": 1, "warmup": 0}, memory=False))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_table_has_one_row_per_variant(result):
@@ -195,13 +197,6 @@ def test_checkpoint_model_keeps_its_budget_and_policy_weights(tmp_path):
     assert all(torch.equal(t, cts_policy[k]) for k, t in model.policy_net.state_dict().items())
     assert variants[0].model.encoder is variants[1].model.encoder  # one shared encoder
 
-
-def test_help_does_not_import_the_dataset_stack():
-    code = ("import sys; from click.testing import CliRunner; from segm.bench.cli import main; "
-            "assert CliRunner().invoke(main, ['--help']).exit_code == 0; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mmseg', 'mmcv')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
 
 
 def test_a_reducer_registered_here_runs_through_the_cli(tmp_path, monkeypatch):

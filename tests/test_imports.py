@@ -1,4 +1,10 @@
-"""Commands that read no dataset start without importing mmseg/mmcv (seconds of start-up)."""
+"""Commands that read no dataset start without importing mmseg/mmcv (seconds of start-up).
+
+One interpreter probes every command: it imports the third-party stack the commands share
+(torch, timm, ...; never mmseg or mmcv, which it checks), then forks one child per command,
+so each command starts from the same modules a fresh `python -m COMMAND --help` would have
+after those imports, and reports its exit status, output and the heavy modules it loaded."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,13 +32,69 @@ COMMANDS = [
     "segm.scripts.prepare_pcontext",
     "segm.scripts.prepare_synthetic",
 ]
+# `segm.bench --help` through click (moved here from test_bench.py: one interpreter for all probes).
+BENCH_PROBE = ("import sys; from click.testing import CliRunner; from segm.bench.cli import main; "
+               "assert CliRunner().invoke(main, ['--help']).exit_code == 0; "
+               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mmseg', 'mmcv')))")
+# The parent: shared imports, then one forked child per probe (stdout/stderr to files).
+RUNNER = r"""
+import importlib, json, os, sys, tempfile, traceback
+HEAVY = {heavy!r}
+for name in ("numpy", "torch", "torchvision", "timm", "click", "click.testing", "yaml", "PIL.Image", "tqdm"):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+assert not [m for m in sys.modules if m.split(".")[0] in HEAVY], "the shared imports load mmseg/mmcv"
+results = {{}}
+for key, code in json.loads(sys.argv[1]).items():
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        status = 0
+        try:
+            exec(compile(code, "<probe>", "exec"), {{"__name__": "__probe__"}})
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(status)
+    _, wait_status = os.waitpid(pid, 0)
+    out.seek(0); err.seek(0)
+    results[key] = {{"returncode": os.waitstatus_to_exitcode(wait_status),
+                    "stdout": out.read().decode(errors="replace"), "stderr": err.read().decode(errors="replace")}}
+sys.stdout.write(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def probes():
+    """{probe: {returncode, stdout, stderr}}, from one interpreter."""
+    codes = {module: PROBE.format(module=module, heavy=HEAVY) for module in COMMANDS}
+    codes["segm.bench"] = BENCH_PROBE
+    res = subprocess.run([sys.executable, "-c", RUNNER.format(heavy=HEAVY), json.dumps(codes)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
 
 
 @pytest.mark.parametrize("module", COMMANDS)
-def test_help_does_not_import_mmseg(module):
-    probe = PROBE.format(module=module, heavy=HEAVY)
-    res = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    assert "Usage:" in res.stdout
-    loaded = res.stdout.splitlines()[-1]
+def test_help_does_not_import_mmseg(probes, module):
+    res = probes[module]
+    assert res["returncode"] == 0, res["stderr"]
+    assert "Usage:" in res["stdout"]
+    loaded = res["stdout"].splitlines()[-1]
     assert loaded == "loaded: []", f"python -m {module} --help imports mmseg/mmcv ({loaded})"
+
+
+def test_bench_help_does_not_import_the_dataset_stack(probes):
+    res = probes["segm.bench"]
+    assert res["returncode"] == 0, res["stderr"]  # was subprocess.run(..., check=True)
+    assert res["stdout"].strip() == "[]"

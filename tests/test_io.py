@@ -4,6 +4,7 @@ errors raised in DataLoader workers reaching every command line as one line nami
 from __future__ import annotations
 
 import shutil
+import traceback
 from pathlib import Path
 
 import cv2
@@ -154,6 +155,9 @@ def test_user_message_unwraps_dataloader_worker_errors(exc):
     assert user_message(caught.value) == str(exc)
     assert user_message(exc) == str(exc)  # the main-process case: unchanged
     assert user_message(DataError()) == "DataError"
+    # The traceback's frames hold the iterator in a reference cycle; cleared, it is freed now and
+    # stops its worker at once (left to the cyclic collector, see conftest.py, the stop can be lost).
+    traceback.clear_frames(caught.tb)
 
 
 def _broken_copy(synthetic_root, tmp_path, folder: str) -> tuple[Path, Path]:
@@ -163,6 +167,15 @@ def _broken_copy(synthetic_root, tmp_path, folder: str) -> tuple[Path, Path]:
     bad = sorted((root / folder).iterdir())[0]
     bad.write_bytes(b"not an image")
     return root, bad
+
+
+def _free_worker_error(result) -> None:
+    """Clears the frames of the error chain a CLI run ended with: the DataLoader iterator they
+    hold is freed now and stops its worker at once (see the worker-error test above)."""
+    exc = result.exc_info[1] if result.exc_info else None
+    while exc is not None:
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def _one_error_line(output: str, fragment: str) -> None:
@@ -182,6 +195,7 @@ def test_eval_worker_error_is_one_line_naming_the_file(synthetic_root, tmp_path)
                                             "--num-workers", "1", "--device", "cpu"])
     assert result.exit_code == 1
     _one_error_line(result.output, f"cannot decode image {bad}: the file is corrupt")
+    _free_worker_error(result)
 
 
 def test_bad_val_label_under_workers_keeps_the_epoch(synthetic_root, tmp_path):
@@ -195,6 +209,7 @@ def test_bad_val_label_under_workers_keeps_the_epoch(synthetic_root, tmp_path):
                                "--epochs", "1", "--num-workers", "1"))
     assert result.exit_code == 1
     _one_error_line(result.output, f"cannot decode label {bad}")
+    _free_worker_error(result)
     ckpt = load_ckpt(log_dir)
     assert ckpt["iteration"] == 3 and ckpt["epoch"] == 0
     assert set(ckpt["train_state"]["log_record"]) == {"train_loss", "train_learning_rate", "epoch", "num_updates"}

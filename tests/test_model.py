@@ -126,11 +126,18 @@ def test_runs_under_bf16_autocast():
 
 
 def test_runs_under_torch_compile():
+    """Inductor, one graph (the random policy's generator breaks it into resumed frames; nothing
+    recompiles). With a cold inductor cache nearly all the time is g++ (~20 s on a 2-core
+    machine: the vector-ISA probes, the precompiled header, one build per kernel); warm, ~2 s.
+    Kernels are built in this process (no pool of compile workers to start), and the vector ISA
+    is taken from the CPU's flags without a dry-run build per ISA: the same kernels."""
+    import torch._inductor.config as inductor_config
+
     model = make(tiny_cfg("random", s=5, decoder="linear")).eval()
     model.encoder.blocks = model.encoder.blocks[:1]
     im = torch.randn(2, 3, 64, 96)
     compiled = torch.compile(model.forward, dynamic=False)
-    with torch.no_grad():
+    with torch.no_grad(), inductor_config.patch({"compile_threads": 1, "cpp.vec_isa_ok": True}):
         model.reducer.reset()
         want = model(im)
         model.reducer.reset()
