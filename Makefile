@@ -16,11 +16,16 @@ $(STAMP): requirements.txt setup.py
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
+# Two pytest-xdist workers, one intra-op thread each (tests/conftest.py); a module runs on one
+# worker (its module fixtures are built once). `make test WORKERS=0`: one process.
+WORKERS ?= 2
+PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadscope
+
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 test-all: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo.py

@@ -36,6 +36,11 @@ COMMANDS = [
 BENCH_PROBE = ("import sys; from click.testing import CliRunner; from segm.bench.cli import main; "
                "assert CliRunner().invoke(main, ['--help']).exit_code == 0; "
                "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mmseg', 'mmcv')))")
+# `gpu.policy_share -h` without a GPU (moved here from test_gpu_check.py).
+POLICY_SHARE_PROBE = ("import os; os.environ['CUDA_VISIBLE_DEVICES'] = ''\n"
+                      "import runpy, sys\nsys.argv = ['policy_share', '-h']\ntry:\n"
+                      "    runpy.run_module('gpu.policy_share', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                      "print(sorted(m for m in ('mmseg', 'mmcv') if m in sys.modules), 'segm.bench.timing' in sys.modules)")
 # The parent: shared imports, then one forked child per probe (stdout/stderr to files).
 RUNNER = r"""
 import importlib, json, os, sys, tempfile, traceback
@@ -79,6 +84,7 @@ def probes():
     """{probe: {returncode, stdout, stderr}}, from one interpreter."""
     codes = {module: PROBE.format(module=module, heavy=HEAVY) for module in COMMANDS}
     codes["segm.bench"] = BENCH_PROBE
+    codes["gpu.policy_share"] = POLICY_SHARE_PROBE
     res = subprocess.run([sys.executable, "-c", RUNNER.format(heavy=HEAVY), json.dumps(codes)], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
@@ -98,3 +104,11 @@ def test_bench_help_does_not_import_the_dataset_stack(probes):
     res = probes["segm.bench"]
     assert res["returncode"] == 0, res["stderr"]  # was subprocess.run(..., check=True)
     assert res["stdout"].strip() == "[]"
+
+
+def test_policy_share_times_with_the_bench_timer(probes):
+    """`gpu.policy_share` times with `segm.bench.timing` (as the benchmark it is divided by), and
+    what it imports loads without mmseg/mmcv, which the bare GPU machine may lack."""
+    res = probes["gpu.policy_share"]
+    assert res["returncode"] == 0, res["stderr"]
+    assert "usage:" in res["stdout"] and res["stdout"].splitlines()[-1] == "[] True", res["stdout"]

@@ -126,9 +126,9 @@ def test_runs_under_bf16_autocast():
 
 
 def test_runs_under_torch_compile():
-    """Inductor, one graph (the random policy's generator breaks it into resumed frames; nothing
-    recompiles). With a cold inductor cache nearly all the time is g++ (~20 s on a 2-core
-    machine: the vector-ISA probes, the precompiled header, one build per kernel); warm, ~2 s.
+    """Inductor compiles three graphs (the random policy's torch.Generator breaks the forward;
+    nothing recompiles). With a cold inductor cache the time is g++ (~15–20 s on a 2-core
+    machine: the vector-ISA probes, the precompiled header, one build per kernel); warm, ~3 s.
     Kernels are built in this process (no pool of compile workers to start), and the vector ISA
     is taken from the CPU's flags without a dry-run build per ISA: the same kernels."""
     import torch._inductor.config as inductor_config
