@@ -172,8 +172,9 @@ def _broken_copy(synthetic_root, tmp_path, folder: str) -> tuple[Path, Path]:
 def _free_worker_error(result) -> None:
     """Clears the frames of the error chain a CLI run ended with: the DataLoader iterator they
     hold is freed now and stops its worker at once (see the worker-error test above)."""
-    exc = result.exc_info[1] if result.exc_info else None
-    while exc is not None:
+    exc, seen = (result.exc_info[1] if result.exc_info else None), set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
         traceback.clear_frames(exc.__traceback__)
         exc = exc.__cause__ or exc.__context__
 
