@@ -1,7 +1,7 @@
 """Generate a small synthetic segmentation dataset that looks like scene parsing.
 
     python -m segm.scripts.prepare_synthetic $DATASET [--num-train 400 --num-val 100
-        --size 256 --seed 0 --workers 2 --overwrite]
+        --size 256 --seed 0 --style plain --workers 2 --overwrite]
 
 writes `$DATASET/synthetic/`:
 
@@ -9,12 +9,24 @@ writes `$DATASET/synthetic/`:
     annotations/{training,validation}/syn_<split>_<i>.png  palette PNG, values 0..9 and 255
     classes.yml                                           names, palette, ignore_index 255,
                                                           reduce_zero_label false, generator args
+                                                          (`style` recorded when not plain)
 
 Scenes are outdoor (sky over grass/road/water, buildings, trees) or indoor (wall over floor,
 windows): large smooth regions with gradients and low-frequency texture, plus small objects
 (balls, boxes, signs, bushes) drawn as ellipses, rotated rectangles and polygons. Each class
 has its own colour and texture. 255 (ignore) appears only as the 1-px outline of about a
 third of the small objects, like the void borders of Pascal VOC.
+
+Two styles draw the same scenes (the same label maps for a seed):
+
+- `plain` (default): each class has its own colour and texture, so colour alone tells the
+  classes apart.
+- `textured`: each connected region takes a colour from one palette shared by all classes
+  (neighbouring regions may share it) and a contrast, both drawn independently of its class;
+  the class shows only in its texture (luminance pattern): smooth shading (sky), stripes by
+  orientation (wall horizontal, floor vertical, road `/`, water `\`), grain by scale (grass fine,
+  tree coarse blobs) and periodic patterns (ball dots, box checker, sign grid lines). A region's
+  mean colour says nothing about its class.
 
 Deterministic: image i of a split depends only on (seed, split, i). The dataset is written to
 a temporary folder and renamed into place; running again with the same arguments does nothing.
@@ -53,6 +65,14 @@ CLASSES = (
     ("sign", (190, 50, 200)),
 )
 SKY, WALL, FLOOR, GRASS, ROAD, WATER, TREE, BALL, BOX, SIGN = range(len(CLASSES))
+STYLES = ("plain", "textured")
+# textured style: the palette all classes share (channels within 70..185, so that the texture's
+# contrast hardly ever clips) and the range of a region's contrast (grey levels per unit pattern)
+SHARED_PALETTE = np.array([
+    (180, 90, 80), (90, 150, 90), (80, 110, 175), (175, 160, 85),
+    (130, 130, 130), (150, 95, 160), (85, 160, 165), (170, 130, 100),
+], np.float32)
+CONTRAST = (16.0, 30.0)
 SPLITS = tuple((FOLDER_SPLITS[split], split) for split in DATASET_SPLITS["synthetic"])  # (folder, name prefix)
 
 
@@ -95,6 +115,111 @@ def _texture(c, rng, h, w, s):
         period = rng.uniform(6, 10) * s
         v = (26 * np.sign(np.sin(2 * np.pi * (xx + yy) / period)) + 4 * noise)[..., None]
     return base + v
+
+
+# ----------------------------------------------------------------------------- textured style
+# Each pattern function returns a float32 (h, w) luminance pattern over the whole canvas;
+# `_pattern` makes it zero-mean, unit-variance. Periods are in pixels at size 256 (scaled by s,
+# at least 3 px), jittered ±15 % per image with a random phase.
+def _period(rng, p, s):
+    return max(3.0, p * s * rng.uniform(0.85, 1.15))
+
+
+def _stripes(rng, yy, xx, s, angle, period=10):
+    """Sine stripes running at `angle` degrees (0: horizontal stripes, 90: vertical)."""
+    a = np.deg2rad(angle + rng.uniform(-4, 4))
+    across = -xx * np.sin(a) + yy * np.cos(a)
+    return np.sin(2 * np.pi * across / _period(rng, period, s) + rng.uniform(0, 2 * np.pi))
+
+
+def _smooth(rng, yy, xx, s):
+    """Sky: broad shading, a few bumps across the image."""
+    h, w = yy.shape
+    return _lowfreq(rng, h, w, 3)
+
+
+def _grain(rng, yy, xx, s, blob=1.0):
+    """Grass (blob 1 px: white grain) and tree (blob ~7 px: coarse mottling)."""
+    h, w = yy.shape
+    if blob <= 1:
+        return rng.standard_normal((h, w)).astype(np.float32)
+    return _lowfreq(rng, h, w, max(h, w) / _period(rng, blob, s))
+
+
+def _dots(rng, yy, xx, s, period=9):
+    """Ball: a square grid of round dots, radius 0.3 period."""
+    p = _period(rng, period, s)
+    dy, dx = (yy + rng.uniform(0, p)) % p - p / 2, (xx + rng.uniform(0, p)) % p - p / 2
+    return (dy * dy + dx * dx < (0.3 * p) ** 2).astype(np.float32)
+
+
+def _checker(rng, yy, xx, s, cell=5):
+    """Box: a checkerboard."""
+    k = _period(rng, cell, s)
+    return ((np.floor((yy + rng.uniform(0, k)) / k) + np.floor((xx + rng.uniform(0, k)) / k)) % 2).astype(np.float32)
+
+
+def _grid(rng, yy, xx, s, period=9):
+    """Sign: thin grid lines (tiles), 2 px wide at size 256."""
+    p, width = _period(rng, period, s), max(1.0, 2 * s)
+    on_y, on_x = (yy + rng.uniform(0, p)) % p < width, (xx + rng.uniform(0, p)) % p < width
+    return (on_y | on_x).astype(np.float32)
+
+
+PATTERNS = {
+    SKY: _smooth,
+    WALL: lambda rng, yy, xx, s: _stripes(rng, yy, xx, s, 0),
+    FLOOR: lambda rng, yy, xx, s: _stripes(rng, yy, xx, s, 90),
+    ROAD: lambda rng, yy, xx, s: _stripes(rng, yy, xx, s, 45),
+    WATER: lambda rng, yy, xx, s: _stripes(rng, yy, xx, s, 135),
+    GRASS: _grain,
+    TREE: lambda rng, yy, xx, s: _grain(rng, yy, xx, s, blob=7),
+    BALL: _dots,
+    BOX: _checker,
+    SIGN: _grid,
+}
+
+
+def _pattern(c, rng, yy, xx, s):
+    v = PATTERNS[c](rng, yy, xx, s).astype(np.float32)
+    return (v - v.mean()) / max(float(v.std()), 1e-6)
+
+
+def _regions(cls_map):
+    """(int32 map of connected regions numbered from 0, number of regions)."""
+    regions, n = np.zeros(cls_map.shape, np.int32), 0
+    for c in np.unique(cls_map):
+        k, comp = cv2.connectedComponents((cls_map == c).astype(np.uint8), connectivity=4)
+        m = comp > 0
+        regions[m] = comp[m] + n - 1
+        n += k - 1
+    return regions, n
+
+
+def _render_textured(rng, cls_map, s):
+    """Float (h, w, 3): region colour (shared palette) + region contrast · class pattern."""
+    h, w = cls_map.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    pattern = np.zeros((h, w), np.float32)
+    for c in np.unique(cls_map):
+        m = cls_map == c
+        pattern[m] = _pattern(int(c), rng, yy, xx, s)[m]
+    regions, n = _regions(cls_map)
+    colour = SHARED_PALETTE[rng.integers(len(SHARED_PALETTE), size=n)] + rng.normal(0, 6, (n, 3)).astype(np.float32)
+    contrast = rng.uniform(*CONTRAST, n).astype(np.float32)
+    return colour[regions] + (contrast[regions] * pattern)[..., None]
+
+
+def _render_plain(rng, cls_map, s):
+    h, w = cls_map.shape
+    img = np.zeros((h, w, 3), np.float32)
+    for c in np.unique(cls_map):
+        m = cls_map == c
+        img[m] = _texture(int(c), rng, h, w, s)[m]
+    return img
+
+
+RENDER = {"plain": _render_plain, "textured": _render_textured}
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -178,17 +303,21 @@ def _scene(rng, h, w, s):
     return cls_map, lab
 
 
-def make_sample(seed: int, split_index: int, index: int, size: int):
-    """(RGB uint8 image (H, W, 3), uint8 label (H, W)) of one sample."""
+def check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"--style must be one of {', '.join(STYLES)}, got {style!r}")
+
+
+def make_sample(seed: int, split_index: int, index: int, size: int, style: str = "plain"):
+    """(RGB uint8 image (H, W, 3), uint8 label (H, W)) of one sample; the label map does not
+    depend on the style."""
+    check_style(style)
     rng = np.random.default_rng([seed, split_index, index])
     h = size
     w = int(round(size * float(rng.choice([1.0, 1.0, 1.25, 1.5]))))
     s = size / 256
     cls_map, lab = _scene(rng, h, w, s)
-    img = np.zeros((h, w, 3), np.float32)
-    for c in np.unique(cls_map):
-        m = cls_map == c
-        img[m] = _texture(int(c), rng, h, w, s)[m]
+    img = RENDER[style](rng, cls_map, s)
     img = cv2.GaussianBlur(img, (3, 3), 0.7)
     img += 3 * rng.standard_normal((h, w, 1)).astype(np.float32)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), lab
@@ -210,8 +339,8 @@ def _palette_bytes():
 
 
 def _write_one(args):
-    out_dir, seed, split_index, folder, prefix, index, size = args
-    img, lab = make_sample(seed, split_index, index, size)
+    out_dir, seed, split_index, folder, prefix, index, size, style = args
+    img, lab = make_sample(seed, split_index, index, size, style)
     name = f"syn_{prefix}_{index:05d}"
     Image.fromarray(img).save(out_dir / IMAGE_DIR / folder / f"{name}.jpg", quality=92)
     png = Image.fromarray(lab, mode="L").convert("P")
@@ -220,8 +349,11 @@ def _write_one(args):
     return block_counts(lab)
 
 
-def generator_args(num_train, num_val, size, seed) -> dict:
-    return dict(version=GENERATOR_VERSION, num_train=num_train, num_val=num_val, size=size, seed=seed)
+def generator_args(num_train, num_val, size, seed, style="plain") -> dict:
+    """What classes.yml records; `style` only when not plain, so that a plain dataset's files
+    (and an existing plain dataset's rerun check) stay what they were before styles existed."""
+    args = dict(version=GENERATOR_VERSION, num_train=num_train, num_val=num_val, size=size, seed=seed)
+    return args if style == "plain" else {**args, "style": style}
 
 
 def classes_yaml(args: dict) -> dict:
@@ -245,7 +377,7 @@ def _fmt_args(args: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in args.items() if k != "version")
 
 
-def generate_synthetic(dataset_root, *, num_train=400, num_val=100, size=256, seed=0,
+def generate_synthetic(dataset_root, *, num_train=400, num_val=100, size=256, seed=0, style="plain",
                        overwrite=False, workers=1, log=print) -> dict:
     """Write `<dataset_root>/synthetic` (see the module docstring); returns a summary dict
     with `path`, `created` (False when it already existed with these arguments) and
@@ -254,9 +386,10 @@ def generate_synthetic(dataset_root, *, num_train=400, num_val=100, size=256, se
         raise ValueError("--num-train and --num-val must be at least 1")
     if size < BLOCK or size % 8:
         raise ValueError(f"--size must be a multiple of 8 and at least {BLOCK}, got {size}")
+    check_style(style)
     root = Path(dataset_root)
     target = root / ROOT_DIRS["synthetic"]
-    args = generator_args(num_train, num_val, size, seed)
+    args = generator_args(num_train, num_val, size, seed, style)
     if target.exists():
         found = _existing_args(target)
         if found == args:
@@ -276,7 +409,7 @@ def generate_synthetic(dataset_root, *, num_train=400, num_val=100, size=256, se
             (tmp / IMAGE_DIR / folder).mkdir(parents=True)
             (tmp / LABEL_DIR / folder).mkdir(parents=True)
         jobs = [
-            (tmp, seed, k, folder, prefix, i, size)
+            (tmp, seed, k, folder, prefix, i, size, style)
             for k, (folder, prefix) in enumerate(SPLITS)
             for i in range(num_train if prefix == "train" else num_val)
         ]
@@ -310,14 +443,17 @@ def generate_synthetic(dataset_root, *, num_train=400, num_val=100, size=256, se
 @click.option("--num-val", default=100, show_default=True, type=int, help="Validation images.")
 @click.option("--size", default=256, show_default=True, type=int, help="Image height in pixels.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the generated scenes.")
+@click.option("--style", default="plain", show_default=True,
+              help="plain: each class has its own colour; textured: classes differ only by texture "
+                   "(stripe orientation, grain, dots, checker, grid), colours come from one shared palette.")
 @click.option("--workers", default=min(2, os.cpu_count() or 1), show_default=True, type=int,
               help="Processes generating images.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthetic folder.")
-def main(dataset_root, num_train, num_val, size, seed, workers, overwrite):
+def main(dataset_root, num_train, num_val, size, seed, style, workers, overwrite):
     """Generate DATASET_ROOT/synthetic (DATASET_ROOT defaults to $DATASET)."""
     with cli_errors(ValueError):
         generate_synthetic(dataset_root, num_train=num_train, num_val=num_val, size=size, seed=seed,
-                           overwrite=overwrite, workers=workers)
+                           style=style, overwrite=overwrite, workers=workers)
 
 
 if __name__ == "__main__":
