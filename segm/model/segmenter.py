@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segm.model.reduction.base import Reducer, TokenMap, cells_to_grid, unmerge
+from segm.model.reduction.base import Reducer, TokenMap, attention_residual, cells_to_grid, mlp_residual, unmerge
 
 
 class SegmenterOutput(NamedTuple):
@@ -111,12 +111,17 @@ class Segmenter(nn.Module):
         x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
         x = vit.pos_drop(x)
         x = vit.norm_pre(x)
-        between = self.reducer.acts_after_blocks()
+        reducer = self.reducer
+        between = reducer.acts_after_blocks()
         for i, block in enumerate(vit.blocks):
-            bias = self.reducer.attn_bias(tmap)
-            x = block(x) if bias is None else block(x, attn_mask=bias)
+            bias = reducer.attn_bias(tmap)
+            if reducer.merges_inside(i):  # the block in its two halves, the reducer between them
+                x, tmap = reducer.after_attention(i, attention_residual(block, x, bias), tmap)
+                x = mlp_residual(block, x)
+            else:
+                x = block(x) if bias is None else block(x, attn_mask=bias)
             if between:
-                x, tmap = self.reducer.after_block(i, x, tmap)
+                x, tmap = reducer.after_block(i, x, tmap)
         x = vit.norm(x)
         return x[:, npt:], tmap
 

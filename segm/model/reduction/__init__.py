@@ -4,18 +4,10 @@ check without torch (`rules`: budgets, crops, the reducer registry), and the met
 See docs/DESIGN.md, "Token reduction"."""
 from segm.model.reduction.rules import (  # noqa: F401
     CTS, NONE, ModelConfigError, Reduction, ReductionError, TokenBudgetError, check_window, reducer_entry,
-    reducer_names, register_reducer,
+    reducer_names, register_reducer, resolve,
 )
 
 
 def build_reducer(reduction, grid: tuple[int, int], patch_size: int, net: dict | None = None):
     """The `Reducer` a validated `Reduction` describes, for a model of this grid."""
-    build = reducer_entry(reduction.method).build
-    if isinstance(build, str):  # "module:Class.method"
-        import importlib
-
-        module, _, attr = build.partition(":")
-        build = importlib.import_module(module)
-        for part in attr.split("."):
-            build = getattr(build, part)
-    return build(reduction, tuple(grid), patch_size, net or {})
+    return resolve(reducer_entry(reduction.method).build)(reduction, tuple(grid), patch_size, net or {})

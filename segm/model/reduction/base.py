@@ -63,6 +63,16 @@ def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def attention_residual(block, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The first half of a timm ViT block: x + DropPath(LS(Attn(LN1(x))))."""
+    return x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
+
+
+def mlp_residual(block, x: torch.Tensor) -> torch.Tensor:
+    """The second half of a timm ViT block: x + DropPath(LS(MLP(LN2(x))))."""
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
 def grid_pos_embed(vit, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(prefix part (1, npt, D), grid part (1, N, D)) of the position embedding, the grid part
     resized bilinearly when the input's grid is not the encoder's (plain Segmenter does)."""
@@ -116,6 +126,15 @@ class Reducer:
 
     def acts_after_blocks(self) -> bool:
         return type(self).after_block is not Reducer.after_block
+
+    def merges_inside(self, i: int) -> bool:
+        """Whether `after_attention` acts in block i: that block then runs in two halves."""
+        return False
+
+    def after_attention(self, i: int, x: torch.Tensor, tmap: TokenMap) -> tuple[torch.Tensor, TokenMap]:
+        """Inside block i (when `merges_inside(i)`), after the attention residual and before
+        the MLP: x (B, prefix + T, D) → (possibly fewer tokens, new map)."""
+        return x, tmap
 
     def attn_bias(self, tmap: TokenMap) -> torch.Tensor | None:
         """An additive attention mask for the blocks (e.g. log token sizes), or None."""

@@ -156,7 +156,7 @@ class ReducerEntry:
     token count is fixed for one token grid, so the model runs only at its crop."""
 
     build: Callable | str
-    check: Callable[[dict, tuple[int, int]], dict]
+    check: Callable[[dict, tuple[int, int]], dict] | str
     fixed_input: bool = True
 
 
@@ -169,7 +169,22 @@ def _no_options(options: dict, grid) -> dict:
 _REDUCERS: dict[str, ReducerEntry] = {
     NONE: ReducerEntry("segm.model.reduction.base:Reducer.from_description", _no_options, fixed_input=False),
     CTS: ReducerEntry("segm.model.reduction.cts_reducer:CtsReducer.from_description", _no_options),
+    "algm": ReducerEntry("segm.model.reduction.algm:AlgmReducer.from_description",
+                         "segm.model.reduction.algm_rules:check_algm"),
 }
+
+
+def resolve(ref: Callable | str) -> Callable:
+    """A registry entry's function: itself, or the one a `module:attr.attr` name points to."""
+    if not isinstance(ref, str):
+        return ref
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def parse_reducer(text: str) -> dict:
@@ -192,7 +207,7 @@ def registered_reduction(entry: dict, grid: tuple[int, int]) -> Reduction:
     """The `Reduction` a `reducer` entry ({name, settings}) describes, its settings checked and
     normalised by the reducer's own `check` for this token grid."""
     options = {k: v for k, v in entry.items() if k != "name"}
-    options = reducer_entry(entry["name"]).check(options, grid)
+    options = resolve(reducer_entry(entry["name"]).check)(options, grid)
     return Reduction(entry["name"], options=tuple(sorted(options.items())))
 
 

@@ -1,0 +1,180 @@
+"""ALGM behind the seam: merge similar tokens inside the encoder, a local stage (2×2 windows)
+in one block and a global stage (bipartite) in a later one, both after the block's attention
+residual and before its MLP; the decoder's class scores are unmerged through the composed
+token map (docs/DESIGN.md, "Token reduction"; settings and rules: `algm_rules`).
+
+Written from the published description of the method, not from its code. Every function is
+vectorised over the batch; in `static` mode the merge counts are Python ints, so shapes are
+static and no value leaves the device. `reference` mode takes the minimum count over the
+batch, which reads it on the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from segm.model.reduction.algm_rules import DEFAULT_TAU, PUBLISHED_TAU, static_counts
+from segm.model.reduction.base import Reducer, TokenMap
+
+EPS = 1e-8
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def _sizes(tmap: TokenMap, x: torch.Tensor) -> torch.Tensor:
+    if tmap.sizes is not None:
+        return tmap.sizes.to(x.dtype)
+    return torch.ones(x.shape[0], tmap.num_tokens, dtype=x.dtype, device=x.device)
+
+
+def window_scores(tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (B, W), cells (W, 4)): per even-aligned 2×2 window, row-major over the window
+    grid, the mean of the 6 pairwise cosine similarities of its 4 tokens (raster cells)."""
+    gh, gw = grid
+    w2 = gw // 2
+    win = torch.arange((gh // 2) * w2, device=tokens.device)
+    top_left = 2 * (win // w2) * gw + 2 * (win % w2)
+    k = torch.arange(4, device=tokens.device)
+    cells = top_left.unsqueeze(1) + k % 2 + (k // 2) * gw  # row-major inside the window
+    u = _unit(tokens)[:, cells]  # (B, W, 4, D)
+    sim = u @ u.transpose(-1, -2)  # (B, W, 4, 4)
+    pairs = torch.triu_indices(4, 4, 1, device=tokens.device)
+    return sim[..., pairs[0], pairs[1]].mean(-1), cells
+
+
+def local_merge(x: torch.Tensor, tmap: TokenMap, r1: int, scores: torch.Tensor, cells: torch.Tensor):
+    """Each image merges its r1 best-scored windows into their size-weighted means. Output:
+    [prefix, merged tokens in descending score, the other tokens by ascending index]."""
+    b, npt = x.shape[0], x.shape[1] - tmap.num_tokens
+    n = tmap.num_tokens
+    tokens, sizes = x[:, npt:], _sizes(tmap, x)
+    chosen = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :r1]  # (B, r1)
+    chosen_cells = cells[chosen]  # (B, r1, 4)
+    rows = torch.arange(b, device=x.device).view(b, 1, 1)
+    w = sizes[rows, chosen_cells].unsqueeze(-1)  # (B, r1, 4, 1)
+    merged = (tokens[rows, chosen_cells] * w).sum(2) / w.sum(2)
+    is_rest = torch.ones(b, n, dtype=torch.bool, device=x.device)
+    is_rest[rows.squeeze(-1), chosen_cells.flatten(1)] = False
+    rest = torch.sort(is_rest.logical_not().to(torch.uint8), dim=1, stable=True).indices[:, : n - 4 * r1]
+    new_slot = torch.empty(b, n, dtype=torch.long, device=x.device)
+    new_slot[rows.squeeze(-1), chosen_cells.flatten(1)] = torch.arange(r1, device=x.device).repeat_interleave(4)
+    new_slot.scatter_(1, rest, r1 + torch.arange(n - 4 * r1, device=x.device).expand(b, -1))
+    out = torch.cat([x[:, :npt], merged, torch.gather(tokens, 1, rest.unsqueeze(-1).expand(-1, -1, x.shape[-1]))], 1)
+    new_sizes = torch.cat([w.sum(2).squeeze(-1), torch.gather(sizes, 1, rest)], 1)
+    return out, _composed(tmap, new_slot, out.shape[1] - npt, new_sizes)
+
+
+def _composed(tmap: TokenMap, new_slot: torch.Tensor, num_tokens: int, sizes: torch.Tensor) -> TokenMap:
+    """The map after a merge that moves old token t to `new_slot[:, t]`."""
+    return TokenMap(torch.gather(new_slot, 1, tmap.token_of_cell), tmap.grid, num_tokens, sizes)
+
+
+def best_matches(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bipartite matching over all tokens (prefix included): A = positions 0, 2, 4, ...,
+    B = 1, 3, 5, ...; for each A token its best cosine similarity v and B index j. The class
+    token (A[0]) never merges (v = −inf)."""
+    u = _unit(x)
+    sim = u[:, 0::2] @ u[:, 1::2].transpose(1, 2)
+    sim[:, 0] = float("-inf")
+    return sim.max(dim=-1)
+
+
+def global_merge(x: torch.Tensor, tmap: TokenMap, r2: int, v: torch.Tensor, j: torch.Tensor):
+    """The r2 A tokens with the best matches merge into their B tokens (size-weighted means).
+    Output: [the other A tokens by ascending A index (class token first), all B tokens]."""
+    b, d = x.shape[0], x.shape[-1]
+    npt = x.shape[1] - tmap.num_tokens  # one prefix token (A[0])
+    sizes = torch.cat([torch.ones(b, npt, dtype=x.dtype, device=x.device), _sizes(tmap, x)], 1)
+    xa, xb, sa, sb = x[:, 0::2], x[:, 1::2], sizes[:, 0::2], sizes[:, 1::2]
+    na, nb = xa.shape[1], xb.shape[1]
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices
+    src, keep = order[:, :r2], torch.sort(order[:, r2:], dim=1).values  # sources; A tokens kept, ascending
+    dst = torch.gather(j, 1, src)
+    s_src = torch.gather(sa, 1, src)
+    num = (xb * sb.unsqueeze(-1)).scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, d),
+                                              torch.gather(xa, 1, src.unsqueeze(-1).expand(-1, -1, d)) * s_src.unsqueeze(-1))
+    den = sb.scatter_add(1, dst, s_src)
+    out = torch.cat([torch.gather(xa, 1, keep.unsqueeze(-1).expand(-1, -1, d)), num / den.unsqueeze(-1)], 1)
+    kept = na - r2
+    slot_a = torch.empty(b, na, dtype=torch.long, device=x.device)
+    slot_a.scatter_(1, keep, torch.arange(kept, device=x.device).expand(b, -1))
+    slot_a.scatter_(1, src, kept + dst)
+    slot_b = kept + torch.arange(nb, device=x.device).expand(b, -1)
+    new_pos = torch.stack([slot_a[:, : (na + nb) // 2], slot_b[:, : (na + nb) // 2]], 2).flatten(1)
+    if na > nb:
+        new_pos = torch.cat([new_pos, slot_a[:, -1:]], 1)  # an odd count: the last A token
+    new_slot = new_pos[:, npt:] - npt  # patch tokens: old slot → new slot
+    new_sizes = torch.cat([torch.gather(sa, 1, keep), den], 1)[:, npt:]
+    return out, _composed(tmap, new_slot, out.shape[1] - npt, new_sizes)
+
+
+def reference_threshold(v: torch.Tensor, global_block: int) -> torch.Tensor:
+    """θ = batch mean of (mean of v) + batch mean of (unbiased std of v) / ℓ, over i ≥ 1."""
+    rest = v[:, 1:]
+    return rest.mean(1).mean() + rest.std(1).mean() / global_block
+
+
+class AlgmReducer(Reducer):
+    name = "algm"
+    unmerge_at = "scores"  # the decoder runs on the merged tokens, as published
+
+    def __init__(self, grid, patch_size, *, mode="static", local_block=1, global_block=5, local_ratio=0.25,
+                 global_ratio=0.15, tau=None, prop_attn=False):
+        super().__init__(grid, patch_size)
+        self.mode, self.tau, self.prop_attn = mode, tau, prop_attn
+        self.local_block, self.global_block = local_block, global_block
+        self.local_ratio, self.global_ratio = local_ratio, global_ratio
+        self.fixed_input = mode == "static"
+        self.r1, self.r2 = static_counts(self.grid, local_ratio, global_ratio)
+
+    @classmethod
+    def from_description(cls, reduction, grid, patch_size, net):
+        settings = dict(reduction.options)
+        if settings.get("tau") is None:
+            settings["tau"] = PUBLISHED_TAU.get(net.get("backbone"), DEFAULT_TAU)
+        return cls(grid, patch_size, **settings)
+
+    def merges_inside(self, i: int) -> bool:
+        return i + 1 in (self.local_block, self.global_block)
+
+    def after_attention(self, i, x, tmap):
+        if i + 1 == self.local_block:
+            if not tmap.identity:
+                raise ValueError("algm's local stage needs the tokens of the base grid (no reduction before it)")
+            scores, cells = window_scores(x[:, x.shape[1] - tmap.num_tokens:], tmap.grid)
+            r1 = self.r1 if self.mode == "static" else int((scores >= self.tau).sum(1).min())
+            return local_merge(x, tmap, r1, scores, cells)
+        v, j = best_matches(x)
+        r2 = self.r2 if self.mode == "static" else int((v >= reference_threshold(v, self.global_block)).sum(1).min())
+        return global_merge(x, tmap, r2, v, j)
+
+    def attn_bias(self, tmap):
+        if not self.prop_attn or tmap.sizes is None:
+            return None
+        b = tmap.sizes.shape[0]
+        sizes = torch.cat([torch.ones(b, 1, device=tmap.sizes.device), tmap.sizes.float()], 1)
+        return sizes.log().view(b, 1, 1, -1)  # + log(size) of each key
+
+    def static_tokens(self, grid):
+        if self.mode != "static":
+            return None
+        return grid[0] * grid[1] - 3 * self.r1 - self.r2
+
+    def settings(self) -> dict:
+        out = {"mode": self.mode, "local_block": self.local_block, "global_block": self.global_block,
+               "tau": self.tau, "prop_attn": self.prop_attn}
+        if self.mode == "static":
+            n = self.grid[0] * self.grid[1]
+            out.update(local_ratio=self.local_ratio, global_ratio=self.global_ratio,
+                       stage_tokens=[n, n - 3 * self.r1, n - 3 * self.r1 - self.r2])
+        return out
+
+    def tag(self) -> str:
+        return f"algm_{self.mode}"
+
+    def summary(self) -> str:
+        if self.mode == "static":
+            return f"ALGM static: tokens {' → '.join(map(str, self.settings()['stage_tokens']))} " \
+                   f"(blocks {self.local_block}, {self.global_block})"
+        return f"ALGM reference: batch-minimum counts, τ = {self.tau} (blocks {self.local_block}, {self.global_block})"
