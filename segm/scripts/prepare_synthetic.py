@@ -46,6 +46,7 @@ from PIL import Image
 from segm.config import dump_yaml, load_yaml
 from segm.data.names import DATASET_SPLITS, FOLDER_SPLITS, IMAGE_DIR, LABEL_DIR, ROOT_DIRS
 from segm.scripts._prepare_common import cli_errors
+from segm.scripts.synthetic_textured import lowfreq, render_textured
 from segm.utils.cli import CONTEXT_SETTINGS
 from segm.utils.writable import check_writable
 
@@ -65,47 +66,34 @@ CLASSES = (
     ("sign", (190, 50, 200)),
 )
 SKY, WALL, FLOOR, GRASS, ROAD, WATER, TREE, BALL, BOX, SIGN = range(len(CLASSES))
+CLASS_NAMES = tuple(name for name, _ in CLASSES)
 STYLES = ("plain", "textured")
-# textured style: the palette all classes share (channels within 70..185, so that the texture's
-# contrast hardly ever clips) and the range of a region's contrast (grey levels per unit pattern)
-SHARED_PALETTE = np.array([
-    (180, 90, 80), (90, 150, 90), (80, 110, 175), (175, 160, 85),
-    (130, 130, 130), (150, 95, 160), (85, 160, 165), (170, 130, 100),
-], np.float32)
-CONTRAST = (16.0, 30.0)
 SPLITS = tuple((FOLDER_SPLITS[split], split) for split in DATASET_SPLITS["synthetic"])  # (folder, name prefix)
 
 
 # ----------------------------------------------------------------------------- textures
-def _lowfreq(rng, h, w, cells):
-    """Smooth noise, about unit variance, `cells` bumps across the long side."""
-    gh = max(2, round(cells * h / max(h, w)))
-    gw = max(2, round(cells * w / max(h, w)))
-    return cv2.resize(rng.standard_normal((gh, gw)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
-
-
 def _texture(c, rng, h, w, s):
     """Float (h, w, 3) RGB image of class c over the whole canvas; s = size / 256."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base = np.array(CLASSES[c][1], np.float32) + rng.normal(0, 7, 3).astype(np.float32)
     noise = rng.standard_normal((h, w)).astype(np.float32)
     if c == SKY:  # brighter towards the horizon
-        v = (yy / h)[..., None] * np.array([70, 40, 15], np.float32) + 5 * _lowfreq(rng, h, w, 3)[..., None]
+        v = (yy / h)[..., None] * np.array([70, 40, 15], np.float32) + 5 * lowfreq(rng, h, w, 3)[..., None]
     elif c == WALL:
-        v = (14 * _lowfreq(rng, h, w, 5) + 3 * noise)[..., None]
+        v = (14 * lowfreq(rng, h, w, 5) + 3 * noise)[..., None]
     elif c == FLOOR:  # planks
         period = rng.uniform(7, 12) * s
-        v = (16 * np.sin(2 * np.pi * (yy + 3 * s * _lowfreq(rng, h, w, 6)) / period) + 5 * noise)[..., None]
+        v = (16 * np.sin(2 * np.pi * (yy + 3 * s * lowfreq(rng, h, w, 6)) / period) + 5 * noise)[..., None]
     elif c == GRASS:
         v = (22 * noise)[..., None] * np.array([0.6, 1.0, 0.5], np.float32)
     elif c == ROAD:
-        v = (7 * noise + 6 * _lowfreq(rng, h, w, 8))[..., None]
+        v = (7 * noise + 6 * lowfreq(rng, h, w, 8))[..., None]
     elif c == WATER:
         p, q = rng.uniform(6, 10) * s, rng.uniform(20, 40) * s
         wave = np.sin(2 * np.pi * (yy / p + 0.25 * np.sin(2 * np.pi * xx / q)))
         v = (22 * wave)[..., None] * np.array([0.3, 0.6, 1.0], np.float32)
     elif c == TREE:
-        v = (20 * _lowfreq(rng, h, w, 24) + 10 * noise)[..., None]
+        v = (20 * lowfreq(rng, h, w, 24) + 10 * noise)[..., None]
     elif c == BALL:
         v = (6 * noise)[..., None]
     elif c == BOX:  # checker
@@ -117,99 +105,6 @@ def _texture(c, rng, h, w, s):
     return base + v
 
 
-# ----------------------------------------------------------------------------- textured style
-# Each pattern function returns a float32 (h, w) luminance pattern over the whole canvas;
-# `_pattern` makes it zero-mean, unit-variance. Periods are in pixels at size 256 (scaled by s,
-# at least 3 px), jittered ±15 % per image with a random phase.
-def _period(rng, p, s):
-    return max(3.0, p * s * rng.uniform(0.85, 1.15))
-
-
-def _stripes(rng, yy, xx, s, angle, period=10):
-    """Sine stripes running at `angle` degrees (0: horizontal stripes, 90: vertical)."""
-    a = np.deg2rad(angle + rng.uniform(-4, 4))
-    across = -xx * np.sin(a) + yy * np.cos(a)
-    return np.sin(2 * np.pi * across / _period(rng, period, s) + rng.uniform(0, 2 * np.pi))
-
-
-def _smooth(rng, yy, xx, s):
-    """Sky: broad shading, a few bumps across the image."""
-    h, w = yy.shape
-    return _lowfreq(rng, h, w, 3)
-
-
-def _grain(rng, yy, xx, s, blob=1.0):
-    """Grass (blob 1 px: white grain) and tree (blob ~7 px: coarse mottling)."""
-    h, w = yy.shape
-    if blob <= 1:
-        return rng.standard_normal((h, w)).astype(np.float32)
-    return _lowfreq(rng, h, w, max(h, w) / _period(rng, blob, s))
-
-
-def _dots(rng, yy, xx, s, period=9):
-    """Ball: a square grid of round dots, radius 0.3 period."""
-    p = _period(rng, period, s)
-    dy, dx = (yy + rng.uniform(0, p)) % p - p / 2, (xx + rng.uniform(0, p)) % p - p / 2
-    return (dy * dy + dx * dx < (0.3 * p) ** 2).astype(np.float32)
-
-
-def _checker(rng, yy, xx, s, cell=5):
-    """Box: a checkerboard."""
-    k = _period(rng, cell, s)
-    return ((np.floor((yy + rng.uniform(0, k)) / k) + np.floor((xx + rng.uniform(0, k)) / k)) % 2).astype(np.float32)
-
-
-def _grid(rng, yy, xx, s, period=9):
-    """Sign: thin grid lines (tiles), 2 px wide at size 256."""
-    p, width = _period(rng, period, s), max(1.0, 2 * s)
-    on_y, on_x = (yy + rng.uniform(0, p)) % p < width, (xx + rng.uniform(0, p)) % p < width
-    return (on_y | on_x).astype(np.float32)
-
-
-PATTERNS = {
-    SKY: _smooth,
-    WALL: lambda rng, yy, xx, s: _stripes(rng, yy, xx, s, 0),
-    FLOOR: lambda rng, yy, xx, s: _stripes(rng, yy, xx, s, 90),
-    ROAD: lambda rng, yy, xx, s: _stripes(rng, yy, xx, s, 45),
-    WATER: lambda rng, yy, xx, s: _stripes(rng, yy, xx, s, 135),
-    GRASS: _grain,
-    TREE: lambda rng, yy, xx, s: _grain(rng, yy, xx, s, blob=7),
-    BALL: _dots,
-    BOX: _checker,
-    SIGN: _grid,
-}
-
-
-def _pattern(c, rng, yy, xx, s):
-    v = PATTERNS[c](rng, yy, xx, s).astype(np.float32)
-    return (v - v.mean()) / max(float(v.std()), 1e-6)
-
-
-def _regions(cls_map):
-    """(int32 map of connected regions numbered from 0, number of regions)."""
-    regions, n = np.zeros(cls_map.shape, np.int32), 0
-    for c in np.unique(cls_map):
-        k, comp = cv2.connectedComponents((cls_map == c).astype(np.uint8), connectivity=4)
-        m = comp > 0
-        regions[m] = comp[m] + n - 1
-        n += k - 1
-    return regions, n
-
-
-def _render_textured(rng, cls_map, s):
-    """Float (h, w, 3): region colour (shared palette) + region contrast · class pattern."""
-    h, w = cls_map.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    pattern = np.zeros((h, w), np.float32)
-    for c in np.unique(cls_map):
-        m = cls_map == c
-        pattern[m] = _pattern(int(c), rng, yy, xx, s)[m]
-    regions, n = _regions(cls_map)
-    colour = SHARED_PALETTE[rng.integers(len(SHARED_PALETTE), size=n)] + rng.normal(0, 6, (n, 3)).astype(np.float32)
-    contrast = rng.uniform(*CONTRAST, n).astype(np.float32)
-    return colour[regions] + (contrast[regions] * pattern)[..., None]
-
-
 def _render_plain(rng, cls_map, s):
     h, w = cls_map.shape
     img = np.zeros((h, w, 3), np.float32)
@@ -219,7 +114,7 @@ def _render_plain(rng, cls_map, s):
     return img
 
 
-RENDER = {"plain": _render_plain, "textured": _render_textured}
+RENDER = {"plain": _render_plain, "textured": lambda rng, cls_map, s: render_textured(rng, cls_map, s, CLASS_NAMES)}
 
 
 # ----------------------------------------------------------------------------- shapes
