@@ -149,3 +149,12 @@ def test_gradients_flow_through_the_weighted_means():
     model.train()
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.blocks[0].parameters())
+
+
+def test_a_global_block_past_the_encoder_is_refused_and_file_names_name_the_settings():
+    plain, net = _model(layers=2)
+    with pytest.raises(ReductionError, match="global_block 5 is past the encoder's 2 blocks"):
+        reshare(plain, net, "no_sharing", reducer={"name": "algm"})
+    model, _ = reshare(plain, net, "no_sharing", reducer={"name": "algm", "global_block": 2, "prop_attn": True})
+    assert model.reducer.tag() == "algm_static_global_block2_prop_attnTrue"
+    assert model.reducer.summary() == "ALGM static: tokens 16 → 13 → 11 (blocks 1, 2)"

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from segm.model.reduction.algm_rules import DEFAULT_TAU, PUBLISHED_TAU, static_counts
+from segm.model.reduction.algm_rules import DEFAULT_TAU, DEFAULTS, PUBLISHED_TAU, static_counts
+from segm.model.reduction.rules import ReductionError
 from segm.model.reduction.base import Reducer, TokenMap
 
 EPS = 1e-8
@@ -131,6 +132,10 @@ class AlgmReducer(Reducer):
     @classmethod
     def from_description(cls, reduction, grid, patch_size, net):
         settings = dict(reduction.options)
+        depth = int(net.get("n_layers", 0))
+        if depth and settings.get("global_block", DEFAULTS["global_block"]) > depth:
+            raise ReductionError(f"algm's global_block {settings.get('global_block', DEFAULTS['global_block'])} is "
+                                 f"past the encoder's {depth} blocks: pass global_block=B with B ≤ {depth}")
         if settings.get("tau") is None:
             settings["tau"] = PUBLISHED_TAU.get(net.get("backbone"), DEFAULT_TAU)
         return cls(grid, patch_size, **settings)
@@ -171,7 +176,12 @@ class AlgmReducer(Reducer):
         return out
 
     def tag(self) -> str:
-        return f"algm_{self.mode}"
+        """`algm_<mode>`, then each setting that differs from the default (file names)."""
+        given = {"local_block": self.local_block, "global_block": self.global_block, "prop_attn": self.prop_attn}
+        if self.mode == "static":
+            given.update(local_ratio=self.local_ratio, global_ratio=self.global_ratio)
+        changed = [f"{k}{v}" for k, v in given.items() if v != DEFAULTS[k]]
+        return "_".join([f"algm_{self.mode}", *changed])
 
     def summary(self) -> str:
         if self.mode == "static":
