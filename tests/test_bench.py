@@ -208,7 +208,6 @@ def test_a_reducer_registered_here_runs_through_the_cli(tmp_path, monkeypatch):
     class Strided(Reducer):
         name = "toy"
         unmerge_at = "features"
-        fixed_input = True
 
         def __init__(self, grid, patch_size, stride):
             super().__init__(grid, patch_size)

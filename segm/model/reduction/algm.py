@@ -126,7 +126,6 @@ class AlgmReducer(Reducer):
         self.mode, self.tau, self.prop_attn = mode, tau, prop_attn
         self.local_block, self.global_block = local_block, global_block
         self.local_ratio, self.global_ratio = local_ratio, global_ratio
-        self.fixed_input = mode == "static"
         self.r1, self.r2 = static_counts(self.grid, local_ratio, global_ratio)
 
     @classmethod

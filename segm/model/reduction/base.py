@@ -4,7 +4,9 @@ A `Reducer` decides which tokens the ViT sees. `Segmenter.forward` calls it at f
 
     tokens, tmap = reducer.embed(vit, im, labels)        # (B, T, D) patch tokens, position added
     for i, block in enumerate(vit.blocks):                # prefix tokens prepended before
-        x = block(x, attn_mask=reducer.attn_bias(tmap))   # plain block(x) when the bias is None
+        x = block(x, attn_mask=reducer.attn_bias(tmap))   # plain block(x) when the bias is None;
+                                                          # when merges_inside(i): after_attention
+                                                          # between the block's attention and MLP
         x, tmap = reducer.after_block(i, x, tmap)
     ... final norm; unmerge at "features" (before the decoder) or "scores" (after it)
 
@@ -88,13 +90,11 @@ class Reducer:
 
     unmerge_at: "scores" (the decoder runs on the T tokens, its class scores are unmerged;
     CTS) or "features" (tokens are unmerged to the N cells before the decoder).
-    fixed_input: the token count is fixed for the crop's grid, so inputs must be crops.
     needs_labels: `embed` reads the ground truth (an oracle).
     """
 
     name = "none"
     unmerge_at = "scores"
-    fixed_input = False
     needs_labels = False
 
     def __init__(self, grid: tuple[int, int], patch_size: int):

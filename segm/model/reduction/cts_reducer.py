@@ -28,7 +28,6 @@ class CtsRecord(NamedTuple):
 class CtsReducer(Reducer):
     name = CTS
     unmerge_at = "scores"
-    fixed_input = True
 
     def __init__(self, grid: tuple[int, int], patch_size: int, scorer_name: str, scorer: Scorer, num_shared: int):
         super().__init__(grid, patch_size)
@@ -80,22 +79,21 @@ class CtsReducer(Reducer):
 
     def settings(self) -> dict:
         n = self.grid[0] * self.grid[1]
-        return {"policy": self.scorer_name, "num_shared": self.num_shared, "num_notshared": n - 4 * self.num_shared}
+        return {"policy": self.scorer_name, "num_shared": self.num_shared, "num_notshared": n - 4 * self.num_shared,
+                **self.scorer.settings()}
 
     def policy_record(self) -> dict:
         s = self.settings()
         return {"method": s["policy"], "num_shared": s["num_shared"], "num_notshared": s["num_notshared"]}
 
     def generators(self) -> dict:
-        return getattr(self.scorer, "generators", {})
+        return self.scorer.generators()
 
     def reset(self, seed: int | None = None) -> None:
-        if hasattr(self.scorer, "reset"):
-            self.scorer.reset(seed)
+        self.scorer.reset(seed)
 
     def label_dataset(self, name: str) -> None:
-        if getattr(self.scorer, "dataset", "") is None:  # the oracle's label rules, unless the run named them
-            self.scorer.dataset = name
+        self.scorer.label_dataset(name)
 
     def tag(self) -> str:
         return f"{self.scorer_name}_s{self.num_shared}"
@@ -109,20 +107,8 @@ class CtsReducer(Reducer):
         return {"shared_idx": tmap.record.layout.shared_idx, "scores": tmap.record.scores}
 
     def export_given(self, batch_size):
-        """The random scorer's scores, drawn once at export as eager's first CPU call after
-        `reset()` draws them; the other scorers score in the graph."""
-        from segm.model.reduction.scorers import RandomScorer
-
-        if not isinstance(self.scorer, RandomScorer):
-            return None
-        if batch_size is None:
-            raise ValueError(f"the {self.scorer_name} policy's scores are drawn once at export for a fixed batch")
-        return self.scorer.first_draw(batch_size)
+        """The random scorer's scores, fixed at export; the other scorers score in the graph."""
+        return self.scorer.export_given(batch_size)
 
     def given_from_outputs(self, outputs):
         return outputs["scores"]
-
-    def describe(self) -> dict:
-        """`Reducer.describe`, with the random scorer's seed (its selections depend on it)."""
-        seed = getattr(self.scorer, "seed", None)
-        return {**super().describe(), **({"random_seed": seed} if seed is not None else {})}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from segm.data.policy_labels import policy_labels, rules_for
 from segm.model.policy import PolicyNet, fuse_batchnorm, policy_logits
 from segm.model.reduction.content_policy import content_policy_scores
 
@@ -27,6 +28,24 @@ class Scorer:
 
     def __call__(self, im: torch.Tensor, labels: torch.Tensor | None):
         raise NotImplementedError
+
+    def settings(self) -> dict:
+        """What the scorer's selections depend on beyond the image (recorded with the model)."""
+        return {}
+
+    def generators(self) -> dict:
+        """The random generators (per device) it draws from; a fresh dict when it draws none."""
+        return {}
+
+    def reset(self, seed: int | None = None) -> None:
+        """Restart its random draws (from `seed` when given)."""
+
+    def label_dataset(self, name: str) -> None:
+        """Told the dataset's name before scoring from that dataset's labels."""
+
+    def export_given(self, batch_size: int | None) -> torch.Tensor | None:
+        """Scores an exported graph holds as a constant (None: the graph computes them)."""
+        return None
 
 
 class PolicyNetScorer(Scorer):
@@ -72,17 +91,30 @@ class RandomScorer(Scorer):
     def __init__(self, num_superpatches: int, patch_size: int, seed: int = 0):
         super().__init__(num_superpatches, patch_size)
         self.seed = seed
-        self.generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def settings(self) -> dict:
+        return {"random_seed": self.seed}
+
+    def generators(self) -> dict:
+        return self._generators
 
     def generator(self, device: torch.device) -> torch.Generator:
-        if device not in self.generators:
-            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self.generators[device]
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
 
     def reset(self, seed: int | None = None) -> None:
         if seed is not None:
             self.seed = seed
-        self.generators.clear()
+        self._generators.clear()
+
+    def export_given(self, batch_size):
+        """Drawn once at export, as the first CPU call after `reset()` draws them: the graph
+        then needs a fixed batch."""
+        if batch_size is None:
+            raise ValueError("the random policy's scores are drawn once at export for a fixed batch")
+        return self.first_draw(batch_size)
 
     def draw(self, batch: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
         return torch.rand(batch, self.num_superpatches, device=device, generator=generator)
@@ -102,11 +134,13 @@ class OracleScorer(Scorer):
         super().__init__(num_superpatches, patch_size)
         self.dataset = dataset
 
+    def label_dataset(self, name: str) -> None:
+        if self.dataset is None:  # the label rules of the data it scores, unless the run named them
+            self.dataset = name
+
     def __call__(self, im, labels):
         if labels is None:
             raise ValueError("the oracle policy needs the ground-truth label map (seg_gt)")
-        from segm.data.policy_labels import policy_labels, rules_for  # the data layer, only for the oracle
-
         lab = policy_labels(labels, rules_for(self.dataset or "synthetic"))
         # single-class blocks first, then ignore-only/undecided, then mixed blocks
         score = torch.where(lab == 1, 1.0, torch.where(lab == 255, 0.5, 0.0))
