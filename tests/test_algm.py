@@ -27,9 +27,9 @@ def _with_prefix(t):
 def test_identical_windows_merge_and_orthogonal_ones_do_not():
     t = _tokens()
     t[0, [8, 9, 12, 13]] = torch.arange(16.0)  # window 2: four identical tokens
-    scores, cells = algm.window_scores(t, GRID)
+    scores, cells = algm.window_scores(t, identity_map(1, GRID, "cpu"))
     torch.testing.assert_close(scores, torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
-    assert cells.tolist()[2] == [8, 9, 12, 13]
+    assert cells[0, 2].tolist() == [8, 9, 12, 13]
     x, tmap = algm.local_merge(_with_prefix(t), identity_map(1, GRID, "cpu"), 1, scores, cells)
     assert x.shape == (1, 1 + 13, 16) and tmap.num_tokens == 13
     torch.testing.assert_close(x[0, 1], torch.arange(16.0))  # the merged token comes first
@@ -44,7 +44,7 @@ def test_merged_tokens_come_in_descending_score_and_are_size_weighted():
     t[0, [10, 11, 14]] = torch.tensor([0.0, 1.0] + [0.0] * 14)
     t[0, 15] = torch.tensor([0.0, 2.0, 1.0] + [0.0] * 13)  # window 3: similar, score < 1
     tmap = identity_map(1, GRID, "cpu")._replace(sizes=torch.arange(1.0, 17.0)[None])
-    scores, cells = algm.window_scores(t, GRID)
+    scores, cells = algm.window_scores(t, tmap)
     assert scores[0, 0] > scores[0, 3] > scores[0, 1]
     x, new = algm.local_merge(_with_prefix(t), tmap, 2, scores, cells)
     w = torch.tensor([11.0, 12, 15, 16])  # the sizes of cells 10, 11, 14, 15
@@ -58,7 +58,7 @@ def test_reference_mode_counts_inclusively_and_takes_the_batch_minimum():
     t = _tokens(2)
     t[:, [0, 1, 4, 5]] = torch.ones(16)  # both images: window 0 identical
     t[0, [2, 3, 6, 7]] = torch.ones(16)  # image 0: window 1 too
-    scores, _ = algm.window_scores(t, GRID)
+    scores, _ = algm.window_scores(t, identity_map(2, GRID, "cpu"))
     red.tau = float(scores[0, 1])  # exactly a window's score: it counts (≥)
     x, tmap = red.after_attention(0, _with_prefix(t), identity_map(2, GRID, "cpu"))
     assert tmap.num_tokens == 16 - 3  # image 0 alone would merge 2 windows; the batch minimum is 1
@@ -138,7 +138,7 @@ def test_static_mode_is_batch_independent_and_has_static_shapes():
 
 def test_gradients_flow_through_the_weighted_means():
     t = _tokens().requires_grad_()
-    scores, cells = algm.window_scores(t.detach(), GRID)  # all 0: the stable order picks window 0
+    scores, cells = algm.window_scores(t.detach(), identity_map(1, GRID, "cpu"))  # all 0: the stable order picks window 0
     x, _ = algm.local_merge(_with_prefix(t), identity_map(1, GRID, "cpu"), 1, scores, cells)
     x[0, 1].sum().backward()
     expected = torch.zeros(16)

@@ -73,7 +73,7 @@ def test_the_forward_pass_is_the_blocks_with_the_merge_between_them(toy, plain_r
     _, plain, variant = plain_run
     model, net = segm.model.factory.reshare(plain, variant["net_kwargs"], "no_sharing",
                                             reducer={"name": "toy_merge"})
-    assert net["reducer"] == {"name": "toy_merge"} and model.describe_reduction() == {
+    assert net["reducer"] == {"name": "toy_merge", "after": 0} and model.describe_reduction() == {
         "reducer": "toy_merge", "tokens": 4, "reduction": 0.75, "after": 0}
     im = torch.randn(2, 3, CROP, CROP)
     vit = model.encoder

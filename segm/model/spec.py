@@ -22,9 +22,10 @@ from segm.model.reduction.policy_rules import (  # noqa: F401 (re-exported: the 
 from segm.model.reduction.rules import (  # noqa: F401 (re-exported: the model's rules, one import)
     CTS, DEFAULT_POLICY_BACKBONE, NO_SHARING, NONE, POLICY_METHODS, ModelConfigError, Reduction, ReductionError,
     TokenBudgetError, check_crop, check_policy_method, check_window, policy_reduction, reducer_entry,
-    registered_reduction,
-    resolve_token_budget,
+    reducer_record, registered_reduction, resolve_token_budget,
 )
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A validated model description: what `create_segmenter` builds from, made once by
@@ -151,31 +152,30 @@ def check_net_kwargs(net: dict, *, policy_ckpt_required: bool = True) -> ModelSp
     reduction = _reduction(complete, method, s, grid)
     ckpt = complete.get("policynet_ckpt")
     backbone = resolve_policy_backbone(method, p, complete, policy_ckpt_required=policy_ckpt_required)
-    recorded_net = _recorded(net, (u, s), backbone)
-    return ModelSpec(crop, p, reduction, u, backbone, ckpt, recorded_net, _recorded(complete, (u, s), backbone))
+    recorded_net = _recorded(net, (u, s), backbone, reduction)
+    return ModelSpec(crop, p, reduction, u, backbone, ckpt, recorded_net,
+                     _recorded(complete, (u, s), backbone, reduction))
 
 
 def _reduction(net: dict, method: str, num_shared: int, grid: tuple[int, int]) -> Reduction:
     """CTS from `policy_method` (the reference's spelling), or the registered reducer a
-    `reducer: {name: ..., settings}` entry names."""
+    `reducer: {name: ..., settings}` entry names (stacked on CTS when a policy shares tokens)."""
     entry = net.get("reducer")
+    cts = policy_reduction(method, num_shared)
     if entry is None:
-        return policy_reduction(method, num_shared)
+        return cts
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise ReductionError(f"net_kwargs `reducer` must be a mapping with a `name`, got {entry!r}")
-    name = entry["name"]
-    if name == CTS:
-        raise ReductionError("CTS is described by `policy_method` and `policy_schedule`, not a `reducer` entry")
-    if method != NO_SHARING:
-        raise ReductionError(f"reducer {name!r} does not combine with token sharing (policy {method!r}); "
-                             "use --policy-method no_sharing")
-    return registered_reduction(entry, grid)
+    return registered_reduction(entry, grid, under=cts)
 
 
-def _recorded(net: dict, budget: tuple[int, int], backbone: str | None) -> dict:
+def _recorded(net: dict, budget: tuple[int, int], backbone: str | None, reduction: Reduction) -> dict:
     """A copy of `net` with the budget and backbone it resolves to: `policy_schedule` = (U, S),
-    no `token_reduction`, and `policy_backbone` as built (left out when nothing records one)."""
+    no `token_reduction`, `policy_backbone` as built (left out when nothing records one), and a
+    `reducer` entry with every setting (defaults filled in)."""
     net = copy.deepcopy(net)
+    if net.get("reducer") is not None:
+        net["reducer"] = reducer_record(reduction)
     net["policy_schedule"] = budget
     net.pop("token_reduction", None)
     if backbone is not None:

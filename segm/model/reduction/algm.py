@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from segm.model.reduction.algm_rules import DEFAULT_TAU, DEFAULTS, PUBLISHED_TAU, static_counts
-from segm.model.reduction.rules import ReductionError
 from segm.model.reduction.base import Reducer, TokenMap
+from segm.model.reduction.ranking import descending_order, true_indices
+from segm.model.reduction.rules import ReductionError
 
 EPS = 1e-8
 
@@ -29,39 +30,51 @@ def _sizes(tmap: TokenMap, x: torch.Tensor) -> torch.Tensor:
     return torch.ones(x.shape[0], tmap.num_tokens, dtype=x.dtype, device=x.device)
 
 
-def window_scores(tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores (B, W), cells (W, 4)): per even-aligned 2×2 window, row-major over the window
-    grid, the mean of the 6 pairwise cosine similarities of its 4 tokens (raster cells)."""
-    gh, gw = grid
+def cell_counts(tmap: TokenMap) -> torch.Tensor:
+    """(B, T) how many base cells each token covers (CTS's shared tokens: 4)."""
+    t = tmap.token_of_cell
+    return torch.zeros(t.shape[0], tmap.num_tokens, device=t.device).scatter_add_(1, t, torch.ones(t.shape, device=t.device))
+
+
+def window_scores(tokens: torch.Tensor, tmap: TokenMap) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (B, W), window_tokens (B, W, 4)): per even-aligned 2×2 window, row-major over the
+    window grid, the tokens of its 4 cells (row-major inside the window) and the mean of their 6
+    pairwise cosine similarities. A window CTS already shares (one token) scores −inf: it is no
+    candidate."""
+    gh, gw = tmap.grid
     w2 = gw // 2
     win = torch.arange((gh // 2) * w2, device=tokens.device)
     top_left = 2 * (win // w2) * gw + 2 * (win % w2)
     k = torch.arange(4, device=tokens.device)
-    cells = top_left.unsqueeze(1) + k % 2 + (k // 2) * gw  # row-major inside the window
-    u = _unit(tokens)[:, cells]  # (B, W, 4, D)
+    cells = top_left.unsqueeze(1) + k % 2 + (k // 2) * gw  # (W, 4)
+    tok = tmap.token_of_cell[:, cells]  # (B, W, 4)
+    rows = torch.arange(tokens.shape[0], device=tokens.device).view(-1, 1, 1)
+    u = _unit(tokens)[rows, tok]  # (B, W, 4, D)
     sim = u @ u.transpose(-1, -2)  # (B, W, 4, 4)
     pairs = torch.triu_indices(4, 4, 1, device=tokens.device)
-    return sim[..., pairs[0], pairs[1]].mean(-1), cells
+    scores = sim[..., pairs[0], pairs[1]].mean(-1)
+    if not tmap.identity:
+        scores = scores.masked_fill(tok[..., 0] == tok[..., 1], float("-inf"))
+    return scores, tok
 
 
-def local_merge(x: torch.Tensor, tmap: TokenMap, r1: int, scores: torch.Tensor, cells: torch.Tensor):
+def local_merge(x: torch.Tensor, tmap: TokenMap, r1: int, scores: torch.Tensor, window_tokens: torch.Tensor):
     """Each image merges its r1 best-scored windows into their size-weighted means. Output:
     [prefix, merged tokens in descending score, the other tokens by ascending index]."""
-    b, npt = x.shape[0], x.shape[1] - tmap.num_tokens
-    n = tmap.num_tokens
+    b, n, d = x.shape[0], tmap.num_tokens, x.shape[-1]
+    npt = x.shape[1] - n
     tokens, sizes = x[:, npt:], _sizes(tmap, x)
-    chosen = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :r1]  # (B, r1)
-    chosen_cells = cells[chosen]  # (B, r1, 4)
+    chosen = descending_order(scores)[:, :r1]  # (B, r1)
     rows = torch.arange(b, device=x.device).view(b, 1, 1)
-    w = sizes[rows, chosen_cells].unsqueeze(-1)  # (B, r1, 4, 1)
-    merged = (tokens[rows, chosen_cells] * w).sum(2) / w.sum(2)
-    is_rest = torch.ones(b, n, dtype=torch.bool, device=x.device)
-    is_rest[rows.squeeze(-1), chosen_cells.flatten(1)] = False
-    rest = torch.sort(is_rest.logical_not().to(torch.uint8), dim=1, stable=True).indices[:, : n - 4 * r1]
+    members = window_tokens[rows.squeeze(-1), chosen].flatten(1)  # (B, 4·r1) the merged tokens
+    w = torch.gather(sizes, 1, members).view(b, r1, 4, 1)
+    merged = (torch.gather(tokens, 1, members.unsqueeze(-1).expand(-1, -1, d)).view(b, r1, 4, d) * w).sum(2) / w.sum(2)
+    is_rest = torch.ones(b, n, dtype=torch.bool, device=x.device).scatter(1, members, False)
+    rest = true_indices(is_rest, n - 4 * r1)  # ascending
     new_slot = torch.empty(b, n, dtype=torch.long, device=x.device)
-    new_slot[rows.squeeze(-1), chosen_cells.flatten(1)] = torch.arange(r1, device=x.device).repeat_interleave(4)
+    new_slot.scatter_(1, members, torch.arange(r1, device=x.device).repeat_interleave(4).expand(b, -1))
     new_slot.scatter_(1, rest, r1 + torch.arange(n - 4 * r1, device=x.device).expand(b, -1))
-    out = torch.cat([x[:, :npt], merged, torch.gather(tokens, 1, rest.unsqueeze(-1).expand(-1, -1, x.shape[-1]))], 1)
+    out = torch.cat([x[:, :npt], merged, torch.gather(tokens, 1, rest.unsqueeze(-1).expand(-1, -1, d))], 1)
     new_sizes = torch.cat([w.sum(2).squeeze(-1), torch.gather(sizes, 1, rest)], 1)
     return out, _composed(tmap, new_slot, out.shape[1] - npt, new_sizes)
 
@@ -89,15 +102,15 @@ def global_merge(x: torch.Tensor, tmap: TokenMap, r2: int, v: torch.Tensor, j: t
     sizes = torch.cat([torch.ones(b, npt, dtype=x.dtype, device=x.device), _sizes(tmap, x)], 1)
     xa, xb, sa, sb = x[:, 0::2], x[:, 1::2], sizes[:, 0::2], sizes[:, 1::2]
     na, nb = xa.shape[1], xb.shape[1]
-    order = torch.sort(v, dim=1, descending=True, stable=True).indices
-    src, keep = order[:, :r2], torch.sort(order[:, r2:], dim=1).values  # sources; A tokens kept, ascending
+    src = descending_order(v)[:, :r2]  # the sources, best match first
+    kept = na - r2
+    keep = true_indices(torch.ones(b, na, dtype=torch.bool, device=x.device).scatter(1, src, False), kept)
     dst = torch.gather(j, 1, src)
     s_src = torch.gather(sa, 1, src)
     num = (xb * sb.unsqueeze(-1)).scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, d),
                                               torch.gather(xa, 1, src.unsqueeze(-1).expand(-1, -1, d)) * s_src.unsqueeze(-1))
     den = sb.scatter_add(1, dst, s_src)
     out = torch.cat([torch.gather(xa, 1, keep.unsqueeze(-1).expand(-1, -1, d)), num / den.unsqueeze(-1)], 1)
-    kept = na - r2
     slot_a = torch.empty(b, na, dtype=torch.long, device=x.device)
     slot_a.scatter_(1, keep, torch.arange(kept, device=x.device).expand(b, -1))
     slot_a.scatter_(1, src, kept + dst)
@@ -117,16 +130,21 @@ def reference_threshold(v: torch.Tensor, global_block: int) -> torch.Tensor:
 
 
 class AlgmReducer(Reducer):
+    """ALGM's two stages; with `base` (a CTS reducer), CTS's embedding comes first and ALGM acts
+    on its tokens (docs/DESIGN.md, "CTS + ALGM")."""
+
     name = "algm"
     unmerge_at = "scores"  # the decoder runs on the merged tokens, as published
 
     def __init__(self, grid, patch_size, *, mode="static", local_block=1, global_block=5, local_ratio=0.25,
-                 global_ratio=0.15, tau=None, prop_attn=False):
+                 global_ratio=0.15, tau=None, prop_attn=False, base: Reducer | None = None):
         super().__init__(grid, patch_size)
         self.mode, self.tau, self.prop_attn = mode, tau, prop_attn
         self.local_block, self.global_block = local_block, global_block
         self.local_ratio, self.global_ratio = local_ratio, global_ratio
-        self.r1, self.r2 = static_counts(self.grid, local_ratio, global_ratio)
+        self.base = base
+        self.num_shared = base.num_shared if base is not None else 0
+        self.r1, self.r2 = static_counts(self.grid, local_ratio, global_ratio, self.num_shared)
 
     @classmethod
     def from_description(cls, reduction, grid, patch_size, net):
@@ -137,21 +155,58 @@ class AlgmReducer(Reducer):
                                  f"past the encoder's {depth} blocks: pass global_block=B with B ≤ {depth}")
         if settings.get("tau") is None:
             settings["tau"] = PUBLISHED_TAU.get(net.get("backbone"), DEFAULT_TAU)
-        return cls(grid, patch_size, **settings)
+        base = None
+        if reduction.shares:
+            from segm.model.reduction.cts_reducer import CtsReducer
+            from segm.model.reduction.rules import policy_reduction
 
+            base = CtsReducer.from_description(policy_reduction(reduction.scorer, reduction.num_shared), grid,
+                                               patch_size, net)
+        return cls(grid, patch_size, base=base, **settings)
+
+    # ------------------------------------------------------------ CTS underneath, when stacked
+    @property
+    def needs_labels(self) -> bool:
+        return self.base is not None and self.base.needs_labels
+
+    def modules(self):
+        return self.base.modules() if self.base is not None else {}
+
+    def embed(self, vit, im, labels=None, given=None):
+        if self.base is None:
+            return super().embed(vit, im, labels, given)
+        x, tmap = self.base.embed(vit, im, labels, given)
+        return x, tmap._replace(sizes=cell_counts(tmap))  # a shared token starts with size 4
+
+    def generators(self) -> dict:
+        return self.base.generators() if self.base is not None else {}
+
+    def reset(self, seed=None) -> None:
+        if self.base is not None:
+            self.base.reset(seed)
+
+    def label_dataset(self, name: str) -> None:
+        if self.base is not None:
+            self.base.label_dataset(name)
+
+    def policy_record(self) -> dict:
+        return self.base.policy_record() if self.base is not None else super().policy_record()
+
+    def export_given(self, batch_size):
+        return self.base.export_given(batch_size) if self.base is not None else None
+
+    # ------------------------------------------------------------ the two stages
     def merges_inside(self, i: int) -> bool:
         return i + 1 in (self.local_block, self.global_block)
 
     def after_attention(self, i, x, tmap):
         if i + 1 == self.local_block:
-            if not tmap.identity:
-                raise ValueError("algm's local stage needs the tokens of the base grid (no reduction before it)")
-            scores, cells = window_scores(x[:, x.shape[1] - tmap.num_tokens:], tmap.grid)
+            scores, window_tokens = window_scores(x[:, x.shape[1] - tmap.num_tokens:], tmap)
             r1 = self.r1 if self.mode == "static" else int((scores >= self.tau).sum(1).min())
-            return local_merge(x, tmap, r1, scores, cells)
+            return local_merge(x, tmap, r1, scores, window_tokens) if r1 else (x, tmap)
         v, j = best_matches(x)
         r2 = self.r2 if self.mode == "static" else int((v >= reference_threshold(v, self.global_block)).sum(1).min())
-        return global_merge(x, tmap, r2, v, j)
+        return global_merge(x, tmap, r2, v, j) if r2 else (x, tmap)
 
     def attn_bias(self, tmap):
         if not self.prop_attn or tmap.sizes is None:
@@ -160,30 +215,41 @@ class AlgmReducer(Reducer):
         sizes = torch.cat([torch.ones(b, 1, device=tmap.sizes.device), tmap.sizes.float()], 1)
         return sizes.log().view(b, 1, 1, -1)  # + log(size) of each key
 
-    def static_tokens(self, grid):
+    def stage_tokens(self) -> list[int] | None:
+        """T after the embedding, the local stage and the global stage (static mode)."""
         if self.mode != "static":
             return None
-        return grid[0] * grid[1] - 3 * self.r1 - self.r2
+        t = self.grid[0] * self.grid[1] - 3 * self.num_shared
+        return [t, t - 3 * self.r1, t - 3 * self.r1 - self.r2]
+
+    def static_tokens(self, grid):
+        if self.mode != "static" or tuple(grid) != self.grid:
+            return None
+        return self.stage_tokens()[-1]
 
     def settings(self) -> dict:
         out = {"mode": self.mode, "local_block": self.local_block, "global_block": self.global_block,
                "tau": self.tau, "prop_attn": self.prop_attn}
         if self.mode == "static":
-            n = self.grid[0] * self.grid[1]
-            out.update(local_ratio=self.local_ratio, global_ratio=self.global_ratio,
-                       stage_tokens=[n, n - 3 * self.r1, n - 3 * self.r1 - self.r2])
+            out.update(local_ratio=self.local_ratio, global_ratio=self.global_ratio, stage_tokens=self.stage_tokens())
+        if self.base is not None:
+            out["cts"] = self.base.settings()
         return out
 
     def tag(self) -> str:
-        """`algm_<mode>`, then each setting that differs from the default (file names)."""
+        """`algm_<mode>`, then each setting that differs from the default (file names); after
+        CTS's tag when stacked on it."""
         given = {"local_block": self.local_block, "global_block": self.global_block, "prop_attn": self.prop_attn}
         if self.mode == "static":
             given.update(local_ratio=self.local_ratio, global_ratio=self.global_ratio)
         changed = [f"{k}{v}" for k, v in given.items() if v != DEFAULTS[k]]
-        return "_".join([f"algm_{self.mode}", *changed])
+        own = "_".join([f"algm_{self.mode}", *changed])
+        return f"{self.base.tag()}_{own}" if self.base is not None else own
 
     def summary(self) -> str:
         if self.mode == "static":
-            return f"ALGM static: tokens {' → '.join(map(str, self.settings()['stage_tokens']))} " \
-                   f"(blocks {self.local_block}, {self.global_block})"
-        return f"ALGM reference: batch-minimum counts, τ = {self.tau} (blocks {self.local_block}, {self.global_block})"
+            own = f"ALGM static: tokens {' → '.join(map(str, self.stage_tokens()))} " \
+                  f"(blocks {self.local_block}, {self.global_block})"
+        else:
+            own = f"ALGM reference: batch-minimum counts, τ = {self.tau} (blocks {self.local_block}, {self.global_block})"
+        return f"{self.base.summary()}, then {own}" if self.base is not None else own

@@ -45,11 +45,14 @@ def check_algm(options: dict, grid: tuple[int, int]) -> dict:
     return s
 
 
-def static_counts(grid: tuple[int, int], local_ratio: float, global_ratio: float) -> tuple[int, int]:
-    """(r1 windows merged locally, r2 tokens merged globally) per image in static mode."""
-    windows = (grid[0] // 2) * (grid[1] // 2)
+def static_counts(grid: tuple[int, int], local_ratio: float, global_ratio: float,
+                  num_shared: int = 0) -> tuple[int, int]:
+    """(r1 windows merged locally, r2 tokens merged globally) per image in static mode: r1 is
+    `local_ratio` of the candidate windows (those CTS did not share: all but `num_shared`), r2
+    `global_ratio` of the tokens after the local stage."""
+    windows = (grid[0] // 2) * (grid[1] // 2) - num_shared
     r1 = round(local_ratio * windows)
-    after_local = grid[0] * grid[1] - 3 * r1
+    after_local = grid[0] * grid[1] - 3 * num_shared - 3 * r1
     # the global stage pairs 1 + T' tokens (class token included) into A (even) and B (odd)
     sources = (after_local + 2) // 2 - 1  # A tokens other than the class token
     return r1, min(round(global_ratio * after_local), sources)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from segm.model.reduction.base import TokenMap, cells_to_grid, grid_to_tokens, unmerge
+from segm.model.reduction.ranking import descending_rank, true_indices
 from segm.model.reduction.rules import TokenBudgetError, resolve_token_budget  # noqa: F401 (CTS's budget rule)
 
 
@@ -71,32 +72,9 @@ def select_shared(scores: torch.Tensor, num_shared: int) -> torch.Tensor:
     """The S best-scored superpatches per image: scores (B, n2) → indices (B, S) in raster order.
     Ties go to the lower raster index (stable sort)."""
     if torch.compiler.is_exporting():
-        return _true_indices(_descending_rank(scores) < num_shared, num_shared)
+        return true_indices(descending_rank(scores) < num_shared, num_shared)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     return order[:, :num_shared].sort(dim=1).values
-
-
-# ONNX has no stable sort, so an exported graph (segm.export) selects without sorting.
-# `_descending_rank` gives each score its place in `torch.sort(descending=True, stable=True)`
-# exactly, with n² comparisons (n = 256 superpatches at 512 px, 576 at 768); eager code keeps the
-# sort, which is 3–10× faster on the CPU.
-def _descending_rank(scores: torch.Tensor) -> torch.Tensor:
-    """(B, n) → (B, n) int64: how many scores beat each one: greater, or equal with a lower
-    index; NaN beats every number (as in torch.sort)."""
-    idx = torch.arange(scores.shape[1], device=scores.device)
-    lower = idx.unsqueeze(0) < idx.unsqueeze(1)  # [i, j]: j < i
-    s_i, s_j = scores.unsqueeze(2), scores.unsqueeze(1)
-    nan = torch.isnan(scores)
-    nan_beats = nan.unsqueeze(1) & (lower | ~nan.unsqueeze(2))
-    return ((s_j > s_i) | ((s_j == s_i) & lower) | nan_beats).sum(2)
-
-
-def _true_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, n) bool with exactly k true per row → (B, k) their indices, ascending (top-k of
-    distinct integer keys: exact whatever the backend's tie rule)."""
-    n = mask.shape[1]
-    key = torch.where(mask, n - torch.arange(n, device=mask.device), 0)
-    return torch.topk(key, k, dim=1).indices
 
 
 def layout_from_shared(shared_idx: torch.Tensor, grid: tuple[int, int]) -> TokenLayout:
@@ -112,7 +90,7 @@ def layout_from_shared(shared_idx: torch.Tensor, grid: tuple[int, int]) -> Token
     is_base = per_cell(shared).logical_not()
     u = gh * gw - 4 * num_shared
     token_of_cell = torch.where(is_base, is_base.cumsum(1) - 1, per_cell(shared.cumsum(1) - 1 + u))
-    return TokenLayout(_true_indices(is_base, u), shared_idx, token_of_cell, grid)
+    return TokenLayout(true_indices(is_base, u), shared_idx, token_of_cell, grid)
 
 
 def layout_from_scores(scores: torch.Tensor, num_shared: int, grid: tuple[int, int]) -> TokenLayout:

@@ -6,7 +6,8 @@ validate cheaply.
 A model's reduction is a `Reduction`: the reducer's name and its settings. For CTS they are
 the superpatch scorer (`policy_net`, `content`, `random`, `oracle`) and the budget S; the
 model description (`net_kwargs`) spells CTS as the reference does (`policy_method`,
-`policy_schedule`), and any other reducer as one `reducer` entry.
+`policy_schedule`), and any other reducer as one `reducer` entry. A reducer registered with
+`on_cts` (ALGM) may stack on CTS: its `Reduction` then also carries CTS's scorer and S.
 """
 from __future__ import annotations
 
@@ -41,14 +42,19 @@ class Reduction:
     of (key, value), so the description is hashable and compares by value)."""
 
     method: str = NONE
-    scorer: str | None = None  # CTS: how superpatches are scored
+    scorer: str | None = None  # CTS (alone, or under a reducer stacked on it): how superpatches are scored
     num_shared: int = 0  # CTS: S
     options: tuple = field(default=())
 
     @property
     def policy_method(self) -> str:
-        """The reference's spelling: the scorer for CTS, `no_sharing` otherwise."""
-        return self.scorer if self.method == CTS else NO_SHARING
+        """The reference's spelling: the scorer when tokens are shared, `no_sharing` otherwise."""
+        return self.scorer if self.shares else NO_SHARING
+
+    @property
+    def shares(self) -> bool:
+        """CTS's embedding makes the tokens (CTS alone, or a reducer stacked on it)."""
+        return self.scorer is not None
 
     @property
     def reduces(self) -> bool:
@@ -142,7 +148,7 @@ def check_crop(reduction: Reduction, crop: tuple[int, int], patch_size: int) -> 
     p = patch_size
     if h % p or w % p:
         raise TokenBudgetError(f"crop {h}×{w} is not a multiple of the patch size {p}")
-    if reduction.method == CTS and (h % (2 * p) or w % (2 * p)):
+    if reduction.shares and (h % (2 * p) or w % (2 * p)):
         raise TokenBudgetError(f"token sharing needs a crop that is a multiple of {2 * p} (2× the patch size); got {h}×{w}")
 
 
@@ -153,11 +159,13 @@ class ReducerEntry:
     it is a callable, or the `module:attribute` name of one, imported only when a model is
     built (this module imports no torch). `check(options, grid)` validates the `reducer`
     entry's settings without torch and returns them normalised. `fixed_input`: the reducer's
-    token count is fixed for one token grid, so the model runs only at its crop."""
+    token count is fixed for one token grid, so the model runs only at its crop. `on_cts`: the
+    reducer may act on CTS's tokens (a `reducer` entry beside a sharing `policy_method`)."""
 
     build: Callable | str
     check: Callable[[dict, tuple[int, int]], dict] | str
     fixed_input: bool = True
+    on_cts: bool = False
 
 
 def _no_options(options: dict, grid) -> dict:
@@ -170,7 +178,7 @@ _REDUCERS: dict[str, ReducerEntry] = {
     NONE: ReducerEntry("segm.model.reduction.base:Reducer.from_description", _no_options, fixed_input=False),
     CTS: ReducerEntry("segm.model.reduction.cts_reducer:CtsReducer.from_description", _no_options),
     "algm": ReducerEntry("segm.model.reduction.algm:AlgmReducer.from_description",
-                         "segm.model.reduction.algm_rules:check_algm"),
+                         "segm.model.reduction.algm_rules:check_algm", on_cts=True),
 }
 
 
@@ -203,18 +211,36 @@ def parse_reducer(text: str) -> dict:
     return entry
 
 
-def registered_reduction(entry: dict, grid: tuple[int, int]) -> Reduction:
+def registered_reduction(entry: dict, grid: tuple[int, int], under: Reduction | None = None) -> Reduction:
     """The `Reduction` a `reducer` entry ({name, settings}) describes, its settings checked and
-    normalised by the reducer's own `check` for this token grid."""
+    normalised by the reducer's own `check` for this token grid; `under`: the CTS reduction it
+    stacks on (only for a reducer registered `on_cts`)."""
+    name = entry["name"]
+    if name == CTS:
+        raise ReductionError("CTS is described by `policy_method` and `policy_schedule`, not a `reducer` entry")
+    registered = reducer_entry(name)
+    if under is not None and under.shares and not registered.on_cts:
+        raise ReductionError(f"reducer {name!r} does not combine with token sharing (policy {under.scorer!r}); "
+                             "use --policy-method no_sharing")
     options = {k: v for k, v in entry.items() if k != "name"}
-    options = resolve(reducer_entry(entry["name"]).check)(options, grid)
-    return Reduction(entry["name"], options=tuple(sorted(options.items())))
+    options = resolve(registered.check)(options, grid)
+    scorer, s = (under.scorer, under.num_shared) if under is not None and under.shares else (None, 0)
+    return Reduction(name, scorer, s, options=tuple(sorted(options.items())))
 
 
-def register_reducer(name: str, build: Callable, *, check: Callable | None = None, fixed_input: bool = True) -> None:
+def reducer_record(reduction: Reduction) -> dict | None:
+    """The `reducer` entry of `net_kwargs` that records `reduction` (its settings complete), or
+    None when CTS's own keys (or nothing) describe it."""
+    if reduction.method in (NONE, CTS):
+        return None
+    return {"name": reduction.method, **dict(reduction.options)}
+
+
+def register_reducer(name: str, build: Callable, *, check: Callable | None = None, fixed_input: bool = True,
+                     on_cts: bool = False) -> None:
     """Makes a reducer available to every command by name (a `reducer: {name: ...}` entry of
     `net_kwargs`, `--reducer NAME`)."""
-    _REDUCERS[name] = ReducerEntry(build, check or _no_options, fixed_input)
+    _REDUCERS[name] = ReducerEntry(build, check or _no_options, fixed_input, on_cts)
 
 
 def reducer_names() -> list[str]:
