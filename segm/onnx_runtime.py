@@ -8,7 +8,8 @@ windows of `segm.eval.window` and `segm.bench --with-onnxruntime`.
 The graph takes images normalised as the sidecar says ((x/255 − mean)/std), as the eager model
 does. The model describes its reduction as a Segmenter does (`reduction_method`,
 `describe_reduction()`, from the sidecar's `reducer`), and `forward_all` rebuilds the token map
-from the graph's outputs: CTS's `shared_idx` gives its layout; a graph that returns only logits
+from the graph's outputs: a `token_of_cell` output (ALGM) is the map itself; CTS's
+`shared_idx` gives its layout; a graph that returns only logits
 gives the identity map when no token is merged, else a map whose cells are all `UNKNOWN_TOKEN`
 (the graph does not say which token covers which cell; `num_tokens` is still the reducer's T).
 
@@ -141,6 +142,8 @@ class OnnxSegmenter:
         """The batch's `TokenMap` from the graph's outputs (see the module docstring)."""
         from segm.model.reduction.base import TokenMap, identity_map
 
+        if "token_of_cell" in out:  # a reducer that reports its composed map (ALGM)
+            return TokenMap(out["token_of_cell"], self.grid, self.reduction.get("tokens"))
         if "shared_idx" in out:  # CTS's record (segm.export.graph)
             from segm.model.reduction import cts
             from segm.model.reduction.cts_reducer import CtsRecord

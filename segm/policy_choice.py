@@ -3,7 +3,8 @@
 `segm.eval.miou`, `segm.inference` and `segm.bench` accept `--policy-method` (with
 `--num-tokens-shared`/`--token-reduction`, and `--policynet-ckpt` for `policy_net`) to run a
 checkpoint, typically one trained without sharing, with CTS and another policy and budget, or
-`--reducer NAME[:KEY=VALUE,...]` for any registered reducer. The checkpoint file is never
+`--reducer NAME[:KEY=VALUE,...]` for any registered reducer (beside `--policy-method`: on CTS's
+tokens, for a reducer that stacks on CTS, e.g. algm). The checkpoint file is never
 modified; what was used is recorded in the outputs.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ class PolicyChoice:
     token_reduction: float | None = None
     policynet_ckpt: str | None = None
     policy_backbone: str | None = None
-    reducer: dict | None = None  # {name, settings} of a registered reducer other than CTS
+    reducer: dict | None = None  # {name, settings} of a registered reducer other than CTS (on CTS's
+    # tokens when `method` shares them)
 
 
 def policy_options(command):
@@ -40,7 +42,8 @@ def policy_options(command):
                      help="The policy network's backbone [default: as recorded beside --policynet-ckpt]."),
         click.option("--reducer", "reducer", type=str, default=None, metavar="NAME[:KEY=VALUE,...]",
                      help="Run the checkpoint with this registered token reducer instead of its own, without "
-                          "retraining (CTS is chosen with --policy-method)."),
+                          "retraining (CTS is chosen with --policy-method; both together: the reducer acts on "
+                          "CTS's tokens, e.g. algm)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -50,10 +53,8 @@ def policy_options(command):
 def policy_choice(policy_method=None, num_tokens_shared=None, token_reduction=None, policynet_ckpt=None,
                   policy_backbone=None, reducer=None) -> PolicyChoice | None:
     """The choice the options make, or None (the checkpoint's own reduction)."""
-    if reducer is not None:
-        if policy_method not in (None, NO_SHARING):
-            raise ModelConfigError("--reducer and --policy-method choose two reductions: give one of them")
-        return PolicyChoice(NO_SHARING, reducer=parse_reducer(reducer))
+    if reducer is not None and policy_method is None:
+        policy_method = NO_SHARING
     if policy_method is None:
         given = [name for name, value in (("--num-tokens-shared", num_tokens_shared),
                                           ("--token-reduction", token_reduction),
@@ -62,7 +63,8 @@ def policy_choice(policy_method=None, num_tokens_shared=None, token_reduction=No
         if given:
             raise ModelConfigError(f"{', '.join(given)} choose(s) a token budget or policy: give --policy-method too")
         return None
-    return PolicyChoice(policy_method, num_tokens_shared, token_reduction, policynet_ckpt, policy_backbone)
+    return PolicyChoice(policy_method, num_tokens_shared, token_reduction, policynet_ckpt, policy_backbone,
+                        None if reducer is None else parse_reducer(reducer))
 
 
 def apply_policy_choice(model, variant: dict, choice: PolicyChoice | None):

@@ -16,6 +16,7 @@ from segm.config import dump_yaml, load_yaml
 from segm.model.decoder import create_decoder
 from segm.model.hub import CONFIG, WEIGHTS, is_shared_folder, read_shared
 from segm.model.reduction import build_reducer
+from segm.model.reduction.algm_rules import published_reducer
 from segm.model.segmenter import Segmenter
 from segm.model.spec import ModelSpec, build_net_kwargs, check_net_kwargs
 from segm.model.vit import create_vit, load_pretrained_vit
@@ -90,7 +91,8 @@ def save_model(model: Segmenter, variant: dict, path, **extra) -> None:
 
 def load_model(path, map_location="cpu") -> tuple[Segmenter, dict]:
     """Loads a checkpoint of this project or of the reference (`checkpoint.pth` with its
-    `variant.yml` beside it), or a shared model folder (`segm.share`: safetensors + config.json).
+    `variant.yml` beside it; the published ALGM code's too, run with ALGM in reference mode), or
+    a shared model folder (`segm.share`: safetensors + config.json).
     Returns (model in eval mode, variant)."""
     path = Path(path)
     if is_shared_folder(path):
@@ -116,6 +118,9 @@ def load_model(path, map_location="cpu") -> tuple[Segmenter, dict]:
         )
     if "net_kwargs" not in variant:
         raise ValueError(f"the variant of {path} has no net_kwargs")
+    published = published_reducer(variant)
+    if published is not None:  # a checkpoint of the published ALGM code
+        variant = {**variant, "net_kwargs": {**variant["net_kwargs"], "reducer": published}}
     return _built_with(variant, ckpt["model"], f"checkpoint {path} does not fit the model its variant describes"), variant
 
 

@@ -65,8 +65,9 @@ _PRESETS = load_config()  # the backbone and decoder choices
               help="Resume from --log-dir/checkpoint.pth [default: resume when the folder holds the same "
                    "run]. An explicit --resume continues a run whose settings changed.")
 @click.option("--overwrite", is_flag=True, help="Discard the run in --log-dir and start over.")
-@click.option("--policy-method", type=click.Choice(POLICY_METHODS), default="policy_net",
-              help="Which superpatches share a token (CTS); no_sharing = plain Segmenter.")
+@click.option("--policy-method", type=click.Choice(POLICY_METHODS), default=None,
+              help="Which superpatches share a token (CTS); no_sharing = plain Segmenter [default: policy_net; "
+                   "no_sharing with --reducer].")
 @click.option("--num-tokens-notshared", type=int, default=None, help="U (checked: U = N - 4S).")
 @click.option("--num-tokens-shared", type=int, default=None, help="S, shared superpatches per image.")
 @click.option("--token-reduction", type=float, default=None, help="Reduction rho instead of S: S = round(rho*N/3).")
@@ -74,6 +75,9 @@ _PRESETS = load_config()  # the backbone and decoder choices
 @click.option("--policy-backbone", type=str, default=None,
               help="The policy network's timm backbone [default: as recorded in the config.json beside "
                    "--policynet-ckpt, else efficientnet_lite0].")
+@click.option("--reducer", type=str, default=None, metavar="NAME[:KEY=VALUE,...]",
+              help="Train with this registered token reducer (e.g. algm, algm:mode=reference); beside a sharing "
+                   "--policy-method it acts on CTS's tokens.")
 @click.option("--layer-norm-eps", type=float, default=None, help="LayerNorm eps [default: 1e-5, as the reference].")
 @click.option("--seed", type=int, default=0, help="Seeds weights, data order and augmentation.")
 @click.option("--num-workers", type=int, default=10, help="Data-loading processes per training process.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from segm.model.reduction.rules import policy_settings
+from segm.model.reduction.rules import parse_reducer, policy_settings
 from segm.model.spec import build_net_kwargs
 from segm.train.options import ConfigError, TrainOptions, user_errors
 from segm.train.state import TrainState
@@ -33,6 +33,7 @@ def model_description(opts: TrainOptions, n_cls: int) -> dict:
     extra = {"layer_norm_eps": opts.layer_norm_eps, "n_layers": opts.encoder_layers,
              **policy_settings(opts.policy_method, seed=opts.seed, dataset=opts.dataset)}
     with user_errors():
+        extra["reducer"] = parse_reducer(opts.reducer) if opts.reducer else None
         return build_net_kwargs(
             opts.backbone, opts.decoder, n_cls, opts.crop_size, dropout=opts.dropout, drop_path_rate=opts.drop_path,
             decoder_layers=opts.decoder_layers, policy_method=opts.policy_method,

@@ -17,7 +17,8 @@ import torch
 
 from segm.config import load_config
 from segm.eval.window import check_stride
-from segm.model.reduction.rules import check_window, policy_reduction
+from segm.model.reduction.policy_rules import POLICY_NET
+from segm.model.reduction.rules import NO_SHARING, check_window, parse_reducer, policy_reduction
 from segm.utils.amp import AMP_DTYPES
 from segm.utils.checkpoint import CheckpointError
 
@@ -80,6 +81,7 @@ class TrainOptions:
     token_reduction: float | None
     policynet_ckpt: str | None
     policy_backbone: str | None
+    reducer: str | None  # NAME[:KEY=VALUE,...], parsed by the reduction rules
     layer_norm_eps: float | None
     seed: int
     num_workers: int
@@ -129,6 +131,8 @@ def fill_presets(values: dict, cfg: dict) -> None:
     if values["iterations"] is None:
         default("epochs", preset["epochs"])
     default("normalization", cfg["model"].get(values["backbone"], {}).get("normalization"))
+    # the reference trains CTS with the policy network; a --reducer alone means no sharing under it
+    default("policy_method", NO_SHARING if values.get("reducer") else POLICY_NET)
 
 
 def check_options(opts: TrainOptions, world_size: int) -> None:
@@ -149,7 +153,9 @@ def check_options(opts: TrainOptions, world_size: int) -> None:
             f"{world_size} processes; use a multiple of {world_size}"
         )
     check_stride(opts.window_size, opts.window_stride)
-    check_window(policy_reduction(opts.policy_method, 0).method, (opts.crop_size, opts.crop_size), (opts.window_size, opts.window_size))
+    with user_errors():
+        method = parse_reducer(opts.reducer)["name"] if opts.reducer else policy_reduction(opts.policy_method, 0).method
+        check_window(method, (opts.crop_size, opts.crop_size), (opts.window_size, opts.window_size))
     if opts.dataset == "custom" and not opts.data_root:
         raise ConfigError("--dataset custom needs --data-root DIR (and --classes FILE)")
     if opts.overwrite and opts.resume:

@@ -10,6 +10,8 @@ batch, which reads it on the host.
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 
 from segm.model.reduction.algm_rules import DEFAULT_TAU, DEFAULTS, PUBLISHED_TAU, static_counts
@@ -81,7 +83,8 @@ def local_merge(x: torch.Tensor, tmap: TokenMap, r1: int, scores: torch.Tensor, 
 
 def _composed(tmap: TokenMap, new_slot: torch.Tensor, num_tokens: int, sizes: torch.Tensor) -> TokenMap:
     """The map after a merge that moves old token t to `new_slot[:, t]`."""
-    return TokenMap(torch.gather(new_slot, 1, tmap.token_of_cell), tmap.grid, num_tokens, sizes)
+    return tmap._replace(token_of_cell=torch.gather(new_slot, 1, tmap.token_of_cell), num_tokens=num_tokens,
+                         sizes=sizes, identity=False)  # the record (CTS's, when stacked) stays
 
 
 def best_matches(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +132,33 @@ def reference_threshold(v: torch.Tensor, global_block: int) -> torch.Tensor:
     return rest.mean(1).mean() + rest.std(1).mean() / global_block
 
 
+class AlgmRecord(NamedTuple):
+    """What ALGM did to one batch: the token count after the embedding and after each stage
+    (Python ints: in reference mode they vary from batch to batch), and CTS's record when
+    stacked on it (its layout, scores and policy logits read through)."""
+
+    stage_tokens: tuple[int, ...]
+    base: Any = None
+
+    @property
+    def layout(self):
+        return getattr(self.base, "layout", None)
+
+    @property
+    def scores(self):
+        return getattr(self.base, "scores", None)
+
+    @property
+    def policy_logits(self):
+        return getattr(self.base, "policy_logits", None)
+
+
+def _counted(tmap: TokenMap) -> TokenMap:
+    """`tmap` with its token count appended to the record's stage counts."""
+    rec = tmap.record if isinstance(tmap.record, AlgmRecord) else AlgmRecord((), tmap.record)
+    return tmap._replace(record=rec._replace(stage_tokens=(*rec.stage_tokens, tmap.num_tokens)))
+
+
 class AlgmReducer(Reducer):
     """ALGM's two stages; with `base` (a CTS reducer), CTS's embedding comes first and ALGM acts
     on its tokens (docs/DESIGN.md, "CTS + ALGM")."""
@@ -174,9 +204,11 @@ class AlgmReducer(Reducer):
 
     def embed(self, vit, im, labels=None, given=None):
         if self.base is None:
-            return super().embed(vit, im, labels, given)
-        x, tmap = self.base.embed(vit, im, labels, given)
-        return x, tmap._replace(sizes=cell_counts(tmap))  # a shared token starts with size 4
+            x, tmap = super().embed(vit, im, labels, given)
+        else:
+            x, tmap = self.base.embed(vit, im, labels, given)
+            tmap = tmap._replace(sizes=cell_counts(tmap))  # a shared token starts with size 4
+        return x, tmap._replace(record=AlgmRecord((tmap.num_tokens,), tmap.record))
 
     def generators(self) -> dict:
         return self.base.generators() if self.base is not None else {}
@@ -195,6 +227,14 @@ class AlgmReducer(Reducer):
     def export_given(self, batch_size):
         return self.base.export_given(batch_size) if self.base is not None else None
 
+    def export_outputs(self, tmap):
+        """CTS's record when stacked on it, and the composed token map (B, N)."""
+        first = self.base.export_outputs(tmap._replace(record=tmap.record.base)) if self.base is not None else {}
+        return {**first, "token_of_cell": tmap.token_of_cell}
+
+    def given_from_outputs(self, outputs):
+        return self.base.given_from_outputs(outputs) if self.base is not None else None
+
     # ------------------------------------------------------------ the two stages
     def merges_inside(self, i: int) -> bool:
         return i + 1 in (self.local_block, self.global_block)
@@ -203,10 +243,12 @@ class AlgmReducer(Reducer):
         if i + 1 == self.local_block:
             scores, window_tokens = window_scores(x[:, x.shape[1] - tmap.num_tokens:], tmap)
             r1 = self.r1 if self.mode == "static" else int((scores >= self.tau).sum(1).min())
-            return local_merge(x, tmap, r1, scores, window_tokens) if r1 else (x, tmap)
+            x, tmap = local_merge(x, tmap, r1, scores, window_tokens) if r1 else (x, tmap)
+            return x, _counted(tmap)
         v, j = best_matches(x)
         r2 = self.r2 if self.mode == "static" else int((v >= reference_threshold(v, self.global_block)).sum(1).min())
-        return global_merge(x, tmap, r2, v, j) if r2 else (x, tmap)
+        x, tmap = global_merge(x, tmap, r2, v, j) if r2 else (x, tmap)
+        return x, _counted(tmap)
 
     def attn_bias(self, tmap):
         if not self.prop_attn or tmap.sizes is None:
@@ -229,8 +271,10 @@ class AlgmReducer(Reducer):
 
     def settings(self) -> dict:
         out = {"mode": self.mode, "local_block": self.local_block, "global_block": self.global_block,
-               "tau": self.tau, "prop_attn": self.prop_attn}
-        if self.mode == "static":
+               "prop_attn": self.prop_attn}
+        if self.mode == "reference":
+            out["tau"] = self.tau
+        else:
             out.update(local_ratio=self.local_ratio, global_ratio=self.global_ratio, stage_tokens=self.stage_tokens())
         if self.base is not None:
             out["cts"] = self.base.settings()

@@ -56,3 +56,27 @@ def static_counts(grid: tuple[int, int], local_ratio: float, global_ratio: float
     # the global stage pairs 1 + T' tokens (class token included) into A (even) and B (odd)
     sources = (after_local + 2) // 2 - 1  # A tokens other than the class token
     return r1, min(round(global_ratio * after_local), sources)
+
+
+def published_reducer(variant: dict) -> dict | None:
+    """The `reducer` entry of a run of the published ALGM code (its `variant.yml` records ALGM in
+    `dataset_kwargs`: `patch_type: algm`, `selected_layers` [local, global], `merging_window_size`
+    [2, 2], `threshold` τ), or None for any other variant. Such a checkpoint runs in `reference`
+    mode, as it was trained and published."""
+    from segm.model.reduction.rules import ReductionError
+
+    dkw = variant.get("dataset_kwargs") or {}
+    if dkw.get("patch_type") != "algm" or (variant.get("net_kwargs") or {}).get("reducer") is not None:
+        return None
+    window, layers = dkw.get("merging_window_size"), dkw.get("selected_layers")
+    if window is not None and [int(w) for w in window] != [2, 2]:
+        raise ReductionError(f"this ALGM run merges {list(window)} windows; only 2×2 windows (the published "
+                             "setting) are implemented")
+    if layers is not None and len(layers) != 2:
+        raise ReductionError(f"ALGM's selected_layers are [local block, global block], got {list(layers)}")
+    entry = {"name": "algm", "mode": "reference"}
+    if layers is not None:
+        entry.update(local_block=int(layers[0]), global_block=int(layers[1]))
+    if dkw.get("threshold") is not None:
+        entry["tau"] = float(dkw["threshold"])
+    return entry
