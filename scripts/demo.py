@@ -3,8 +3,8 @@
 Generates the synthetic dataset, trains the policy network, trains Segmenter (ViT-Tiny) without
 sharing, with CTS (the learned policy), with the random policy and with the training-free
 content policy on the same token budget, evaluates them, evaluates the no-sharing checkpoint
-with each policy without retraining, benchmarks, writes inference overlays and sharing maps,
-and prints a table. Every step is the real command line a researcher would run, so the demo
+with each policy and with ALGM (static) without retraining, benchmarks, writes inference
+overlays and sharing maps, and prints a table. Every step is the real command line a researcher would run, so the demo
 is also an end-to-end check.
 
     python scripts/demo.py [--out demo_out] [--quick]
@@ -41,6 +41,8 @@ TRAINED = {
 TRAINED_POLICY = {"no_sharing": "no_sharing", "cts": "policy_net", "random": "random", "content": "content"}
 # The no_sharing checkpoint evaluated with a policy chosen on the command line (no retraining).
 RESHARED = ("content", "policy_net", "random")
+# ... and with ALGM (token merging inside the encoder), static mode: 64 → 52 → 44 tokens.
+ALGM = "algm_static"
 
 
 @dataclass
@@ -151,6 +153,9 @@ def evaluate(demo: Demo) -> dict:
         demo.run([PY, "-m", "segm.eval.miou", plain, *common, "--policy-method", policy,
                   "--num-tokens-shared", S, *extra], f"eval_no_sharing_{policy}.log")
         scores[f"no_sharing+{policy}"] = load_yaml(plain.parent / f"scores_ss_{policy}_s{S}.yml")
+    print("== 4c. evaluate [no_sharing checkpoint with ALGM static, no retraining]")
+    demo.run([PY, "-m", "segm.eval.miou", plain, *common, "--reducer", "algm"], f"eval_no_sharing_{ALGM}.log")
+    scores[f"no_sharing+{ALGM}"] = load_yaml(plain.parent / f"scores_ss_{ALGM}.yml")
     return scores
 
 
@@ -158,13 +163,14 @@ def benchmark(demo: Demo) -> tuple[dict, dict]:
     print("== 5. benchmark (no_sharing vs CTS vs random vs content, interleaved, validation images)")
     bench_json = demo.out / "bench.json"
     demo.run([PY, "-m", "segm.bench", "--model-path", demo.ckpt("cts"), "--with-random", "--with-content",
+              "--reducer", "algm",
               "--inputs", "synthetic:val", "--data-root", demo.data_root, "--batch-size", 8, "--warmup", 2,
               "--repeats", 3 if demo.quick else 10, "--json", bench_json, "--quiet"], "bench.log")
     print("== 5b. where CTS pays: ViT-S/16 at 512 (150 classes, batch 2, random weights, timing only)")
     big_json = demo.out / "bench_vit_s_512.json"
     demo.run([PY, "-m", "segm.bench", "--backbone", "vit_small_patch16_384", "--crop", 512, "--n-cls", 150,
               "--batch-size", 2, "--warmup", 1, "--repeats", 2 if demo.quick else 5, "--no-memory",
-              "--with-content", "--json", big_json, "--quiet"], "bench_vit_s_512.log")
+              "--with-content", "--reducer", "algm", "--json", big_json, "--quiet"], "bench_vit_s_512.log")
     return json.loads(bench_json.read_text()), json.loads(big_json.read_text())
 
 
@@ -178,11 +184,12 @@ def inference(demo: Demo) -> None:
               "-o", demo.out / "inference", "--show-sharing", "--cpu"], "inference.log")
 
 
-def _bench_row(bench: dict, policy: str) -> dict:
+def _bench_row(bench: dict, used: str) -> dict:
+    """The benchmark's row of a policy (CTS) or of a variant name (another reducer)."""
     for row in bench["variants"]:
-        if row["policy"] == policy:
+        if used in (row["policy"], row["name"]):
             return row
-    raise KeyError(policy)
+    raise KeyError(used)
 
 
 def summary_table(scores: dict, bench: dict) -> str:
@@ -192,6 +199,7 @@ def summary_table(scores: dict, bench: dict) -> str:
     ]
     rows = [(name, TRAINED_POLICY[name], TRAINED_POLICY[name]) for name in TRAINED]
     rows += [(f"no_sharing+{p}", "no_sharing", p) for p in RESHARED]
+    rows.append((f"no_sharing+{ALGM}", "no_sharing", ALGM))
     for key, trained, used in rows:
         bench_row = _bench_row(bench, used)
         inf, sc = bench_row["inference"], scores[key]
@@ -205,7 +213,7 @@ def summary_table(scores: dict, bench: dict) -> str:
 def speed_table(bench: dict) -> str:
     lines = ["| model (random weights) | policy | tokens | GFLOPs/img | images/s (median) | speed-up |",
              "|---|---|---|---|---|---|"]
-    for policy in ("no_sharing", "policy_net", "content"):
+    for policy in ("no_sharing", "policy_net", "content", ALGM):
         row = _bench_row(bench, policy)
         inf = row["inference"]
         lines.append(f"| Segmenter ViT-S/16 @512 | {policy} | {row['tokens']} | {row['gflops']:.1f} | "

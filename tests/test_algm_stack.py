@@ -194,3 +194,23 @@ def test_the_record_counts_tokens_per_stage_in_both_modes():
     ref, _ = reshare(plain, net, "no_sharing", reducer={"name": "algm", "mode": "reference", "tau": -1.0})
     out = _run(ref, im)  # τ = −1: every window merges
     assert out.token_map.record.stage_tokens[:2] == (64, 16) and out.token_map.num_tokens == out.token_map.record.stage_tokens[2]
+
+
+def test_the_benchmark_times_algm_alone_on_cts_and_the_lower_resolution(tmp_path):
+    from click.testing import CliRunner
+
+    from segm.bench import cli as bench
+    from tests.test_bench import TINY_ARGS
+
+    out = tmp_path / "b.json"
+    args = [*TINY_ARGS, "--no-memory", "--reducer", "algm:global_block=2", "--reducer", "algm:mode=reference,global_block=2",
+            "--reducer", "resize:size=32", "--on-cts", "algm:global_block=2", "--json", str(out)]
+    res = CliRunner().invoke(bench.main, args)
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(out.read_text())["variants"]}
+    assert rows["algm_static_global_block2"]["stage_tokens"] == [16, 13, 11]
+    assert rows["algm_static_global_block2"]["tokens"] == 12 and "12 (16→13→11)" in res.output
+    assert len(rows["algm_reference_global_block2"]["stage_tokens"]) == 3
+    assert rows["resize32"]["patch_tokens"] == 4 and rows["resize32"]["stage_tokens"] is None
+    stacked = rows["policy_net_s2_algm_static_global_block2"]  # S = 2 (30 %): 2 windows left, none merged locally
+    assert stacked["stage_tokens"] == [10, 10, 8] and stacked["reducer"]["cts"]["policy"] == "policy_net"

@@ -61,6 +61,9 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
 @click.option("--reducer", "reducers", multiple=True, metavar="NAME[:KEY=VALUE,...]",
               help="Also time a registered token reducer (segm.model.reduction.register_reducer) with these "
                    "settings; repeatable.")
+@click.option("--on-cts", "cts_reducers", multiple=True, metavar="NAME[:KEY=VALUE,...]",
+              help="Also time a registered reducer that stacks on CTS (e.g. algm) on the tokens of the CTS "
+                   "variant (policy network, main budget); repeatable.")
 @click.option("--with-onnxruntime", "onnxruntime", is_flag=True,
               help="Also time every variant exported to ONNX, in ONNX Runtime (CPU, fp32).")
 @click.option("--sweep", help="Comma-separated reductions to time too, e.g. 0,0.1,0.2,0.3,0.4,0.5.")

@@ -32,8 +32,10 @@ def count_flops(variant: Variant, x: torch.Tensor) -> dict:
     b = x.shape[0]
     prefix = model.encoder.num_prefix_tokens
     t = out.token_map.num_tokens
+    stages = getattr(out.token_map.record, "stage_tokens", None)  # a reducer that merges in stages (ALGM)
     return {"gflops": total / b / 1e9, "policy_gflops": policy / b / 1e9,
-            "tokens": t + prefix, "patch_tokens": t, "prefix_tokens": prefix}
+            "tokens": t + prefix, "patch_tokens": t, "prefix_tokens": prefix,
+            "stage_tokens": None if stages is None else list(stages)}
 
 
 def count_train_flops(model: Segmenter, x: torch.Tensor, labels: torch.Tensor) -> float:

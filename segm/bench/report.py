@@ -29,7 +29,8 @@ def _head(has_lat: bool, has_mem: bool, has_train: bool) -> list[str]:
 def _row(r: dict, has_lat: bool, has_mem: bool, has_train: bool) -> list[str]:
     inf = r["inference"]
     i = inf["img_s"]
-    row = [r["name"], _budget(r), str(r["tokens"]), f"{100 * r['reduction']:.1f} %",
+    stages = f" ({'→'.join(map(str, r['stage_tokens']))})" if r.get("stage_tokens") else ""
+    row = [r["name"], _budget(r), f"{r['tokens']}{stages}", f"{100 * r['reduction']:.1f} %",
            f"{r['gflops']:.3g}", f"{i['median']:.3g} [{i['min']:.3g}–{i['max']:.3g}]",
            f"{inf['speedup']:.2f}×", f"{inf['speedup_paired']:.2f}×", f"{inf['speedup_best']:.2f}×",
            f"{inf['gflop_per_s']:.1f} ({100 * inf['matmul_fraction']:.0f} %)"]

@@ -42,6 +42,7 @@ class BenchConfig:
     with_random: bool = False
     with_content: bool = False
     reducers: tuple = ()  # --reducer NAME[:KEY=VALUE,...]: a variant per registered reducer
+    cts_reducers: tuple = ()  # --on-cts NAME[:KEY=VALUE,...]: a variant per reducer stacked on the CTS variant
     onnxruntime: bool = False  # also time every variant exported to ONNX, in ONNX Runtime
     sweep: tuple = ()
     # protocol
@@ -117,7 +118,7 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.num_shared is not None and cfg.token_reduction is not None:
         raise BenchError("give --num-shared or --token-reduction, not both")
     parse_inputs(cfg.inputs)
-    for spec in cfg.reducers:
+    for spec in (*cfg.reducers, *cfg.cts_reducers):
         parse_reducer(spec)
     check_onnx_config(cfg)
 

@@ -1,7 +1,8 @@
 """The timed variants, one token reducer each, all sharing one encoder and decoder built from a
 preset or a checkpoint: the model without reduction, CTS with the policy network at the main
 budget, optionally CTS with the random and content scorers and at the sweep's budgets, a
-checkpoint's own reducer, and every registered reducer named with `--reducer`."""
+checkpoint's own reducer, every registered reducer named with `--reducer`, and every one named
+with `--on-cts`, stacked on CTS's tokens (policy network, main budget)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -119,13 +120,15 @@ class _Reducers:
             self.scorers[scorer] = built
         return CtsReducer(self.grid, self.patch_size, scorer, self.scorers[scorer], num_shared)
 
-    def registered(self, spec: str) -> Reducer:
-        """The reducer a `--reducer NAME[:KEY=VALUE,...]` names, its settings checked."""
+    def registered(self, spec: str, under: Reduction | None = None) -> Reducer:
+        """The reducer a `--reducer NAME[:KEY=VALUE,...]` names, its settings checked; `under`:
+        the CTS reduction it stacks on (`--on-cts`)."""
         entry = parse_reducer(spec)
         try:
-            return self.build(registered_reduction(entry, self.grid))
+            torch.manual_seed(self.seed)  # a policy network underneath: the same random weights
+            return self.build(registered_reduction(entry, self.grid, under=under))
         except ReductionError as e:
-            raise BenchError(f"--reducer {spec!r}: {e}") from None
+            raise BenchError(f"{'--on-cts' if under else '--reducer'} {spec!r}: {e}") from None
 
 
 def build_variants(cfg: BenchConfig) -> tuple[list[Variant], dict]:
@@ -160,6 +163,9 @@ def build_variants(cfg: BenchConfig) -> tuple[list[Variant], dict]:
         add(base.reducer.tag(), base.reducer, "")
     for spec in cfg.reducers:
         reducer = reducers.registered(spec)
+        add(reducer.tag(), reducer, "")
+    for spec in cfg.cts_reducers:
+        reducer = reducers.registered(spec, under=Reduction(CTS, main_scorer, s_main))
         add(reducer.tag(), reducer, "")
     for v in variants:
         v.model.eval()

@@ -174,11 +174,24 @@ def _no_options(options: dict, grid) -> dict:
     return options
 
 
+def check_resize(options: dict, grid: tuple[int, int]) -> dict:
+    """The `reducer: {name: resize, size: S}` setting: a positive int (square) or [H, W]."""
+    unknown = set(options) - {"size"}
+    if unknown or "size" not in options:
+        raise ReductionError("resize takes one setting, size (pixels, e.g. resize:size=432)")
+    size = options["size"]
+    size = [size, size] if isinstance(size, int) else size
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise ReductionError(f"resize size is a positive number of pixels (or [H, W]), got {options['size']!r}")
+    return {"size": list(size)}
+
+
 _REDUCERS: dict[str, ReducerEntry] = {
     NONE: ReducerEntry("segm.model.reduction.base:Reducer.from_description", _no_options, fixed_input=False),
     CTS: ReducerEntry("segm.model.reduction.cts_reducer:CtsReducer.from_description", _no_options),
     "algm": ReducerEntry("segm.model.reduction.algm:AlgmReducer.from_description",
                          "segm.model.reduction.algm_rules:check_algm", on_cts=True),
+    "resize": ReducerEntry("segm.model.reduction.resize:ResizeReducer.from_description", check_resize),
 }
 
 
