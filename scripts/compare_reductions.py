@@ -47,6 +47,8 @@ RESHARED = {
     "cts_learned": (LEARNED, f"CTS, learned policy, S = {S}"),
     "cts_content": (CONTENT, f"CTS, content policy, S = {S}"),
     "cts_algm": ([*LEARNED, *ALGM], f"CTS (learned, S = {S}) + ALGM static"),
+    "algm_static_prop_attn": (["--reducer", "algm:prop_attn=true"], "ALGM static, proportional attention"),
+    "resize": (["--reducer", "resize:size=112"], "the input resized to 112 px (49 tokens)"),
 }
 
 
