@@ -45,6 +45,10 @@ class Geometry:
     short_side: int | None = None
 
 
+# The largest --crop-size (synthetic, custom): 4× the area of Cityscapes' 768, the largest reference crop.
+MAX_CROP_SIZE = 1536
+
+
 def default_crop_size(name: str) -> int:
     return int(load_config()["dataset"][canonical_name(name)]["crop_size"])
 
@@ -66,6 +70,9 @@ def geometry_for(name: str, crop_size: int | None = None) -> Geometry:
     size = default_crop_size(name) if crop_size is None else int(crop_size)
     if size <= 0 or size % 32:
         raise ValueError(f"crop size must be a positive multiple of 32 (the superpatch size), got {size}")
+    if size > MAX_CROP_SIZE:
+        raise ValueError(f"--crop-size {size} is above {MAX_CROP_SIZE}, the largest crop the policy network takes here "
+                         "(the reference's are 480-768; its memory grows with the crop's area)")
     im_size = int(load_config()["dataset"][name]["im_size"])
     return Geometry("short_side", size, short_side=max(size, im_size))
 

@@ -16,6 +16,7 @@ import click
 
 from segm.data.base import DATASET_CHOICES, canonical_name
 from segm.model.policy import build_policy, load_policy_checkpoint
+from segm.model.reduction.rules import ModelConfigError
 from segm.model.spec import DEFAULT_POLICY_BACKBONE, read_policy_record
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
@@ -32,7 +33,7 @@ def evaluate_checkpoint(ckpt, dataset: str, *, split: str = "val", data_root=Non
                         max_images: int | None = None) -> dict:
     ckpt = Path(ckpt)
     name = canonical_name(dataset)
-    run = read_policy_record(ckpt) or {}
+    run = _policy_record(ckpt)
     if backbone is None:
         backbone = run.get("backbone", DEFAULT_POLICY_BACKBONE)
     same_data = run.get("dataset") is not None and canonical_name(run["dataset"]) == name
@@ -51,6 +52,15 @@ def evaluate_checkpoint(ckpt, dataset: str, *, split: str = "val", data_root=Non
     loader = eval_loader(data, batch_size, num_workers, dev, indices=indices)
     metrics = evaluate(model, loader, name, s, dev, seed=seed)
     return {"checkpoint": str(ckpt), "dataset": name, "split": split, "backbone": backbone, "crop": crop, **metrics}
+
+
+def _policy_record(ckpt: Path) -> dict:
+    """The run's record beside the checkpoint ({} when there is none); its errors name this
+    command's option, --backbone (the segmenter's commands spell it --policy-backbone)."""
+    try:
+        return read_policy_record(ckpt) or {}
+    except ModelConfigError as e:
+        raise ModelConfigError(str(e).replace("--policy-backbone", "--backbone")) from None
 
 
 def format_table(r: dict) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import click
 
+from segm.model.reduction.policy_rules import check_policy_options
 from segm.model.reduction.rules import NO_SHARING, POLICY_METHODS, ModelConfigError, parse_reducer
 
 
@@ -63,6 +64,7 @@ def policy_choice(policy_method=None, num_tokens_shared=None, token_reduction=No
         if given:
             raise ModelConfigError(f"{', '.join(given)} choose(s) a token budget or policy: give --policy-method too")
         return None
+    check_policy_options(policy_method, policynet_ckpt, policy_backbone)  # not ignored silently
     return PolicyChoice(policy_method, num_tokens_shared, token_reduction, policynet_ckpt, policy_backbone,
                         None if reducer is None else parse_reducer(reducer))
 

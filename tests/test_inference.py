@@ -10,7 +10,7 @@ from PIL import Image
 
 import segm
 from segm.data import dataset_info
-from segm.inference import main, predict_image
+from segm.inference import evaluation_scale, main, predict_image
 from segm.visualize import checkpoint_palette, colorize
 from tests.helpers.models import CROP, K, make_model_dir
 
@@ -53,9 +53,10 @@ def test_cli_folder_grey_rgba_odd_sizes(synthetic_root, tmp_path, images):
 
     model, variant = segm.load_model(ckpt)
     palette = np.array(dataset_info("synthetic", data_root=synthetic_root).palette, dtype=np.uint8)
+    im_size = evaluation_scale(variant)[0]  # the command resizes as evaluation does
     for name, src in [("grey", "grey.png"), ("rgba", "rgba.png"), ("odd", "odd.jpg")]:
         rgb = Image.open(images / src).convert("RGB")
-        expected = colorize(segm.predict(model, rgb, variant=variant), palette)
+        expected = colorize(segm.predict(model, rgb, variant=variant, im_size=im_size), palette)
         plain = Image.open(out_plain / f"{name}.png")
         assert plain.mode == "RGB" and plain.size == rgb.size
         assert np.array_equal(np.asarray(plain), expected)  # the checkpoint dataset's palette
@@ -206,7 +207,7 @@ def test_16bit_images_are_scaled_like_training_reads_them(synthetic_root, tmp_pa
         assert np.array_equal(segm.predict(model, im, variant=variant), segm.predict(model, as8["grey16"], variant=variant))
     out = tmp_path / "out16"
     r = CliRunner().invoke(main, ["--model-path", str(ckpt), "-i", str(d), "-o", str(out), "--no-blend", "--cpu",
-                                  "--no-legend"])
+                                  "--no-legend", "--native-size"])
     assert r.exit_code == 0, r.output
     palette = np.array(dataset_info("synthetic", data_root=synthetic_root).palette, dtype=np.uint8)
     for name, want in as8.items():
@@ -231,11 +232,11 @@ def test_cli_index_format_and_legend(synthetic_root, tmp_path, images):
     model, variant = segm.load_model(ckpt)
     runner = CliRunner()
     r = runner.invoke(main, ["--model-path", str(ckpt), "-i", str(images), "-o", str(tmp_path / "idx"), "--cpu",
-                             "--format", "index"])
+                             "--format", "index", "--native-size"])
     assert r.exit_code == 0, r.output
     _check_outputs(tmp_path / "idx", ["grey.png", "odd.png", "rgba.png"])
     r = runner.invoke(main, ["--model-path", str(ckpt), "-i", str(images / "odd.jpg"), "-o", str(tmp_path / "ov"),
-                             "--cpu", "--no-blend"])
+                             "--cpu", "--no-blend", "--native-size"])
     assert r.exit_code == 0, r.output
     rgb = Image.open(images / "odd.jpg").convert("RGB")
     label = segm.predict(model, rgb, variant=variant)
@@ -263,7 +264,8 @@ def test_window_and_amp_options_reach_the_model(synthetic_root, tmp_path, images
         return forward(self, im, *a, **kw)
 
     monkeypatch.setattr(segm.model.segmenter.Segmenter, "forward", spy)
-    args = ["--model-path", str(ckpt), "-i", str(images / "odd.jpg"), "--cpu", "--window-batch-size", "1"]
+    args = ["--model-path", str(ckpt), "-i", str(images / "odd.jpg"), "--cpu", "--window-batch-size", "1",
+            "--native-size"]
     r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a"), "--window-size", "48", "--window-stride", "48",
                                   "--amp", "bf16"])
     assert r.exit_code == 0, r.output

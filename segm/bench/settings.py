@@ -108,6 +108,8 @@ def check_config(cfg: BenchConfig) -> None:
     for name, low in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("num_batches", 1), ("matmul_size", 1)):
         if getattr(cfg, name) < low:
             raise BenchError(f"--{name.replace('_', '-')} must be ≥ {low}, got {getattr(cfg, name)}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise BenchError(f"--threads must be ≥ 1 (torch's intra-op threads), got {cfg.threads}")
     if cfg.dtype not in ("fp32", "bf16"):
         raise BenchError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
     cfg.device = str(resolve_device(cfg.device))  # the project's one device rule

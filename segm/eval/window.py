@@ -49,7 +49,7 @@ def resolve_window(model, variant: dict, dataset: str | None = None, window_size
       configs/config.yml (ADE20K 512, Cityscapes 512, Pascal-Context 320), then the run's
       `inference_kwargs.window_stride`, then the window size itself.
 
-    A stride outside 1..window size is an error (`check_stride`).
+    A window size below 1 or a stride outside 1..window size is an error (`check_stride`).
     """
     from segm.model.reduction.rules import check_window  # no torch: the window mechanics need none
 
@@ -63,6 +63,8 @@ def resolve_window(model, variant: dict, dataset: str | None = None, window_size
     crop = tuple(model.crop_size)
     if window_size is None:
         window_size = int(run_window or crop[0])
+    if window_size < 1:  # before the stride, which defaults to it
+        raise ValueError(f"window size {window_size} must be ≥ 1 (--window-size, window_size)")
     check_window(model.reduction_method, crop, (window_size, window_size))
     if window_stride is None:
         window_stride = next(int(s) for s in [*strides, window_size] if s is not None and int(s) <= window_size)
