@@ -2,8 +2,11 @@
 
 Writes `model.safetensors` (the weights alone), `config.json` (the model description, class
 names and palette, normalisation, crop, policy and budget) and a model card `README.md`, in the
-layout of Hugging Face's `PyTorchModelHubMixin`. Every command that takes a checkpoint takes
-the folder too (`segm.load_model(OUT_DIR)`); loading never unpickles. To publish it:
+layout of Hugging Face's `PyTorchModelHubMixin`. The folder appears complete or not at all (it
+is written beside OUT_DIR, then renamed), and it carries no path of yours (policy checkpoint,
+pretrained weights, data root): the policy network travels in the safetensors. Every command
+that takes a checkpoint takes the folder too (`segm.load_model(OUT_DIR)`); loading never
+unpickles and reads nothing outside the folder. To publish it:
 `huggingface-cli upload USER/NAME OUT_DIR` (or `huggingface_hub.upload_folder`).
 """
 from __future__ import annotations
@@ -18,7 +21,8 @@ from segm.utils.cli import CONTEXT_SETTINGS
 @click.version_option(__version__, "--version", prog_name="segm.share")
 @click.argument("checkpoint", type=str)
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--overwrite", is_flag=True, help="Replace the files of a non-empty OUT_DIR.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a non-empty OUT_DIR as a whole (and remove what a killed share left beside it).")
 def main(checkpoint, out_dir, overwrite):
     """Export CHECKPOINT (checkpoint.pth with variant.yml, or a shared folder) to OUT_DIR."""
     from segm.model.factory import load_model

@@ -77,4 +77,122 @@ def test_commands_take_the_shared_folder(synthetic_root, tmp_path):
     result = CliRunner().invoke(miou_main, [str(out), "synthetic", "--data-root", str(synthetic_root),
                                             "--num-workers", "0", "--frac-dataset", "0.25"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert (out / "scores_ss.yml").is_file()
+    assert list(out.glob("scores_ss*.yml"))  # the name of a partial evaluation's file is not this test's
+
+
+# --------------------------------------------------------------------------- issue 21, part A
+def _policy_run_with_paths(tmp_path, data_root):
+    """A policy_net run whose variant names the sharer's files: its policy checkpoint, pretrained
+    weights, data root and classes file."""
+    from segm.model import save_model
+    from segm.model.factory import write_variant
+    from tests.helpers.models import tiny_variant
+    from tests.helpers.train import make_policy_ckpt
+
+    private = tmp_path / "private"
+    private.mkdir()
+    make_policy_ckpt(private / "model.pth", seed=3)
+    variant = tiny_variant(data_root, "policy_net")
+    variant["net_kwargs"]["policynet_ckpt"] = str(private / "model.pth")
+    variant["dataset_kwargs"]["classes_file"] = str(private / "classes.yml")
+    model = segm.create_segmenter(variant["net_kwargs"])
+    torch.save(model.encoder.state_dict(), private / "vit.pth")
+    variant["net_kwargs"]["pretrained"] = str(private / "vit.pth")
+    (tmp_path / "run").mkdir()
+    save_model(model, variant, tmp_path / "run" / "checkpoint.pth")
+    write_variant(variant, tmp_path / "run")
+    return tmp_path / "run" / "checkpoint.pth", model
+
+
+def test_a_shared_folder_carries_no_path_and_its_policy_network(synthetic_root, tmp_path):
+    from safetensors import safe_open
+
+    ckpt, model = _policy_run_with_paths(tmp_path, synthetic_root)
+    out = tmp_path / "shared"
+    result = CliRunner().invoke(share_main, [str(ckpt), str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "README.md"):
+        text = (out / name).read_text()
+        assert str(tmp_path) not in text and str(synthetic_root) not in text and "private" not in text, name
+    net = json.loads((out / "config.json").read_text())["variant"]["net_kwargs"]
+    assert "policynet_ckpt" not in net and "pretrained" not in net
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        policy = {k: f.get_tensor(k) for k in f.keys() if k.startswith("policy_net.")}
+    own = {f"policy_net.{k}": v for k, v in model.policy_net.state_dict().items()}
+    assert policy.keys() == own.keys() and all(torch.equal(policy[k], own[k]) for k in own)
+    shared, _ = segm.load_model(out)
+    im = torch.randn(2, 3, CROP, CROP)
+    with torch.no_grad():
+        assert torch.equal(shared(im), model(im))
+
+
+def _share_killed_after_the_weights(ckpt, out):
+    """`segm.share` in a subprocess, SIGKILLed once the weights are written (both the former
+    in-folder temp files and the temporary sibling folder of today are then left over)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys\n"
+            "import segm.model.hub as hub\n"
+            "import segm.utils.atomic as atomic\n"
+            "def die(*a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "hub.atomic_write_text = die\n"  # the former writer: weights, then config
+            "real = getattr(hub, '_write_file', None)\n"
+            "def write_then_die(path, data):\n"
+            "    real(path, data)\n"
+            "    die()\n"
+            "if real is not None:\n"
+            "    hub._write_file = write_then_die\n"
+            "from segm.share import main\n"
+            "main([sys.argv[1], sys.argv[2]])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ckpt), str(out)], capture_output=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+
+
+def test_a_share_killed_midway_leaves_nothing_that_blocks_or_is_published(synthetic_root, tmp_path):
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root)
+    out = tmp_path / "shared"
+    _share_killed_after_the_weights(ckpt, out)
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written to upload
+    result = CliRunner().invoke(share_main, [str(ckpt), str(out)])
+    assert result.exit_code == 0, result.output  # the re-run is not blocked
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".shared")]
+    assert leftovers  # the killed share's sibling, until --overwrite
+    result = CliRunner().invoke(share_main, [str(ckpt), str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".shared")]
+    segm.load_model(out)
+
+
+def test_overwrite_replaces_the_folder_as_a_whole(synthetic_root, tmp_path):
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root)
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "notes.txt").write_text("stale")
+    (out / ".model.safetensors.abc.tmp").write_bytes(b"x" * 100)  # what a killed write left inside
+    result = CliRunner().invoke(share_main, [str(ckpt), str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_a_full_disk_while_sharing_is_one_line_and_leaves_nothing(synthetic_root, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root)
+    out = tmp_path / "shared"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    result = CliRunner().invoke(share_main, [str(ckpt), str(out)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines == [f"Error: cannot write {out / 'model.safetensors'}: the disk is full (no space left on device)"]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".shared")]

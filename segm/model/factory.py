@@ -14,7 +14,7 @@ from pathlib import Path
 
 from segm.config import dump_yaml, load_yaml
 from segm.model.decoder import create_decoder
-from segm.model.hub import CONFIG, WEIGHTS, is_shared_folder, read_shared
+from segm.model.hub import CONFIG, WEIGHTS, is_shared_folder, load_weights, read_shared
 from segm.model.reduction import build_reducer
 from segm.model.reduction.algm_rules import published_reducer
 from segm.model.segmenter import Segmenter
@@ -95,9 +95,10 @@ def load_model(path, map_location="cpu") -> tuple[Segmenter, dict]:
     a shared model folder (`segm.share`: safetensors + config.json).
     Returns (model in eval mode, variant)."""
     path = Path(path)
-    if is_shared_folder(path):
-        variant, state = read_shared(path)
-        model = _built_with(variant, state, f"{path / WEIGHTS} does not fit its {CONFIG}")
+    if is_shared_folder(path):  # closed: nothing but its config.json and model.safetensors is read
+        variant, header = read_shared(path)
+        model = _built_with(variant, lambda built: load_weights(path, built, header),
+                            f"{path / WEIGHTS} does not fit its {CONFIG}")
         return model.to(map_location), variant
     if path.is_dir():
         path = path / "checkpoint.pth"
@@ -125,9 +126,11 @@ def load_model(path, map_location="cpu") -> tuple[Segmenter, dict]:
 
 
 def _built_with(variant: dict, state, misfit: str) -> Segmenter:
-    """The model `variant` describes with the weights `state`, in eval mode; a state that does
-    not fit is refused with `misfit` and the first mismatch."""
+    """The model `variant` describes with the weights `state` (or `state(model)`), in eval mode;
+    a state that does not fit is refused with `misfit` and the first mismatch."""
     model = create_segmenter(variant["net_kwargs"], policy_ckpt_required=False)
+    if callable(state):
+        state = state(model)
     problem = state_dict_mismatch(model, state) if isinstance(state, dict) else "'model' is not a state dict"
     if problem:
         raise ValueError(f"{misfit}: {problem}")

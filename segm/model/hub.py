@@ -1,6 +1,12 @@
 """A trained model in one shareable folder: weights as safetensors, a `config.json` and a model
 card, in the layout of Hugging Face's `PyTorchModelHubMixin` (so the folder can be pushed to a
-hub as it is). Loading reads only JSON and safetensors: nothing is unpickled.
+hub as it is). The folder is written as a whole (a temporary sibling, then a rename) and carries
+no path of the sharer's.
+
+Loading a folder from a stranger reads only its `config.json` (checked by
+`segm.model.shared_schema` before anything is built) and `model.safetensors` (sizes checked on
+the header against the config before any tensor is allocated, dtypes against the model, values
+finite); it follows no path or model name and makes no network call.
 
     python -m segm.share runs/ade20k_vit_s_cts/checkpoint.pth shared/ade20k_vit_s_cts
     model, variant = segm.load_model("shared/ade20k_vit_s_cts")
@@ -8,34 +14,44 @@ hub as it is). Loading reads only JSON and safetensors: nothing is unpickled.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from segm.utils.atomic import atomic_write, atomic_write_text
+from segm.model.shared_schema import (
+    DATASET_KEYS, FORMAT, INFERENCE_KEYS, PATH_KEYS, SharedFolderError, check_config, read_config,
+)
+from segm.utils.writable import NotWritableError, write_error_message
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
-FORMAT = "segm-cts-model/1"
-# The variant parts a shared model keeps: what builds it and what inference needs.
-_VARIANT_KEYS = ("net_kwargs", "dataset_kwargs", "inference_kwargs")
-_PRIVATE_DATASET_KEYS = ("data_root", "classes_file", "num_workers", "batch_size", "split")
 # Files that would have to be unpickled: never loaded from a shared folder.
 _PICKLED = ("pytorch_model.bin", "checkpoint.pth", "model.pth", "model.pt")
+_PARTIAL = ".partial-"  # a folder being written: `.NAME.partial-XXXX` beside NAME
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def is_shared_folder(path) -> bool:
-    return Path(path).is_dir() and (Path(path) / CONFIG).is_file() and not (Path(path) / "checkpoint.pth").is_file()
+    """A folder without checkpoint.pth that holds any part of a shared model (what is missing
+    is then named by `read_shared`)."""
+    path = Path(path)
+    marks = (CONFIG, WEIGHTS, *_PICKLED[:1])
+    return path.is_dir() and not (path / "checkpoint.pth").is_file() and any((path / m).is_file() for m in marks)
 
 
 def model_config(model, variant: dict) -> dict:
-    """config.json: the variant's model part plus what a colleague needs to use the model."""
+    """config.json: the variant's model part plus what a colleague needs to use the model; no
+    path (policy checkpoint, pretrained weights, data root) is kept."""
     from segm.data.base import STATS, variant_normalization
     from segm.visualize import checkpoint_classes
 
-    kept = {k: variant[k] for k in _VARIANT_KEYS if k in variant}
-    kept["dataset_kwargs"] = {k: v for k, v in (kept.get("dataset_kwargs") or {}).items()
-                              if k not in _PRIVATE_DATASET_KEYS}
-    net = variant["net_kwargs"]
+    net = {k: v for k, v in variant["net_kwargs"].items() if k not in PATH_KEYS}
+    kept = {"net_kwargs": net,
+            "dataset_kwargs": {k: v for k, v in (variant.get("dataset_kwargs") or {}).items() if k in DATASET_KEYS},
+            "inference_kwargs": {k: v for k, v in (variant.get("inference_kwargs") or {}).items()
+                                 if k in INFERENCE_KEYS}}
     normalization = variant_normalization(variant)
     names, palette, _ = checkpoint_classes(variant, model.n_cls)
     return {
@@ -51,52 +67,212 @@ def model_config(model, variant: dict) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- writing
 def share_model(model, variant: dict, out_dir, *, overwrite: bool = False) -> Path:
-    """Writes `out_dir/{model.safetensors, config.json, README.md}` (each atomically)."""
+    """Writes `out_dir/{model.safetensors, config.json, README.md}` as a whole: into a temporary
+    sibling folder, then renamed to `out_dir` (replacing it with `overwrite`). A failed write
+    (disk full) raises NotWritableError naming the file and leaves `out_dir` as it was."""
     from safetensors.torch import save
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise NotWritableError(f"{out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; choose another folder or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        _remove_partial(out)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config = model_config(model, variant)
-    atomic_write(out / WEIGHTS, lambda f: f.write(save(state, metadata={"format": FORMAT})))
-    atomic_write_text(out / CONFIG, json.dumps(config, indent=1) + "\n")
-    atomic_write_text(out / CARD, model_card(config, out.name))
+    files = {WEIGHTS: lambda: save(state, metadata={"format": FORMAT}),
+             CONFIG: lambda: (json.dumps(config, indent=1) + "\n").encode(),
+             CARD: lambda: model_card(config, out.name).encode()}
+    _write_folder(out, files)
     return out
 
 
+def _write_folder(out: Path, files: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}", dir=out.parent))
+    except OSError as e:
+        raise NotWritableError(write_error_message(e, out)) from None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask_of(tmp))  # mkdtemp makes it 0700
+        for name, content in files.items():
+            try:
+                _write_file(tmp / name, content())
+            except OSError as e:
+                raise NotWritableError(write_error_message(e, out / name)) from None
+        old = _set_aside(out)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _set_aside(out: Path) -> Path | None:
+    """Moves an existing `out` to a partial sibling (removed once the new folder is in place)."""
+    if not out.exists():
+        return None
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}", dir=out.parent))
+    os.replace(out, old / out.name)
+    return old
+
+
+def _remove_partial(out: Path) -> None:
+    """Folders a killed share left beside `out`."""
+    if out.parent.is_dir():
+        for stale in out.parent.glob(f".{out.name}{_PARTIAL}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _umask_of(folder: Path) -> int:
+    """The process umask, read without changing it: the mode a fresh file in `folder` gets."""
+    probe = folder / ".umask"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o777))
+    try:
+        return 0o777 & ~os.stat(probe).st_mode
+    finally:
+        os.unlink(probe)
+
+
+# --------------------------------------------------------------------------- reading
 def read_shared(folder) -> tuple[dict, dict]:
-    """(variant, state dict) of a shared folder; reads JSON and safetensors only. The model is
-    built from them by `segm.model.factory.load_model`."""
-    from safetensors import SafetensorError
+    """(variant, header) of a shared folder: config.json checked by its schema, and the model
+    sizes it describes checked against the weights' shapes (`header`: name → (dtype, shape),
+    read from the safetensors header; no tensor is read). The model is then built by
+    `segm.model.factory.load_model` and filled by `load_weights`."""
+    folder = Path(folder)
+    _check_present(folder)
+    variant = check_config(read_config(folder / CONFIG), folder / CONFIG)
+    header = read_header(folder / WEIGHTS)
+    check_sizes(variant["net_kwargs"], header, folder)
+    return variant, header
+
+
+def _check_present(folder: Path) -> None:
+    pickled = [name for name in _PICKLED if (folder / name).exists()]
+    hint = f" ({pickled[0]} is a pickle and is never loaded from a shared folder)" if pickled else ""
+    for name in (WEIGHTS, CONFIG):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} has no {name}{hint}: a shared model folder holds {CONFIG} and "
+                                    f"{WEIGHTS}, written by `python -m segm.share`")
+
+
+def read_header(path: Path) -> dict:
+    """name → (dtype, shape) from a safetensors file's header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (OSError, ValueError, SafetensorError) as e:
+        raise SharedFolderError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+def check_sizes(net: dict, header: dict, folder: Path) -> None:
+    """The sizes config.json gives (width, depth, patch, crop, classes, MLP widths, the policy
+    network) against the shapes of the weights, before the model is built: a config cannot ask
+    for more memory than its weights fill."""
+    from segm.model.spec import complete_net_kwargs
+
+    net = complete_net_kwargs(net)
+    for name, shape, fields in _expected_shapes(net):
+        found = header.get(name, (None, None))[1]
+        if found != shape:
+            held = f"holds {name} of shape {found}" if found is not None else f"has no tensor {name}"
+            raise SharedFolderError(f"{folder / CONFIG}: `variant.net_kwargs` {fields} describe {name} of shape "
+                                    f"{shape}, but {WEIGHTS} {held}")
+    for prefix, count, field in _expected_blocks(net):
+        found = len({k[len(prefix):].split(".")[0] for k in header if k.startswith(prefix)})
+        if found != count:
+            raise SharedFolderError(f"{folder / CONFIG}: `variant.net_kwargs.{field}` is {count}, but {WEIGHTS} "
+                                    f"holds {found} blocks under {prefix}")
+    _check_policy_sizes(net, header, folder)
+
+
+def _expected_shapes(net: dict) -> list:
+    d, p, n_cls = net["d_model"], net["patch_size"], net["n_cls"]
+    h, w = net["image_size"] if isinstance(net["image_size"], (tuple, list)) else (net["image_size"],) * 2
+    prefix = 2 if net.get("distilled") else 1  # class (and distillation) tokens
+    shapes = [("encoder.patch_embed.proj.weight", (d, 3, p, p), "d_model, patch_size"),
+              ("encoder.pos_embed", (1, (h // p) * (w // p) + prefix, d), "image_size, patch_size, distilled"),
+              ("encoder.blocks.0.mlp.fc1.weight", (_mlp_width(d, net.get("d_ff")), d), "d_ff")]
+    dec = net["decoder"]
+    if dec["name"] == "linear":
+        return shapes + [("decoder.head.weight", (n_cls, d), "n_cls")]
+    dd = dec.get("d_model") or d
+    return shapes + [("decoder.cls_emb", (1, n_cls, dd), "n_cls, decoder.d_model"),
+                     ("decoder.proj_dec.weight", (dd, d), "decoder.d_model"),
+                     ("decoder.blocks.0.mlp.fc1.weight", (_mlp_width(dd, dec.get("d_ff")), dd), "decoder.d_ff")]
+
+
+def _mlp_width(d: int, d_ff: int | None) -> int:
+    return int(d * ((d_ff or 4 * d) / d))  # as the blocks compute it from their mlp_ratio
+
+
+def _expected_blocks(net: dict) -> list:
+    blocks = [("encoder.blocks.", net["n_layers"], "n_layers")]
+    if net["decoder"]["name"] == "mask_transformer":
+        blocks.append(("decoder.blocks.", net["decoder"].get("n_layers", 2), "decoder.n_layers"))
+    return blocks
+
+
+def _check_policy_sizes(net: dict, header: dict, folder: Path) -> None:
+    """The policy network's shapes, from a build on the meta device (no memory)."""
+    import torch
+
+    from segm.model.policy.net import PolicyNet
+    from segm.model.reduction.policy_rules import uses_policy_net
+    from segm.model.reduction.rules import DEFAULT_POLICY_BACKBONE
+
+    if not uses_policy_net(net.get("policy_method", "no_sharing")):
+        return
+    backbone = net.get("policy_backbone") or DEFAULT_POLICY_BACKBONE
+    try:
+        with torch.device("meta"):
+            own = {f"policy_net.{k}": tuple(v.shape) for k, v in PolicyNet(backbone).state_dict().items()}
+    except ValueError as e:
+        raise SharedFolderError(f"{folder / CONFIG}: `variant.net_kwargs.policy_backbone` {e}") from None
+    bad = next((k for k, shape in own.items() if header.get(k, (None, None))[1] != shape), None)
+    if bad is not None:
+        raise SharedFolderError(f"{folder / CONFIG}: `variant.net_kwargs.policy_backbone` {backbone!r} has {bad} of "
+                                f"shape {own[bad]}, {WEIGHTS} holds {header.get(bad, (None, None))[1]}")
+
+
+def load_weights(folder, model, header: dict) -> dict:
+    """The weights of `folder` for `model`: each tensor's dtype as the model's (any float for a
+    float; an integer or bool tensor is refused, never cast), every float value finite."""
+    import torch
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    if not (folder / WEIGHTS).is_file():
-        pickled = [name for name in _PICKLED if (folder / name).exists()]
-        hint = f" ({pickled[0]} is a pickle and is never loaded from a shared folder)" if pickled else ""
-        raise FileNotFoundError(f"{folder} has no {WEIGHTS}{hint}: export it with `python -m segm.share`")
+    path = Path(folder) / WEIGHTS
+    own = model.state_dict()
+    for name, (dtype, _) in header.items():
+        if name in own and not _dtype_fits(dtype, own[name].dtype):
+            raise SharedFolderError(f"{path}: tensor {name} is {dtype}, the model holds {own[name].dtype}")
     try:
-        config = json.loads((folder / CONFIG).read_text())
-        state = load_file(str(folder / WEIGHTS))
-    except (OSError, ValueError, SafetensorError) as e:
-        raise ValueError(f"cannot read the shared model in {folder}: {e}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{folder / CONFIG} is not a shared segm-cts model (format {FORMAT})")
-    variant = _restore_tuples(config["variant"])
-    variant["classes"] = {"names": config.get("class_names"), "palette": config.get("palette")}
-    return variant, state
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types; the header was already read
+        raise SharedFolderError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise SharedFolderError(f"{path}: tensor {bad} holds NaN or infinite values")
+    return state
 
 
-def _restore_tuples(variant: dict) -> dict:
-    """JSON has no tuples; the model description holds two."""
-    net = dict(variant["net_kwargs"])
-    for key in ("image_size", "policy_schedule"):
-        if isinstance(net.get(key), list):
-            net[key] = tuple(net[key])
-    return {**variant, "net_kwargs": net}
+def _dtype_fits(stored: str, wanted) -> bool:
+    import torch
+
+    if wanted.is_floating_point:
+        return stored in _FLOAT_DTYPES
+    return stored == {torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}.get(wanted)
 
 
 def _reduction_words(config: dict, h: int, w: int) -> str:
