@@ -259,7 +259,7 @@ CASES = [
     Case("weights-extra", _weights(lambda s: s.update(extra=torch.zeros(1))), "1 unexpected keys: extra"),
     Case("weights-truncated", _truncate, "model.safetensors is not a readable safetensors file"),
     Case("weights-no-policy-net", _weights(lambda s: [s.pop(k) for k in list(s) if k.startswith("policy_net.")]),
-         "model.safetensors holds None", policy="policy_net"),
+         "model.safetensors has no such tensor", policy="policy_net"),
 ]
 
 

@@ -238,12 +238,16 @@ def _check_policy_sizes(net: dict, header: dict, folder: Path) -> None:
     try:
         with torch.device("meta"):
             own = {f"policy_net.{k}": tuple(v.shape) for k, v in PolicyNet(backbone).state_dict().items()}
-    except ValueError as e:
-        raise SharedFolderError(f"{folder / CONFIG}: `variant.net_kwargs.policy_backbone` {e}") from None
+    except (ValueError, RuntimeError, TypeError, AttributeError, AssertionError) as e:  # timm's, per model
+        raise SharedFolderError(f"{folder / CONFIG}: `variant.net_kwargs.policy_backbone` {backbone!r} cannot be "
+                                f"built as a policy network ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                                ) from None
     bad = next((k for k, shape in own.items() if header.get(k, (None, None))[1] != shape), None)
     if bad is not None:
+        found = header.get(bad, (None, None))[1]
+        held = f"holds shape {found}" if found is not None else "has no such tensor"
         raise SharedFolderError(f"{folder / CONFIG}: `variant.net_kwargs.policy_backbone` {backbone!r} has {bad} of "
-                                f"shape {own[bad]}, {WEIGHTS} holds {header.get(bad, (None, None))[1]}")
+                                f"shape {own[bad]}, {WEIGHTS} {held}")
 
 
 def load_weights(folder, model, header: dict) -> dict:
