@@ -28,8 +28,10 @@ def main(checkpoint, out_dir, overwrite):
     from segm.model.factory import load_model
     from segm.model.hub import share_model
     from segm.utils.checkpoint import CheckpointError
+    from segm.utils.writable import check_writable
 
     try:
+        check_writable(out_dir, "OUT_DIR")  # before the model is loaded
         model, variant = load_model(checkpoint)
         out = share_model(model, variant, out_dir, overwrite=overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, CheckpointError, PermissionError) as e:

@@ -1,6 +1,7 @@
 """A trained model shared as one folder (safetensors + config.json + model card) loads back
 exactly, without unpickling, into every command that takes a checkpoint."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +197,35 @@ def test_a_full_disk_while_sharing_is_one_line_and_leaves_nothing(synthetic_root
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert lines == [f"Error: cannot write {out / 'model.safetensors'}: the disk is full (no space left on device)"]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".shared")]
+
+
+@pytest.mark.parametrize("where, fragment", [("afile/shared", "afile is a file, not a folder"),
+                                             ("afile/deeper/shared", "afile is a file, not a folder"),
+                                             ("ro/shared", "permission denied")])
+def test_sharing_to_a_place_that_cannot_be_written_is_one_line(synthetic_root, tmp_path, monkeypatch, where, fragment):
+    import os
+
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root)
+    (tmp_path / "afile").write_text("a file")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: the folder answers as a read-only mount would
+        import tempfile
+
+        real = tempfile.mkdtemp
+
+        def mkdtemp(*a, dir=None, **k):
+            if dir is not None and Path(dir).resolve() == (tmp_path / "ro").resolve():
+                raise PermissionError(13, "Permission denied", str(dir))
+            return real(*a, dir=dir, **k)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    try:
+        result = CliRunner().invoke(share_main, [str(ckpt), str(tmp_path / where)])
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ro", "run"]
+    assert not list((tmp_path / "ro").iterdir())

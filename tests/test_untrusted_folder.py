@@ -348,3 +348,16 @@ def test_a_config_cannot_ask_for_more_memory_than_its_weights(shared, tmp_path):
     with pytest.raises(ValueError, match="describe encoder.patch_embed.proj.weight"):
         segm.load_model(folder)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+def test_the_open_spy_sees_an_open(shared):
+    """The audit hook the table relies on does record an open of the watched file."""
+    secret = shared["world"] / "secret.pth"
+    _FORBIDDEN.add(secret.resolve())
+    _OPENED.clear()
+    try:
+        torch.load(secret, weights_only=True)
+        assert _OPENED == [str(secret)]
+    finally:
+        _FORBIDDEN.clear()
+        _OPENED.clear()

@@ -91,8 +91,8 @@ def share_model(model, variant: dict, out_dir, *, overwrite: bool = False) -> Pa
 
 
 def _write_folder(out: Path, files: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}", dir=out.parent))
     except OSError as e:
         raise NotWritableError(write_error_message(e, out)) from None
