@@ -229,3 +229,24 @@ def test_sharing_to_a_place_that_cannot_be_written_is_one_line(synthetic_root, t
     assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ro", "run"]
     assert not list((tmp_path / "ro").iterdir())
+
+
+def test_a_failed_rename_keeps_the_former_folder(synthetic_root, tmp_path, monkeypatch):
+    import os
+
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root)
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out and ".partial-" in str(src) and not str(src).endswith("/shared"):
+            raise OSError(18, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    result = CliRunner().invoke(share_main, [str(ckpt), str(out), "--overwrite"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".shared")]

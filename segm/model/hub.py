@@ -91,24 +91,39 @@ def share_model(model, variant: dict, out_dir, *, overwrite: bool = False) -> Pa
 
 
 def _write_folder(out: Path, files: dict) -> None:
+    """Each of `files` (name → bytes maker) into a temporary sibling of `out`, then renamed to
+    `out`; any failed write is one NotWritableError naming the file."""
+    tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}", dir=out.parent))
-    except OSError as e:
-        raise NotWritableError(write_error_message(e, out)) from None
-    try:
         os.chmod(tmp, 0o777 & ~_umask_of(tmp))  # mkdtemp makes it 0700
         for name, content in files.items():
             try:
                 _write_file(tmp / name, content())
             except OSError as e:
                 raise NotWritableError(write_error_message(e, out / name)) from None
-        old = _set_aside(out)
+        _swap_in(tmp, out)
+    except OSError as e:
+        raise NotWritableError(write_error_message(e, out)) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """`tmp` becomes `out`; a former `out` is removed once the new one is in place (and put
+    back if the rename fails)."""
+    old = _set_aside(out)
+    try:
         os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old / out.name, out)
+        raise
+    finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_file(path: Path, data: bytes) -> None:
