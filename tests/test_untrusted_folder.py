@@ -128,6 +128,13 @@ def _crop(size: int):
     return edit
 
 
+def _algm_at_block(block: int):
+    def edit(c):
+        c["variant"]["net_kwargs"]["reducer"] = {"name": "algm", "local_block": 1, "global_block": block}
+        c["reducer"] = {"reducer": "algm"}
+    return edit
+
+
 def _del(*keys):
     def edit(c):
         obj = c
@@ -164,7 +171,11 @@ CASES = [
     Case("only-pickle", _only_pickle, "pytorch_model.bin is a pickle and is never loaded"),
     # the JSON itself
     Case("not-json", _text("{not json"), "config.json is not valid JSON"),
-    Case("deep-nesting", _text("[" * 100_000 + "]" * 100_000), "nests 100000 levels deep"),
+    Case("deep-nesting", _text("[" * 100_000 + "]" * 100_000), "config.json nests deeper than 8 levels"),
+    Case("nesting-past-the-schema", _config(_set([[[[[[[["x"]]]]]]]], "class_names")),
+         "config.json nests deeper than 8 levels"),
+    Case("many-repeated-keys", _text("{" + ",".join(f'"{i % 30000}":0' for i in range(60_000)) + "}"),
+         "key '0' appears twice"),
     Case("not-an-object", _text("[1, 2]"), "must hold a JSON object, got a list"),
     Case("nan-constant", _replace('"dropout": 0.0', '"dropout": NaN'), "NaN is not a number JSON allows"),
     Case("repeated-key", _replace('"format"', '"format": 1, "format"'), "key 'format' appears twice"),
@@ -205,6 +216,8 @@ CASES = [
          CFG + "`variant.net_kwargs` does not describe a model"),
     Case("reducer-not-mapping", _net(reducer="algm"), NET + "reducer` must be a mapping with a `name`"),
     Case("reducer-unknown", _net(reducer={"name": "magic"}), "unknown reducer 'magic'"),
+    Case("reducer-past-the-encoder", _config(_algm_at_block(5)),
+         CFG + "`variant.net_kwargs` does not describe a model: algm's global_block 5 is past the encoder's 2"),
     Case("window-negative", _config(_set(-5, "variant", "inference_kwargs", "window_size")),
          CFG + "`variant.inference_kwargs.window_size` must be in 1..8192"),
     Case("dataset-normalization", _config(_set("imagenet", "variant", "dataset_kwargs", "normalization")),

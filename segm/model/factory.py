@@ -15,6 +15,7 @@ from pathlib import Path
 from segm.config import dump_yaml, load_yaml
 from segm.model.decoder import create_decoder
 from segm.model.hub import CONFIG, WEIGHTS, is_shared_folder, load_weights, read_shared
+from segm.model.shared_schema import SharedFolderError
 from segm.model.reduction import build_reducer
 from segm.model.reduction.algm_rules import published_reducer
 from segm.model.segmenter import Segmenter
@@ -98,7 +99,8 @@ def load_model(path, map_location="cpu") -> tuple[Segmenter, dict]:
     if is_shared_folder(path):  # closed: nothing but its config.json and model.safetensors is read
         variant, header = read_shared(path)
         model = _built_with(variant, lambda built: load_weights(path, built, header),
-                            f"{path / WEIGHTS} does not fit its {CONFIG}")
+                            f"{path / WEIGHTS} does not fit its {CONFIG}",
+                            invalid=f"{path / CONFIG}: `variant.net_kwargs` does not describe a model")
         return model.to(map_location), variant
     if path.is_dir():
         path = path / "checkpoint.pth"
@@ -125,10 +127,16 @@ def load_model(path, map_location="cpu") -> tuple[Segmenter, dict]:
     return _built_with(variant, ckpt["model"], f"checkpoint {path} does not fit the model its variant describes"), variant
 
 
-def _built_with(variant: dict, state, misfit: str) -> Segmenter:
+def _built_with(variant: dict, state, misfit: str, *, invalid: str | None = None) -> Segmenter:
     """The model `variant` describes with the weights `state` (or `state(model)`), in eval mode;
-    a state that does not fit is refused with `misfit` and the first mismatch."""
-    model = create_segmenter(variant["net_kwargs"], policy_ckpt_required=False)
+    a state that does not fit is refused with `misfit` and the first mismatch, a description
+    that cannot be built (a reducer's own rules) with `invalid`, when given, and the reason."""
+    try:
+        model = create_segmenter(variant["net_kwargs"], policy_ckpt_required=False)
+    except ValueError as e:
+        if invalid is None:
+            raise
+        raise SharedFolderError(f"{invalid}: {str(e).splitlines()[0]}") from None
     if callable(state):
         state = state(model)
     problem = state_dict_mismatch(model, state) if isinstance(state, dict) else "'model' is not a state dict"

@@ -144,7 +144,7 @@ _INFERENCE = {k: _optional(_int(1, MAX_SIZE)) for k in INFERENCE_KEYS}
 # --------------------------------------------------------------------------- reading
 def read_config(path) -> dict:
     """config.json parsed with bounds: its size, its nesting depth, no NaN/Infinity constants,
-    no repeated keys."""
+    no repeated keys. Linear in the file's size (no regular expression, no recursion of ours)."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
@@ -154,25 +154,30 @@ def read_config(path) -> dict:
         raise SharedFolderError(f"{path} is not UTF-8 text") from None
     except OSError as e:
         raise SharedFolderError(f"cannot read {path}: {e.strerror or e}") from None
-    depth = _depth(text)
-    if depth > MAX_DEPTH:
-        raise SharedFolderError(f"{path} nests {depth} levels deep (at most {MAX_DEPTH}): not a model config")
+    too_deep = f"{path} nests deeper than {MAX_DEPTH} levels: not a model config"
     try:
         config = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:  # nested past the interpreter's limit
+        raise SharedFolderError(too_deep) from None
+    except ValueError as e:
         raise SharedFolderError(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if _deeper_than(config, MAX_DEPTH):
+        raise SharedFolderError(too_deep)
     if not isinstance(config, dict):
         raise SharedFolderError(f"{path} must hold a JSON object, got {_show(config)}")
     return config
 
 
-def _depth(text: str) -> int:
-    """The deepest nesting of arrays and objects, strings aside (no recursion)."""
-    depth = deepest = 0
-    for bracket in re.findall(r'[\[\]{}]', re.sub(r'"(?:[^"\\]|\\.)*"', "", text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
+def _deeper_than(value, limit: int) -> bool:
+    """Whether lists and mappings nest more than `limit` deep (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
 
 
 def _no_constant(name):
@@ -180,11 +185,12 @@ def _no_constant(name):
 
 
 def _unique_keys(pairs):
-    keys = [k for k, _ in pairs]
-    repeated = next((k for k in keys if keys.count(k) > 1), None)
-    if repeated is not None:
+    mapping = dict(pairs)
+    if len(mapping) < len(pairs):
+        seen = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"key {repeated!r} appears twice")
-    return dict(pairs)
+    return mapping
 
 
 # --------------------------------------------------------------------------- checking
@@ -273,7 +279,7 @@ def _model_rules(net: dict, where: _Where):
 
     try:
         return check_net_kwargs(net, policy_ckpt_required=False)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError) as e:
         where.fail("variant.net_kwargs", f"does not describe a model: {str(e).splitlines()[0]}")
 
 
@@ -318,7 +324,7 @@ def _check_policy_summary(config: dict, spec, where: _Where) -> None:
         expected = {"method": spec.policy_method, "num_shared": spec.num_shared,
                     "num_notshared": spec.num_notshared}
         if not isinstance(policy, dict) or any(policy.get(k) != v for k, v in expected.items()):
-            where.fail("policy", f"must agree with net_kwargs: {expected}, got {_show(policy)} {policy!r}"[:300])
+            where.fail("policy", f"must agree with net_kwargs: {expected}, got {policy!r}"[:300])
         _check_mapping(policy, {**{k: None for k in expected}, "policy_backbone": _optional(_name)}, where, "policy.")
     reducer = config.get("reducer")
     if reducer is not None:
