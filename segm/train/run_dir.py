@@ -1,5 +1,6 @@
 """The run folder (--log-dir): a fresh start, resuming, or overwriting; decided on rank 0
-before anything is written, then acted on once everything could be built."""
+before anything is written, then acted on once everything could be built, under the folder's
+lock (`segm.utils.lock`): one run at a time writes there."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,9 @@ from segm.config import load_yaml
 from segm.train.options import ConfigError, user_errors
 from segm.train.process import broadcast_object
 from segm.train.variant import config_differences
+from segm.utils.atomic import remove_stale_temps
 from segm.utils.distributed import DistInfo
+from segm.utils.lock import FolderLock, check_unlocked, lock_folder
 from segm.utils.writable import check_writable
 
 CHECKPOINT = "checkpoint.pth"
@@ -58,6 +61,8 @@ def agree_on_plan(log_dir: Path, variant: dict, resume: bool | None, overwrite: 
     plan = None
     if info.rank == 0:
         try:
+            with user_errors():
+                check_unlocked(log_dir, "--log-dir")  # refused now, not after the model is built
             plan = plan_log_dir(log_dir, variant, resume, overwrite)
         except Exception as e:  # every rank must learn of it, or the others would wait forever
             plan = e
@@ -65,6 +70,37 @@ def agree_on_plan(log_dir: Path, variant: dict, resume: bool | None, overwrite: 
     if isinstance(plan, Exception):
         raise plan
     return plan
+
+
+def lock_and_open(log_dir: Path, variant: dict, resume: bool | None, overwrite: bool,
+                  plan: tuple[Path | None, list[str]], info: DistInfo) -> FolderLock | None:
+    """Rank 0 takes the folder's lock, checks that `plan` still holds under it (another run may
+    have written there since it was made), then opens the folder; every rank learns of a
+    failure. Returns the lock on rank 0 (released by the caller), None elsewhere."""
+    lock, error = None, None
+    if info.rank == 0:
+        try:
+            lock = _lock_and_open(log_dir, variant, resume, overwrite, plan)
+        except Exception as e:  # every rank must learn of it, or the others would wait forever
+            error = e
+    error = broadcast_object(error, info)
+    if error is not None:
+        raise error
+    return lock
+
+
+def _lock_and_open(log_dir, variant, resume, overwrite, plan) -> FolderLock:
+    with user_errors():
+        lock = lock_folder(log_dir, "--log-dir")
+    try:
+        if plan_log_dir(log_dir, variant, resume, overwrite)[0] != plan[0]:  # resuming, or from what
+            raise ConfigError(f"{log_dir} changed while this run was starting (another run wrote to it): "
+                              "run the command again")
+        open_log_dir(log_dir, *plan)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def open_log_dir(log_dir: Path, resume_from: Path | None, diffs: list[str]) -> None:
@@ -85,8 +121,6 @@ def clear_run(log_dir: Path) -> None:
 
 
 def remove_torn_writes(log_dir: Path, names=RUN_FILES) -> None:
-    """Temporary files of atomic writes (`.NAME.<random>.tmp`) of the run files `names`,
-    interrupted by a crash."""
+    """Temporary files of atomic writes of the run files `names`, interrupted by a crash."""
     for name in names:
-        for path in log_dir.glob(f".{name}.*.tmp"):
-            path.unlink(missing_ok=True)
+        remove_stale_temps(log_dir / name)
