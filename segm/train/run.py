@@ -17,11 +17,11 @@ from segm.train.loop import finish_epoch, train_one_epoch
 from segm.train.model import create_train_state, model_description
 from segm.train.options import TrainOptions, resolve_options, user_errors
 from segm.train.process import distribute, start_process
-from segm.train.run_dir import CHECKPOINT, agree_on_plan, open_log_dir
+from segm.train.run_dir import CHECKPOINT, agree_on_plan, lock_and_open
 from segm.train.state import TrainState
 from segm.train.variant import build_variant
 from segm.utils.determinism import seed_everything
-from segm.utils.distributed import barrier, cleanup, dist_env_from_environ
+from segm.utils.distributed import cleanup, dist_env_from_environ
 from segm.utils.logger import restore_log
 
 
@@ -31,14 +31,12 @@ def train(options) -> dict:
     with user_errors():
         opts = resolve_options(options, dist_env_from_environ().world_size)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
-    run = None
+    run = lock = None
     try:
         run, resume_from, diffs = plan_run(opts)
         state = create_train_state(opts, run.variant["net_kwargs"], run.device, run.data.total_iters,
                                    fresh=resume_from is None)
-        if run.is_main:
-            open_log_dir(run.log_dir, resume_from, diffs)
-        barrier()
+        lock = lock_and_open(run.log_dir, run.variant, opts.resume, opts.overwrite, (resume_from, diffs), run.dist)
         seed_everything(opts.seed + run.dist.rank)  # dropout / drop path differ between ranks
         if resume_from is not None:
             state.restore(run, resume_from)
@@ -49,6 +47,8 @@ def train(options) -> dict:
     finally:
         if run is not None:
             run.close_writer()
+        if lock is not None:
+            lock.release()
         torch.use_deterministic_algorithms(deterministic_before)
         cleanup()
 
