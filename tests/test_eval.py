@@ -208,10 +208,14 @@ def test_cli_writes_reference_scores_file(synthetic_root, tmp_path):
     result = CliRunner().invoke(miou_main, [str(ckpt), "synthetic", "--frac-dataset", "0.25", "--num-workers", "0",
                                             "--save-images", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    scores = load_yaml(ckpt.parent / "scores_ss.yml")
-    # the reference's keys plus the policy, the reduction and the settings that produced the scores, sorted
-    assert list(scores) == ["cat_iou", "dataset", "im_size", "inference", "mean_accuracy", "mean_iou",
-                            "per_class", "pixel_accuracy", "policy", "reducer", "window_size", "window_stride"]
+    assert not (ckpt.parent / "scores_ss.yml").exists()  # the full evaluation's file: not a partial one's
+    scores = load_yaml(ckpt.parent / "scores_ss_frac0.25.yml")
+    # the reference's keys plus the policy, the reduction and the settings that produced the scores, sorted;
+    # a partial evaluation also records its fraction and the images it scored
+    assert list(scores) == ["cat_iou", "dataset", "frac_dataset", "im_size", "inference", "mean_accuracy", "mean_iou",
+                            "num_images", "per_class", "pixel_accuracy", "policy", "reducer", "window_size",
+                            "window_stride"]
+    assert (scores["frac_dataset"], scores["num_images"]) == (0.25, 2)
     assert scores["reducer"] == {"reducer": "cts", "tokens": 10, "reduction": 1 - 10 / 16, "policy": "random",
                                  "num_shared": 2, "num_notshared": 8, "random_seed": 0}
     assert scores["policy"] == {"method": "random", "num_shared": 2, "num_notshared": 8, "policynet_ckpt": None}

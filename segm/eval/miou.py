@@ -6,7 +6,8 @@
 Works on this project's checkpoints and on reference ones (`checkpoint.pth` with the run's
 `variant.yml` beside it). Prints the scores and the per-class table (as mmseg's evaluation) and
 writes `scores_ss.yml` / `scores_ms.yml` next to the checkpoint, in the reference's format (keys
-sorted as its `yaml.dump` does) plus `per_class`: [{name, iou, acc}, ...].
+sorted as its `yaml.dump` does) plus `per_class`: [{name, iou, acc}, ...]. A partial evaluation
+(`--frac-dataset F` < 1) writes `scores_ss_fracF.yml`, recording `frac_dataset` and `num_images`.
 """
 from __future__ import annotations
 
@@ -94,13 +95,16 @@ def scores_for_yaml(scores: dict, multiscale: bool, policy: dict | None = None, 
     return dict(sorted(out.items()))
 
 
-def scores_path(model_dir: Path, multiscale: bool, choice: PolicyChoice | None, model) -> Path:
+def scores_path(model_dir: Path, multiscale: bool, choice: PolicyChoice | None, model,
+                frac_dataset: float = 1.0) -> Path:
     """`scores_ss.yml`/`scores_ms.yml`; with a reduction chosen on the command line
-    `scores_ss_<reducer tag>.yml` (CTS: `scores_ss_<policy>_s<S>.yml`), so the checkpoint's own
-    scores are not replaced."""
+    `scores_ss_<reducer tag>.yml` (CTS: `scores_ss_<policy>_s<S>.yml`), and for a part of the
+    dataset `..._frac<F>.yml`, so the checkpoint's own full scores are never replaced."""
     name = "scores_ms" if multiscale else "scores_ss"
     if choice is not None:
         name += f"_{model.reducer.tag()}"
+    if frac_dataset != 1.0:
+        name += f"_frac{frac_dataset:g}"
     return model_dir / f"{name}.yml"
 
 
@@ -184,9 +188,11 @@ def evaluate_checkpoint(model_path, dataset, *, multiscale=False, im_size=None, 
     scores["reducer_summary"] = model.reducer.summary()
     if is_main_process():
         record = {**scores["policy"], "policynet_ckpt": variant["net_kwargs"].get("policynet_ckpt")}
-        _write_scores(scores_for_yaml(scores, multiscale, record, {**settings, "dataset": dataset}, info.class_names,
-                                      scores["reducer"]),
-                      scores_path(model_dir, multiscale, policy, model), images_dir)
+        out = scores_for_yaml(scores, multiscale, record, {**settings, "dataset": dataset}, info.class_names,
+                              scores["reducer"])
+        if frac_dataset != 1.0:  # a partial evaluation says so, in its own file
+            out = dict(sorted({**out, "frac_dataset": frac_dataset, "num_images": scores["num_images"]}.items()))
+        _write_scores(out, scores_path(model_dir, multiscale, policy, model, frac_dataset), images_dir)
     scores["settings"] = settings
     scores["class_names"] = list(info.class_names)
     return scores
