@@ -11,7 +11,9 @@ setup(
     package_dir={"segm.configs": "configs"},
     package_data={"segm.configs": ["*.yml"], "segm.data": ["classes/*.yml"]},
     install_requires=[
-        "torch>=2.4",
+        # the oldest torch tested (requirements.txt); the ONNX export (torch.export, then
+        # torch.onnx.export of the ExportedProgram) changed across 2.x releases before it
+        "torch>=2.14",
         "torchvision>=0.19",
         "timm>=1.0,<2",
         "mmcv>=1.7,<1.8",

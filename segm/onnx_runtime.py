@@ -5,6 +5,11 @@ windows of `segm.eval.window` and `segm.bench --with-onnxruntime`.
     model = OnnxSegmenter("model.onnx")          # reads model.json beside it
     logits = model(images)                       # (B, 3, H, W) normalised float → (B, K, H, W)
 
+The sidecar may come from a stranger: it is checked field by field, against itself, against
+the session's input and outputs, and bound to the graph by its bytes' SHA-256
+(`segm.export.schema`, `segm.export.sidecar.check_bound`) before anything reads it; the model's
+`variant` is made from its fields (`deployment_variant`).
+
 The graph takes images normalised as the sidecar says ((x/255 − mean)/std), as the eager model
 does. The model describes its reduction as a Segmenter does (`reduction_method`,
 `describe_reduction()`, from the sidecar's `reducer`), and `forward_all` rebuilds the token map
@@ -24,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segm.export.sidecar import read_sidecar, reduction_description, sidecar_path
+from segm.export.schema import check_graph
+from segm.export.sidecar import (check_bound, deployment_variant, read_sidecar, reduction_description,
+                                 sidecar_path)
 from segm.model.reduction.rules import NONE
 
 __all__ = ["OnnxModelError", "OnnxSegmenter", "UNKNOWN_TOKEN", "load_for_inference", "session_options"]
@@ -62,6 +69,16 @@ def _session(path: Path, threads: int | None, spinning: bool):
         raise OnnxModelError(f"{path} is not an ONNX model ONNX Runtime can load ({first})") from None
 
 
+def _checked_sidecar(path: Path, session) -> dict:
+    """The sidecar of `path`: its fields checked, bound to this graph's bytes, and describing
+    the session's input and outputs (`segm.export.schema`)."""
+    side = read_sidecar(path)
+    check_bound(side, path)
+    nodes = lambda args: [(a.name, a.type, list(a.shape)) for a in args]  # noqa: E731
+    check_graph(side, sidecar_path(path), path.name, nodes(session.get_inputs()), nodes(session.get_outputs()))
+    return side
+
+
 class OnnxSegmenter:
     """An exported model in an ONNX Runtime CPU session, with the attributes that consumers read
     from a Segmenter (`n_cls`, `crop_size`, `patch_size`, `grid`, `reduction_method`,
@@ -76,20 +93,15 @@ class OnnxSegmenter:
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
         self.session = _session(self.path, threads, spinning)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.info = read_sidecar(self.path)
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != self.info["input"]["name"]:
-            raise OnnxModelError(f"{self.path} does not match its sidecar {sidecar_path(self.path).name}: "
-                                 "re-export the checkpoint")
-        batch = inputs[0].shape[0]
-        self.batch_size = batch if isinstance(batch, int) else None  # None: any batch
-        self.n_cls = int(self.info["n_cls"])
+        self.info = _checked_sidecar(self.path, self.session)
+        self.output_names = list(self.info["outputs"])
+        self.batch_size = self.info["batch_size"]  # None: any batch
+        self.n_cls = self.info["n_cls"]
         self.crop_size = tuple(self.info["crop"])
-        self.patch_size = int(self.info["patch_size"])
+        self.patch_size = self.info["patch_size"]
         self.grid = (self.crop_size[0] // self.patch_size, self.crop_size[1] // self.patch_size)
         self.reduction = reduction_description(self.info)
-        self.variant = self.info["variant"]
+        self.variant = deployment_variant(self.info)
         self._device = torch.device("cpu")
 
     @property

@@ -24,13 +24,14 @@ CROP, S, N2 = 128, 5, 16  # 4×4 superpatches
 POLICIES = ("no_sharing", "content", "random", "policy_net")
 
 
-def _checkpoint(folder, policy, layers=1):
+def checkpoint_at_crop(folder, policy, layers=1, seed=0):
+    """A tiny checkpoint of `policy` at the 128-px crop (S = 5 where it shares), as training writes it."""
     variant = tiny_variant(folder / "data", policy)
     net = variant["net_kwargs"]
     net.update(image_size=(CROP, CROP), n_layers=layers, policy_schedule=(64, 0) if policy == "no_sharing" else (44, S))
     variant["dataset_kwargs"]["crop_size"] = CROP
     variant["inference_kwargs"].update(window_size=CROP, window_stride=64)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = segm.create_segmenter(net, policy_ckpt_required=False)
     folder.mkdir(parents=True)
     save_model(model, variant, folder / "checkpoint.pth")
@@ -55,7 +56,7 @@ def exported(tmp_path_factory, synthetic_root):
     root = tmp_path_factory.mktemp("export")
     out = {}
     for policy in POLICIES:
-        ckpt = _checkpoint(root / policy, policy)
+        ckpt = checkpoint_at_crop(root / policy, policy)
         real = ["--dataset", "synthetic", "--data-root", synthetic_root] if policy in VALIDATION_CHECK else []
         res = _export([ckpt, root / f"{policy}.onnx", *real])
         assert res.exit_code == 0, res.output
@@ -207,7 +208,7 @@ def test_bench_times_onnx_runtime_beside_eager():
 # ----------------------------------------------------------------------------- bad input
 def test_bad_export_inputs_fail_with_one_line_and_no_file(tmp_path, exported):
     ckpt = exported["content"][0]
-    oracle = _checkpoint(tmp_path / "oracle", "oracle")
+    oracle = checkpoint_at_crop(tmp_path / "oracle", "oracle")
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
     cases = [

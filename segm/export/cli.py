@@ -9,18 +9,25 @@ from segm.export.graph import DEFAULT_OPSET, ExportError, check_opset
 from segm.export.sidecar import sidecar_path
 from segm.policy_choice import policy_options
 from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
+from segm.utils.writable import write_error_message
 
 
-def _real_crops(model, variant: dict, dataset, data_root, normalization: str, batch: int):
+def _check_dataset_options(dataset, data_root, check: bool) -> None:
+    """`--dataset`/`--data-root` feed the parity check; refused where they would be ignored."""
+    if data_root is not None and dataset is None:
+        raise ExportError("--data-root names the folder of --dataset: give --dataset NAME too")
+    if dataset is not None and not check:
+        raise ExportError("--dataset adds validation images to the parity check, which --no-check skips: "
+                          "drop one of them")
+
+
+def _real_crops(model, dataset, data_root, normalization: str, batch: int):
     """Two batches of validation images resized to the crop, or None without a dataset."""
-    if dataset is None and data_root is None:
+    if dataset is None:
         return None
     from segm.bench.inputs import load_images
     from segm.data.base import canonical_name
 
-    dataset = dataset or (variant.get("dataset_kwargs") or {}).get("dataset")
-    if dataset is None:
-        raise ExportError("--data-root: the checkpoint names no dataset; give --dataset NAME too")
     return load_images(canonical_name(dataset), "val", 2 * batch, model.crop_size, normalization, data_root)
 
 
@@ -43,7 +50,8 @@ def _load(checkpoint: str, policy: dict):
 @click.option("--check/--no-check", default=True, help="Compare ONNX Runtime with eager PyTorch before writing.")
 @click.option("--dataset", type=click.Choice(DATASET_CHOICES), default=None,
               help="Also check on this dataset's validation images (resized to the crop).")
-@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="The dataset's folder.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="The --dataset's folder [default: $DATASET/<name>].")
 @policy_options
 def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data_root, **policy):
     """Export CHECKPOINT (any reduction with a static token count that needs no labels; at its crop
@@ -62,13 +70,16 @@ def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data
         if batch_size is not None and batch_size < 1:
             raise ExportError(f"--batch-size must be ≥ 1, got {batch_size}")
         check_opset(opset)
+        _check_dataset_options(dataset, data_root, check)
         check_output_path(out)
         model, variant = _load(checkpoint, policy)
         norm = variant_normalization(variant)
-        real = _real_crops(model, variant, dataset, data_root, norm, batch_size or 1) if check else None
+        real = _real_crops(model, dataset, data_root, norm, batch_size or 1)
         side = export_model(model, variant, out, normalization=norm, batch_size=batch_size, opset=opset,
-                            check=check, real=real, checkpoint=str(checkpoint), log=log)
+                            check=check, real=real, log=log)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, CheckpointError) as e:
         raise click.ClickException(str(e).splitlines()[0]) from None
+    except OSError as e:  # writing the pair: disk full, permission denied (nothing was replaced)
+        raise click.ClickException(write_error_message(e, e.filename or out)) from None
     reduction = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in side["reducer"].items())
     click.echo(f"wrote {out} and {sidecar_path(out)} ({reduction}; input {side['input']['shape']})")

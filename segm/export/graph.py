@@ -130,4 +130,20 @@ def export_bytes(model: Segmenter, *, batch_size: int | None, opset: int) -> byt
         onnx_program = torch.onnx.export(program, (sample,), None, input_names=[INPUT_NAME],
                                          output_names=names, opset_version=opset, dynamo=True,
                                          verbose=False)
-    return onnx_program.model_proto.SerializeToString()
+    return _without_debug_info(onnx_program.model_proto).SerializeToString()
+
+
+def _nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _nodes(sub)
+
+
+def _without_debug_info(proto):
+    """`proto` without the exporter's per-node notes (`metadata_props`): their Python stack
+    traces name files of the exporting machine, which a published model must not carry."""
+    for node in [*_nodes(proto.graph), *(n for f in proto.functions for n in f.node)]:
+        del node.metadata_props[:]
+    return proto

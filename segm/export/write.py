@@ -1,4 +1,4 @@
-"""From a loaded model to `OUT.onnx` + `OUT.json`: export, parity check, atomic writes."""
+"""From a loaded model to `OUT.onnx` + `OUT.json`: export, parity check, one atomic write of both."""
 from __future__ import annotations
 
 import json
@@ -11,18 +11,22 @@ from segm.export.check import check_inputs, format_check, run_check
 from segm.export.graph import ExportError, check_exportable, export_bytes, output_specs
 from segm.export.sidecar import build_sidecar, sidecar_path
 from segm.model.segmenter import Segmenter
-from segm.utils.atomic import atomic_write, atomic_write_text
+from segm.utils.atomic import atomic_write_all, remove_stale_temps
+from segm.utils.writable import check_writable
 
 
 def check_output_path(out) -> Path:
+    """`out` (.onnx) and its sidecar can be written: checked before any export work."""
     out = Path(out)
     if out.suffix != ".onnx":
         raise ExportError(f"the output {out} must end in .onnx (its sidecar is written beside it as "
                           f"{sidecar_path(out).name})")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
-    if out.is_dir():
-        raise ExportError(f"the output {out} is a folder")
+    for path in (out, sidecar_path(out)):
+        if path.is_dir():
+            raise ExportError(f"the output {path} is a folder")
+    check_writable(out.parent, f"cannot write {out}: its folder", fix="choose an output folder you can write to")
     return out
 
 
@@ -33,8 +37,20 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def write_export(out: Path, graph: bytes, side: dict) -> None:
+    """Writes `graph` to `out` and `side` (built for these bytes: `graph_sha256`) to its
+    sidecar, as one: both are complete in temporary files before either is renamed, the
+    sidecar last, so an interrupted write leaves either the old pair, or a new graph that its
+    old sidecar's digest refuses. Temporary files of earlier interrupted exports go first."""
+    side_path = sidecar_path(out)
+    for path in (out, side_path):
+        remove_stale_temps(path)
+    atomic_write_all([(out, lambda f: f.write(graph), True),
+                      (side_path, lambda f: f.write(json.dumps(side, indent=1) + "\n"), False)])
+
+
 def export_model(model: Segmenter, variant: dict, out, *, normalization: str, batch_size: int | None,
-                 opset: int, check: bool = True, real: torch.Tensor | None = None, checkpoint: str = "",
+                 opset: int, check: bool = True, real: torch.Tensor | None = None,
                  log: Callable[[str], None] = lambda s: None) -> dict:
     """Exports `model` (CPU, fp32, eval mode) to `out` (.onnx) and its sidecar (.json); returns
     the sidecar. With `check`, the parity check runs first and a failure writes nothing."""
@@ -47,17 +63,12 @@ def export_model(model: Segmenter, variant: dict, out, *, normalization: str, ba
         f"batch {batch_size if batch_size is not None else 'dynamic'}, opset {opset}")
     outputs = output_specs(model, batch_size)
     data = export_bytes(model, batch_size=batch_size, opset=opset)
-    side = build_sidecar(model, variant, checkpoint=checkpoint, normalization=normalization, batch_size=batch_size,
-                         opset=opset, outputs=outputs, versions=_versions())
+    side = build_sidecar(model, variant, normalization=normalization, batch_size=batch_size, opset=opset,
+                         outputs=outputs, versions=_versions(), graph=data)
     if check:
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         batches = [batch_size] if batch_size is not None else [1, 3]
         side["parity"] = run_check(session, model, check_inputs(model, batches, real))
         log(format_check(side["parity"], list(outputs)[1:]))
-    atomic_write(out, lambda f: f.write(data))
-    try:
-        atomic_write_text(sidecar_path(out), json.dumps(side, indent=1) + "\n")
-    except BaseException:
-        out.unlink(missing_ok=True)  # no model without its sidecar
-        raise
+    write_export(out, data, side)
     return side
