@@ -88,10 +88,10 @@ def _to_tensor(image: np.ndarray, normalization: str, device) -> torch.Tensor:
     return (im - mean) / std
 
 
-def _check_aspect(shape) -> None:
+def _check_aspect(shape, what: str = "the image") -> None:
     h, w = shape[:2]
     if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
-        raise ValueError(f"the image is {w}×{h} pixels: its long side is more than {MAX_ASPECT_RATIO} times its "
+        raise ValueError(f"{what} is {w}×{h} pixels: its long side is more than {MAX_ASPECT_RATIO} times its "
                          "short one, and resized for the windows it would be too long to segment; crop it first")
 
 
@@ -293,8 +293,9 @@ def _segment_all(model, variant, input_path: Path, output_dir: Path, images: lis
     unreadable = []
     for rel in tqdm(images, desc="inference", disable=len(images) < 2):
         try:
-            image = load_image(source_path(input_path, rel), max_pixels=max_pixels)
-            _check_aspect(image.shape)
+            path = source_path(input_path, rel)
+            image = load_image(path, max_pixels=max_pixels)
+            _check_aspect(image.shape, f"image {path}")
         except (DataError, ValueError) as e:  # one bad file does not stop the folder
             if not input_path.is_dir():
                 raise

@@ -111,7 +111,7 @@ CASES = [
          env=(("SEGM_MAX_PIXELS", "1000"),)),
     # a bound on the aspect ratio
     Case("inference-wide-image", "inference", _infer(image="{w}/wide.png"), "more than 32 times its short one"),
-    Case("inference-tall-image", "inference", _infer(image="{w}/tall.png"), "the image is 1×20000 pixels"),
+    Case("inference-tall-image", "inference", _infer(image="{w}/tall.png"), "tall.png is 1×20000 pixels"),
     Case("inference-wide-image-native-size", "inference", _infer("--native-size", image="{w}/wide.png"),
          "more than 32 times"),
     # option ranges, before any work

@@ -40,6 +40,8 @@ _PIL_DEEP_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 MAX_PIXELS_ENV = "SEGM_MAX_PIXELS"
 _PIL_GUARD_LOCK = threading.Lock()
+_QUIET_LOCK = threading.Lock()
+_QUIET = {"readers": 0, "level": None}  # decoders running with OpenCV's log silenced, and the level before
 _RAISE_LIMIT = f"raise it with --max-pixels N or ${MAX_PIXELS_ENV}=N if the image is meant to be this large"
 # How torch's DataLoader re-raises an exception from a worker process or thread.
 _WORKER_ERROR = re.compile(r"Caught (\w+) (in .*?)\.\nOriginal Traceback")
@@ -122,16 +124,23 @@ def _open_header(data: bytes, what: str, limit: int):
 @contextlib.contextmanager
 def _quiet_opencv():
     """OpenCV logs a failed first attempt (e.g. a 32-bit TIFF read in colour) on stderr although
-    the second one reads the file; the outcome is reported here, not there."""
+    the second one reads the file; the outcome is reported here, not there. OpenCV's log level
+    is process-wide: the first of concurrent readers silences it, the last restores it."""
     import cv2
 
     logging = cv2.utils.logging
-    level = logging.getLogLevel()
-    logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+    with _QUIET_LOCK:
+        if not _QUIET["readers"]:
+            _QUIET["level"] = logging.getLogLevel()
+            logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+        _QUIET["readers"] += 1
     try:
         yield
     finally:
-        logging.setLogLevel(level)
+        with _QUIET_LOCK:
+            _QUIET["readers"] -= 1
+            if not _QUIET["readers"]:
+                logging.setLogLevel(_QUIET["level"])
 
 
 def _decode(buf: np.ndarray):
