@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from segm.export.ops import DECOMPOSITIONS
+from segm.export.schema import BATCH, LOGITS
 from segm.export.sidecar import INPUT_NAME
 from segm.model.segmenter import Segmenter
 
-LOGITS = "logits"  # the graph's first output; the reducer's (`Reducer.export_outputs`) follow
 # torch's exporter emits opset 18 and later; ONNX Runtime 1.32 cannot load its opset-26 graphs.
 # Default 20: GELU becomes ONNX's Gelu op, which ONNX Runtime runs as one kernel (18 spells it
 # Div, Erf, Add, Mul): ViT-S/16 at 512 px ran 4–8 % faster on one CPU thread (BENCHMARKS.md).
@@ -89,7 +89,7 @@ def output_specs(model: Segmenter, batch_size: int | None) -> dict[str, dict]:
     graph = ExportedSegmenter(model, batch_size).eval()
     with torch.no_grad():
         outs = graph.outputs(torch.zeros(batch_size or 1, 3, *model.crop_size))
-    batch = batch_size if batch_size is not None else "batch"
+    batch = batch_size if batch_size is not None else BATCH
     return {name: {"shape": [batch, *t.shape[1:]], "dtype": str(t.dtype).removeprefix("torch.")}
             for name, t in outs.items()}
 

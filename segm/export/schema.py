@@ -14,7 +14,7 @@ from segm.data.base import STATS
 from segm.model.reduction.rules import CTS, NO_SHARING, NONE  # no torch
 
 BATCH = "batch"  # the batch dimension of a graph exported for any batch
-LOGITS = "logits"
+LOGITS = "logits"  # the graph's first output; the reducer's record (`Reducer.export_outputs`) follows
 DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
           "int32": "tensor(int32)", "bool": "tensor(bool)"}  # sidecar dtype: ONNX Runtime's type
 
@@ -34,7 +34,8 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    """A finite float, or an int a float holds exactly (arithmetic with floats cannot overflow)."""
+    return isinstance(v, float) and math.isfinite(v) or _is_int(v) and abs(v) <= 2 ** 53
 
 
 def positive_int(v):

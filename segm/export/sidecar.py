@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from segm.export.schema import (SidecarError, check_consistency, check_fields, fail, legacy_fields,
+from segm.export.schema import (BATCH, SidecarError, check_consistency, check_fields, fail, legacy_fields,
                                 positive_int)
 
 SIDECAR_FORMAT = "segm-cts-onnx/2"  # /2: bound to its graph by `graph_sha256`, no training variant
@@ -70,7 +70,7 @@ def build_sidecar(model, variant: dict, *, normalization: str, batch_size: int |
     from segm.data.base import STATS
 
     h, w = model.crop_size
-    batch = batch_size if batch_size is not None else "batch"
+    batch = batch_size if batch_size is not None else BATCH
     reduction = model.describe_reduction()
     dataset = (variant.get("dataset_kwargs") or {}).get("dataset")
     return _json_safe({
