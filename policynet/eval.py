@@ -10,6 +10,7 @@ it was trained on, --crop-size and --num-shared (the S the run reported, at the 
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -33,7 +34,8 @@ def evaluate_checkpoint(ckpt, dataset: str, *, split: str = "val", data_root=Non
                         max_images: int | None = None) -> dict:
     ckpt = Path(ckpt)
     name = canonical_name(dataset)
-    run = _policy_record(ckpt)
+    with _backbone_option():
+        run = read_policy_record(ckpt) or {}
     if backbone is None:
         backbone = run.get("backbone", DEFAULT_POLICY_BACKBONE)
     same_data = run.get("dataset") is not None and canonical_name(run["dataset"]) == name
@@ -41,7 +43,8 @@ def evaluate_checkpoint(ckpt, dataset: str, *, split: str = "val", data_root=Non
         crop_size = run.get("crop")
     dev = resolve_device(device)
     model = build_policy(backbone)
-    load_policy_checkpoint(model, ckpt)
+    with _backbone_option():
+        load_policy_checkpoint(model, ckpt)
     model.to(dev)
     data = build_eval_set(name, split, data_root=data_root, classes_file=classes_file, crop_size=crop_size)
     crop = data.geometry.size
@@ -54,11 +57,12 @@ def evaluate_checkpoint(ckpt, dataset: str, *, split: str = "val", data_root=Non
     return {"checkpoint": str(ckpt), "dataset": name, "split": split, "backbone": backbone, "crop": crop, **metrics}
 
 
-def _policy_record(ckpt: Path) -> dict:
-    """The run's record beside the checkpoint ({} when there is none); its errors name this
-    command's option, --backbone (the segmenter's commands spell it --policy-backbone)."""
+@contextlib.contextmanager
+def _backbone_option():
+    """The policy rules' errors name this command's option, --backbone (the segmenter's
+    commands spell it --policy-backbone)."""
     try:
-        return read_policy_record(ckpt) or {}
+        yield
     except ModelConfigError as e:
         raise ModelConfigError(str(e).replace("--policy-backbone", "--backbone")) from None
 

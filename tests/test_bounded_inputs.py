@@ -43,9 +43,11 @@ def _commands() -> dict:
     from policynet import eval as pn_eval, train as pn_train
     from segm.bench.cli import main as bench
     from segm.eval.miou import main as miou
+    from segm.export.cli import main as export
     from segm.inference import main as inference
 
-    return {"inference": inference, "miou": miou, "bench": bench, "pn_train": pn_train.main, "pn_eval": pn_eval.main}
+    return {"inference": inference, "miou": miou, "bench": bench, "pn_train": pn_train.main, "pn_eval": pn_eval.main,
+            "export": export}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,9 @@ def world(synthetic_root, tmp_path_factory):
     (w / "policy" / "config.json").write_text("{not json")
     (w / "policy_ok").mkdir()
     make_policy_ckpt(w / "policy_ok" / "model.pth")
+    (w / "policy_ok" / "config.json").write_text('{"backbone": "efficientnet_lite0"}')
+    (w / "huge_only").mkdir()
+    png_header(w / "huge_only" / "a.png", 20000, 20000)
     png_header(w / "huge.png", 20000, 20000)
     wide = np.zeros((1, 20000), np.uint8)
     Image.fromarray(wide).save(w / "wide.png")
@@ -138,6 +143,21 @@ CASES = [
     Case("inference-policynet-ckpt-with-content", "inference",
          _infer("--policy-method", "content", "--num-tokens-shared", "2", "--policynet-ckpt", "{w}/policy_ok/model.pth"),
          "--policynet-ckpt"),
+    Case("pn-eval-backbone-mismatch-names-its-own-option", "pn_eval",
+         ("{w}/policy_ok/model.pth", "--dataset", "synthetic", "--data-root", "{root}", "--backbone",
+          "tf_efficientnet_lite0"), "pass --backbone efficientnet_lite0"),
+    Case("miou-policynet-ckpt-with-content", "miou",
+         _miou("--policy-method", "content", "--num-tokens-shared", "2", "--policynet-ckpt", "{w}/policy_ok/model.pth"),
+         "only used with --policy-method policy_net, not content"),
+    Case("inference-policy-backbone-with-random", "inference",
+         _infer("--policy-method", "random", "--num-tokens-shared", "2", "--policy-backbone", "efficientnet_lite0"),
+         "only used with --policy-method policy_net, not random"),
+    Case("export-policynet-ckpt-with-content", "export",
+         ("{w}/run/checkpoint.pth", "{w}/m.onnx", "--policy-method", "content", "--num-tokens-shared", "2",
+          "--policynet-ckpt", "{w}/policy_ok/model.pth"), "only used with --policy-method policy_net"),
+    Case("inference-max-pixels-env-zero", "inference", _infer(), "must be ≥ 1, got 0", env=(("SEGM_MAX_PIXELS", "0"),)),
+    Case("inference-folder-of-one-huge-png", "inference", _infer(image="{w}/huge_only"),
+         "1 of 1 images could not be read: a.png"),
     # symbolic-link loops are named, not skipped
     Case("inference-symlink-loop", "inference", _infer(image="{w}/loop"), "self.png"),
     Case("inference-folder-loop", "inference", _infer(image="{w}/dir_loop"), "up"),
