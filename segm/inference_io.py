@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segm.data.io import pixel_limit
 from segm.utils.writable import NotWritableError, check_writable, write_error_message
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -26,6 +27,7 @@ def check_options(window_batch_size, max_pixels, native_size, im_size, onnx_path
         raise ValueError(f"--window-batch-size must be >= 1, got {window_batch_size}")
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"--max-pixels must be ≥ 1, got {max_pixels}")
+    pixel_limit(max_pixels)  # $SEGM_MAX_PIXELS: one error now, not one per image
     if native_size and im_size is not None:
         raise ValueError("--native-size segments images at their own size: drop --im-size")
     if onnx_path is not None and amp is not None:

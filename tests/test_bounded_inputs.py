@@ -156,6 +156,8 @@ CASES = [
          ("{w}/run/checkpoint.pth", "{w}/m.onnx", "--policy-method", "content", "--num-tokens-shared", "2",
           "--policynet-ckpt", "{w}/policy_ok/model.pth"), "only used with --policy-method policy_net"),
     Case("inference-max-pixels-env-zero", "inference", _infer(), "must be ≥ 1, got 0", env=(("SEGM_MAX_PIXELS", "0"),)),
+    Case("inference-max-pixels-env-folder", "inference", _infer(image="{w}/huge_only"),
+         "$SEGM_MAX_PIXELS must be a number of pixels, got 'lots'", env=(("SEGM_MAX_PIXELS", "lots"),)),
     Case("inference-folder-of-one-huge-png", "inference", _infer(image="{w}/huge_only"),
          "1 of 1 images could not be read: a.png"),
     # symbolic-link loops are named, not skipped
