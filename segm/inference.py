@@ -358,7 +358,7 @@ def main(model_path, onnx_path, input_path, output_dir, device, gpu, window_batc
     try:
         device = resolve_device(device)
         check_options(window_batch_size, max_pixels, native_size, im_size, onnx_path, amp, output_dir)
-        images, problems = list_inputs(input_path)
+        images, problems = list_inputs(input_path, output_dir)
         check_no_overwrite(input_path, output_dir, images)
         model, variant = _load(model_path, onnx_path, policy, window_batch_size, device)
         resolve_window(model, variant, window_size=window_size, window_stride=window_stride)  # before any image

@@ -37,22 +37,24 @@ def check_options(window_batch_size, max_pixels, native_size, im_size, onnx_path
     check_writable(output_dir, "-o/--output")
 
 
-def list_inputs(input_path: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+def list_inputs(input_path: Path, output_dir: Path | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
     """(images, problems): the image files of `input_path` (itself when it is a file; else every
-    one below it, sorted, as paths relative to it) and (name, line) of each entry that could not
-    be walked. Two images of one folder that would give the same result file are an error."""
+    one below it, sorted, as paths relative to it, the output folder left out: a second run
+    does not segment the first one's results) and (name, line) of each entry that could not be
+    walked. Two images of one folder that would give the same result file are an error."""
     if not input_path.is_dir():
         return [Path(input_path.name)], []
     images, problems = [], []
     real = Path(os.path.realpath(input_path))
-    _walk(input_path, Path(), {str(real), *map(str, real.parents)}, images, problems)  # a link up holds the input
+    skip = os.path.realpath(output_dir) if output_dir is not None else None
+    _walk(input_path, Path(), {str(real), *map(str, real.parents)}, skip, images, problems)  # a link up holds it
     if not images and not problems:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {input_path} or its sub-folders")
     _check_unique_results(images)
     return images, problems
 
 
-def _walk(root: Path, rel: Path, parents: set, images: list, problems: list) -> None:
+def _walk(root: Path, rel: Path, parents: set, skip: str | None, images: list, problems: list) -> None:
     folder = root / rel
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -73,7 +75,8 @@ def _walk(root: Path, rel: Path, parents: set, images: list, problems: list) -> 
                 problems.append((str(rel / entry.name), f"folder {path} links back to {real}, a folder above it "
                                  "(a symbolic-link loop)"))
                 continue
-            _walk(root, rel / entry.name, parents | {real}, images, problems)
+            if real != skip:
+                _walk(root, rel / entry.name, parents | {real}, skip, images, problems)
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(rel / entry.name)  # an unopenable link too: the reader names it
 

@@ -273,6 +273,11 @@ def test_a_folder_tree_is_segmented_into_the_same_tree(world, tmp_path):
     assert result.exit_code == 0, result.output
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
     assert written == ["aachen/a_000.png", "bonn/b_000.png", "bonn/b_001.png", "bonn/night/b_002.png"]
+    inside = split / "pred"  # an output folder inside the input: its results are not inputs of a second run
+    for _ in range(2):
+        result = CliRunner().invoke(inference, [*args[:-2], "-o", str(inside)])
+        assert result.exit_code == 0 and "wrote 4 image(s)" in result.output, result.output
+    shutil.rmtree(inside)
     os.symlink("loop.png", split / "bonn" / "loop.png")
     os.symlink("../..", split / "bonn" / "night" / "back")
     result = CliRunner().invoke(inference, [*args[:-2], "-o", str(tmp_path / "again")])
