@@ -7,15 +7,16 @@
     label_map = segm.predict(model, Image.open("street.jpg"), variant=variant)   # (H, W) int64
     probs = segm.predict(model, [im1, im2], variant=variant, return_probs=True)  # [(K, H, W) float32]
 
-Geometry: with `im_size` (the command's default: `evaluation_scale`, what `segm.eval.miou`
-uses) each image is resized as evaluation resizes it (`evaluation_views`), so the label maps are
-the ones validation scores; without it (`--native-size`; the library's default, as the
-reference) ws×ws windows slide over the image at its own size. Either way images smaller than
-a window are first scaled up so the short side fits, and the result is at the image's own size.
-Images whose long side exceeds MAX_ASPECT_RATIO times the short one are refused. Inputs are converted to RGB (grey and RGBA files work) and normalised with the
-checkpoint's statistics; label maps are coloured with the palette of the checkpoint's dataset,
-or written as index maps in its label space (`segm.data.label_space`). Test-time flips and
-scales are the evaluation's (`segm.eval.window.inference_views` averages their probabilities).
+Geometry: with `im_size` (the command's default: `evaluation_scale`, what `segm.eval.miou` uses)
+each image is resized as evaluation resizes it (`evaluation_views`), so the label maps are the
+ones validation scores; without it (`--native-size`; the library's default, as the reference)
+ws×ws windows slide over the image at its own size. Either way images smaller than a window are
+first scaled up so the short side fits, and the result is at the image's own size. Images whose
+long side exceeds MAX_ASPECT_RATIO times the short one are refused. Inputs are converted to RGB
+(grey and RGBA files work) and normalised with the checkpoint's statistics; label maps are
+coloured with the palette of the checkpoint's dataset, or written as index maps in its label
+space (`segm.data.label_space`). Test-time flips and scales are the evaluation's
+(`segm.eval.window.inference_views` averages their probabilities).
 """
 from __future__ import annotations
 
@@ -250,11 +251,12 @@ def predict(model, image, *, variant: dict | None = None, window_size: int | Non
 
     Sliding ws×ws windows (default: the checkpoint's window and stride, see `inference_kwargs`)
     over the unresized image, or with `im_size` over the image resized as evaluation resizes it
-    (`evaluation_views`; `evaluation_scale(variant)[0]` is the size `segm.eval.miou` uses). `variant` is what `segm.load_model` returned with the model;
-    without it, `model.variant` is used (set by this module's loader). With `device`, the
-    model is moved there; otherwise the image goes to the model's device. `amp_dtype`
-    (torch.bfloat16 / torch.float16) autocasts the forward passes; `multiscale` and `flip`
-    average the evaluation's test-time views (`augmented_views`).
+    (`evaluation_views`; `evaluation_scale(variant)[0]` is the size `segm.eval.miou` uses).
+    `variant` is what `segm.load_model` returned with the model; without it, `model.variant` is
+    used (set by this module's loader). With `device`, the model is moved there; otherwise the
+    image goes to the model's device. `amp_dtype` (torch.bfloat16 / torch.float16) autocasts the
+    forward passes; `multiscale` and `flip` average the evaluation's test-time views
+    (`augmented_views`).
     """
     variant = variant if variant is not None else getattr(model, "variant", None)
     if variant is None:
