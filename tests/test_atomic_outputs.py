@@ -212,6 +212,15 @@ SIDECAR_CASES = [
     SidecarCase("window-stride-beyond-window", _set("inference.window_stride", 256),
                 "field inference.window_stride 256 exceeds the window 128"),
     SidecarCase("dataset-a-number", _set("dataset", 5), "field dataset (the training dataset)"),
+    SidecarCase("dataset-unknown", _set("dataset", "imagenet"), "field dataset (the training dataset) must be null or "
+                "one of"),
+    SidecarCase("window-against-the-graph", _set("inference.window_size", 256),
+                "field inference.window_size 256 is not the graph's input size [128, 128]"),
+    SidecarCase("im-size-huge", _set("inference.im_size", 10 ** 29), "field inference.im_size (the short side images "
+                "are resized to) must be null or an integer in 1..8192"),
+    SidecarCase("layout-other", _set("input.layout", "NHWC, BGR"), "field input.layout"),
+    SidecarCase("parity-claims-nonsense", _set("parity.min_argmax_agreement", 7),
+                "field parity.min_argmax_agreement (the smallest share of equal predictions) must be a number in 0..1"),
     SidecarCase("opset-a-string", _set("opset", "20"), "field opset (the ONNX opset) must be a positive integer"),
     SidecarCase("nan-in-json", "nan", "is not valid JSON (NaN is not a JSON number)"),
     SidecarCase("not-json", "{not json", "m.json is not valid JSON"),

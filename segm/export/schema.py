@@ -10,11 +10,14 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from segm.data.base import STATS
+from segm.data.base import DATASET_CHOICES, STATS
 from segm.model.reduction.rules import CTS, NO_SHARING, NONE  # no torch
 
 BATCH = "batch"  # the batch dimension of a graph exported for any batch
 LOGITS = "logits"  # the graph's first output; the reducer's record (`Reducer.export_outputs`) follows
+# The largest evaluation scale (short side) a sidecar may ask for: the datasets use 512-1024;
+# this bounds what inference resizes a stranger's images to.
+MAX_IM_SIZE = 8192
 DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
           "int32": "tensor(int32)", "bool": "tensor(bool)"}  # sidecar dtype: ONNX Runtime's type
 
@@ -121,6 +124,21 @@ class Record:
     optional: frozenset = field(default_factory=frozenset)
 
 
+def im_size(v):
+    return None if _is_int(v) and 1 <= v <= MAX_IM_SIZE else f"an integer in 1..{MAX_IM_SIZE}"
+
+
+def fraction(v):
+    return None if _is_number(v) and 0 <= v <= 1 else "a number in 0..1"
+
+
+PARITY = Record({"inputs": (names, "the inputs compared"), "images": (positive_int, "the images compared"),
+                 "max_abs_logit_diff": (number, "the largest logit difference"),
+                 "min_argmax_agreement": (fraction, "the smallest share of equal predictions"),
+                 "max_score_diff": (number, "the largest score difference"),
+                 "near_tie_images": (count, "images whose near-tied scores were ordered differently"),
+                 "tolerance": (Record({"logits": (number, "the logits' tolerance"),
+                                       "scores": (number, "the scores' tolerance")}), "the tolerances")})
 OUTPUT = Record({"shape": (shape, "the output's shape"), "dtype": (one_of(DTYPES), "the output's type")})
 SPEC = Record({
     "format": (text, "the sidecar's format"),
@@ -141,19 +159,20 @@ SPEC = Record({
                               "in_graph": (is_false, "whether the graph normalises"),
                               "formula": (text, "how to normalise")}), "the input normalisation"),
     "input": (Record({"name": (text, "the graph's input name"), "shape": (shape, "[batch, 3, height, width]"),
-                      "dtype": (one_of({"float32"}), "the input's type"), "layout": (text, "the channel order")}),
+                      "dtype": (one_of({"float32"}), "the input's type"),
+                      "layout": (one_of({"NCHW, RGB"}), "the axes and channel order")}),
               "the graph's input"),
     "outputs": (an_object, "the graph's outputs, in order"),
     "batch_size": (optional(positive_int), "the batch the graph takes (null: any)"),
     "dynamic_batch": (flag, "whether the graph takes any batch"),
     "opset": (positive_int, "the ONNX opset"),
     "versions": (string_map, "the exporting libraries' versions"),
-    "dataset": (optional(text), "the training dataset"),
-    "inference": (Record({"im_size": (optional(positive_int), "the short side images are resized to"),
+    "dataset": (optional(one_of(DATASET_CHOICES)), "the training dataset"),
+    "inference": (Record({"im_size": (optional(im_size), "the short side images are resized to"),
                           "window_size": (optional(positive_int), "the sliding window"),
                           "window_stride": (optional(positive_int), "the sliding window's stride")}),
                   "the evaluation's geometry"),
-    "parity": (an_object, "the parity check's result"),
+    "parity": (PARITY, "the parity check's result"),
 }, optional=frozenset({"parity"}))
 
 
@@ -287,9 +306,11 @@ def check_consistency(side: dict, path) -> None:
              f"{inp['shape']} is not [{batch!r}, 3, {h}, {w}] (batch_size, RGB, crop)")
     _check_outputs(side, path, batch, n)
     inf = side["inference"]
-    if inf["window_size"] is not None and inf["window_stride"] is not None:
-        _require(inf["window_stride"] <= inf["window_size"], path, "inference.window_stride",
-                 f"{inf['window_stride']} exceeds the window {inf['window_size']}")
+    window = inf["window_size"]
+    _require(window is None or [window, window] == side["crop"], path, "inference.window_size",
+             f"{window} is not the graph's input size {side['crop']}")
+    _require(inf["window_stride"] is None or inf["window_stride"] <= h, path, "inference.window_stride",
+             f"{inf['window_stride']} exceeds the window {h}")
 
 
 # ------------------------------------------------------------------ the sidecar against its graph

@@ -50,9 +50,10 @@ def _classes(variant: dict, n_cls: int) -> dict | None:
 
 
 def _inference_geometry(variant: dict) -> dict:
-    """The evaluation's image size and sliding window, from the run's variant (null if unknown)."""
+    """The evaluation's image size (on the training dataset: the training size, as
+    `segm.eval.miou` takes it) and sliding window, from the run's variant (null if unknown)."""
     inf, dkw = variant.get("inference_kwargs") or {}, variant.get("dataset_kwargs") or {}
-    given = {"im_size": inf.get("im_size", dkw.get("image_size")), "window_size": inf.get("window_size"),
+    given = {"im_size": dkw.get("image_size") or inf.get("im_size"), "window_size": inf.get("window_size"),
              "window_stride": inf.get("window_stride")}
     return {k: (v if positive_int(v) is None else None) for k, v in given.items()}
 
