@@ -9,8 +9,9 @@ CTS has static token counts (U + S per image), so the whole forward pass, policy
 top-S selection included, is one static graph. ONNX has no stable sort: the exported selection
 counts, for every superpatch, the scores that beat it (`segm.model.reduction.cts.select_shared`), which
 breaks ties exactly as eager does (lower raster index first). Modules: `graph` (the traced
-module, `export_bytes`), `check` (the parity check), `sidecar` (`OUT.json`), `write`
-(`export_model`), `cli`. Running the result: `segm.onnx_runtime`.
+module, `export_bytes`), `check` (the parity check), `sidecar` (`OUT.json`, bound to its graph
+by its SHA-256), `schema` (the sidecar's checks), `write` (`export_model`, both files written as
+one), `cli`. Running the result: `segm.onnx_runtime`.
 """
 from segm.export.graph import DEFAULT_OPSET, ExportError, ExportedSegmenter, export_bytes
 from segm.export.sidecar import read_sidecar, sidecar_path
