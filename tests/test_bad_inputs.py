@@ -297,7 +297,7 @@ def test_full_disk_while_writing_the_log_is_one_line(trained, synthetic_root, tm
     monkeypatch.setattr(os, "fsync", full)  # the first file written: variant.yml
     result = CliRunner().invoke(_commands()["train"], [*_run_args(log_dir, synthetic_root, "2"), "--resume"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert _error_lines(result)[-1] == (f"Error: cannot write {log_dir}: the disk is full (no space left on device); "
+    assert _error_lines(result)[-1] == (f"Error: cannot write {log_dir / 'variant.yml'}: the disk is full (no space left on device); "
                                         "training stopped (run the command again to resume from the last checkpoint)")
 
 
@@ -331,7 +331,7 @@ def test_scores_file_that_cannot_be_written_is_one_line(world, tmp_path, monkeyp
                                             "--frac-dataset", "0.125", "--device", "cpu"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith(("Error", "Traceback"))]
-    assert errors == [f"Error: cannot write {run / 'scores_ss.yml'}: permission denied"]
+    assert errors == [f"Error: cannot write {run / 'scores_ss_frac0.125.yml'}: permission denied"]
 
 
 # ----------------------------------------------------------------------------- devices

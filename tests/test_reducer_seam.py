@@ -99,14 +99,14 @@ def test_evaluation_runs_a_checkpoint_with_the_reducer_and_records_it(toy, plain
     chosen = CliRunner().invoke(miou_main, common + ["--reducer", "toy_merge:after=1"], catch_exceptions=False)
     assert chosen.exit_code == 0, chosen.output
     assert "reducer toy_merge: 4 of 16 tokens" in chosen.output
-    scores = load_yaml(ckpt.parent / "scores_ss_toy_merge.yml")
+    scores = load_yaml(ckpt.parent / "scores_ss_toy_merge_frac0.25.yml")
     assert scores["reducer"] == {"reducer": "toy_merge", "tokens": 4, "reduction": 0.75, "after": 1}
     # a checkpoint whose description names the reducer runs with it, without options
     dump_yaml({**variant, "net_kwargs": {**variant["net_kwargs"], "reducer": {"name": "toy_merge"}}},
               ckpt.parent / "variant.yml")
     own = CliRunner().invoke(miou_main, common, catch_exceptions=False)
     assert own.exit_code == 0, own.output
-    assert load_yaml(ckpt.parent / "scores_ss.yml")["reducer"]["reducer"] == "toy_merge"
+    assert load_yaml(ckpt.parent / "scores_ss_frac0.25.yml")["reducer"]["reducer"] == "toy_merge"
     bad = CliRunner().invoke(miou_main, common + ["--reducer", "toy_merge:size=3"])
     assert bad.exit_code != 0 and "toy_merge takes after=BLOCK" in bad.output and "Traceback" not in bad.output
 

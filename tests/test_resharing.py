@@ -56,9 +56,9 @@ def test_eval_cli_with_the_content_policy_leaves_the_checkpoint_unchanged(plain_
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "policy content (U, S) = (8, 2)" in result.output
-    scores = load_yaml(ckpt.parent / "scores_ss_content_s2.yml")
+    scores = load_yaml(ckpt.parent / "scores_ss_content_s2_frac0.25.yml")
     assert scores["policy"] == {"method": "content", "num_shared": 2, "num_notshared": 8, "policynet_ckpt": None}
-    assert load_yaml(ckpt.parent / "scores_ss.yml")["policy"]["method"] == "no_sharing"  # not replaced
+    assert load_yaml(ckpt.parent / "scores_ss_frac0.25.yml")["policy"]["method"] == "no_sharing"  # not replaced
     assert (_digest(ckpt), _digest(ckpt.parent / "variant.yml")) == before
 
 
