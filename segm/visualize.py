@@ -79,6 +79,8 @@ def checkpoint_classes(variant: dict, n_cls: int) -> tuple[list | None, list, st
     names = list(embedded["names"]) if len(embedded.get("names") or ()) == n_cls else None
     if len(embedded.get("palette") or ()) == n_cls:
         return names, [list(c) for c in embedded["palette"]], None
+    short = [f"its {k} list has {len(embedded[k])} entries for {n_cls} classes"
+             for k in ("names", "palette") if embedded.get(k) and len(embedded[k]) != n_cls]
     dkw = variant.get("dataset_kwargs") or {}
     name = dkw.get("dataset")
     try:
@@ -90,6 +92,8 @@ def checkpoint_classes(variant: dict, n_cls: int) -> tuple[list | None, list, st
         reason = f"dataset {name} has {info.n_cls} classes, the model {n_cls}"
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         reason = str(e).splitlines()[0]
+    if short:  # the model's own classes are what is wrong, whatever the dataset lookup says
+        reason = f"the model's classes do not fit: {'; '.join(short)}"
     return names, generated_palette(n_cls), f"using a generated palette ({reason})"
 
 

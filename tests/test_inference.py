@@ -160,6 +160,10 @@ def test_checkpoint_palette(synthetic_root, tmp_path):
     assert checkpoint_palette(variant, K)[0] == palette  # deterministic
     assert "150 classes" in checkpoint_palette({"dataset_kwargs": {"dataset": "ade20k"}}, K)[1]
     assert len(checkpoint_palette({"dataset_kwargs": {"dataset": "ade20k"}}, 150)[0]) == 150
+    # a model carrying too short a class list is told so, not sent looking for $DATASET
+    short = {"classes": {"names": ["a", "b"], "palette": [[0, 0, 0]] * 2}, "dataset_kwargs": {"dataset": "ade20k"}}
+    note = checkpoint_palette(short, K)[1]
+    assert "its names list has 2 entries for 10 classes" in note and "DATASET" not in note
 
 
 def test_cli_errors(synthetic_root, tmp_path, images):

@@ -35,6 +35,7 @@ def test_the_encoder_sees_the_resized_image():
         out = model.forward_all(im)
     assert torch.equal(feats, want) and tmap.num_tokens == 36 and out.logits.shape == (2, plain.n_cls, 128, 128)
     for bad, words in (({"name": "resize"}, "one setting, size"), ({"name": "resize", "size": 100}, "multiple of the patch"),
-                       ({"name": "resize", "size": "big"}, "positive number of pixels")):
+                       ({"name": "resize", "size": "big"}, "positive number of pixels"),
+                       ({"name": "resize", "size": 4096}, "larger than the model's crop 128×128")):
         with pytest.raises(ReductionError, match=words):
             reshare(plain, net, "no_sharing", reducer=bad)

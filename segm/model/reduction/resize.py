@@ -33,6 +33,10 @@ class ResizeReducer(Reducer):
         if self.size[0] % patch_size or self.size[1] % patch_size:
             raise ReductionError(f"resize size {self.size[0]}×{self.size[1]} is not a multiple of the patch size "
                                  f"{patch_size}")
+        crop = (self.grid[0] * patch_size, self.grid[1] * patch_size)
+        if self.size[0] > crop[0] or self.size[1] > crop[1]:  # a reduction: never more tokens than the crop
+            raise ReductionError(f"resize size {self.size[0]}×{self.size[1]} is larger than the model's crop "
+                                 f"{crop[0]}×{crop[1]}: give a lower resolution")
         self.coarse = (self.size[0] // patch_size, self.size[1] // patch_size)
 
     @classmethod
