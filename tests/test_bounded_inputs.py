@@ -14,7 +14,6 @@ import os
 import shutil
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tests.helpers.models import make_model_dir
+from tests.test_bad_inputs import Case  # the bad-input table's row
 from tests.helpers.train import make_policy_ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,15 +75,6 @@ def world(synthetic_root, tmp_path_factory):
     os.symlink("..", w / "dir_loop" / "up")  # a folder that contains itself
     Image.fromarray(np.zeros((10, 100), np.uint8)).save(w / "strip.png")
     return w
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    command: str
-    args: tuple
-    fragment: str
-    env: tuple = ()
 
 
 def _infer(*extra, image="{w}/good.png"):

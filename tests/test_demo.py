@@ -25,5 +25,6 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     for policy in ("content", "policy_net", "random"):
         assert (out / "runs" / "no_sharing" / f"scores_ss_{policy}_s4.yml").is_file()
     bench = json.loads((out / "bench.json").read_text())
-    assert [v["policy"] for v in bench["variants"]] == ["no_sharing", "policy_net", "random", "content"]
+    assert [v["name"] for v in bench["variants"]] == ["no_sharing", "cts", "random", "content", "algm_static"]
+    assert (out / "runs" / "no_sharing" / "scores_ss_algm_static.yml").is_file()
     assert sorted(p.name for p in (out / "inference").glob("*_sharing.png"))
