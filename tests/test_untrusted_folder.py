@@ -374,3 +374,18 @@ def test_the_open_spy_sees_an_open(shared):
     finally:
         _FORBIDDEN.clear()
         _OPENED.clear()
+
+
+def test_a_checkpoint_never_reads_the_pretrained_source_its_variant_names(synthetic_root, tmp_path, monkeypatch):
+    """checkpoint.pth + variant.yml (ours or a stranger's): the weights are the checkpoint's, so
+    the `pretrained` file or timm name in its description is not opened and nothing is fetched."""
+    from segm.config import dump_yaml, load_yaml
+
+    ckpt, model, _ = make_model_dir(tmp_path, synthetic_root)
+    variant = load_yaml(ckpt.parent / "variant.yml")
+    for source in (str(tmp_path / "secret.pth"), "vit_tiny_patch16_384.augreg_in21k_ft_in1k"):
+        dump_yaml({**variant, "net_kwargs": {**variant["net_kwargs"], "pretrained": source}}, ckpt.parent / "variant.yml")
+        monkeypatch.setattr("segm.model.factory.load_pretrained_vit",
+                            lambda *a: pytest.fail(f"read the pretrained source {a[1]}"))
+        loaded, _ = segm.load_model(ckpt)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

@@ -131,8 +131,11 @@ def _built_with(variant: dict, state, misfit: str, *, invalid: str | None = None
     """The model `variant` describes with the weights `state` (or `state(model)`), in eval mode;
     a state that does not fit is refused with `misfit` and the first mismatch, a description
     that cannot be built (a reducer's own rules) with `invalid`, when given, and the reason."""
+    # the weights come from `state`: a `pretrained` source the description names (a file, a timm
+    # name: a download) is never read, whoever wrote the description
+    net = {k: v for k, v in variant["net_kwargs"].items() if k != "pretrained"}
     try:
-        model = create_segmenter(variant["net_kwargs"], policy_ckpt_required=False)
+        model = create_segmenter(net, policy_ckpt_required=False)
     except ValueError as e:
         if invalid is None:
             raise
