@@ -14,8 +14,8 @@ from pathlib import Path
 
 from segm.config import dump_yaml, load_yaml
 from segm.model.decoder import create_decoder
-from segm.model.hub import CONFIG, WEIGHTS, is_shared_folder, load_weights, read_shared
-from segm.model.shared_schema import SharedFolderError
+from segm.model.hub import CONFIG, WEIGHTS, check_sizes, is_shared_folder, load_weights, read_shared
+from segm.model.shared_schema import SharedFolderError, check_variant_file
 from segm.model.reduction import build_reducer
 from segm.model.reduction.algm_rules import published_reducer
 from segm.model.segmenter import Segmenter
@@ -124,6 +124,12 @@ def load_model(path, map_location="cpu") -> tuple[Segmenter, dict]:
     published = published_reducer(variant)
     if published is not None:  # a checkpoint of the published ALGM code
         variant = {**variant, "net_kwargs": {**variant["net_kwargs"], "reducer": published}}
+    described_by = variant_file if variant_file.is_file() else path
+    check_variant_file(variant, described_by)  # types and ranges, before anything is built
+    if isinstance(ckpt["model"], dict):  # sizes against the weights' shapes, before any allocation
+        shapes = {k: (str(v.dtype), tuple(v.shape)) for k, v in ckpt["model"].items() if hasattr(v, "shape")}
+        check_sizes(variant["net_kwargs"], shapes, described_by, prefix="net_kwargs", weights=path.name,
+                    policy=False)
     return _built_with(variant, ckpt["model"], f"checkpoint {path} does not fit the model its variant describes"), variant
 
 

@@ -169,7 +169,7 @@ def read_shared(folder) -> tuple[dict, dict]:
     _check_present(folder)
     variant = check_config(read_config(folder / CONFIG), folder / CONFIG)
     header = read_header(folder / WEIGHTS)
-    check_sizes(variant["net_kwargs"], header, folder)
+    check_sizes(variant["net_kwargs"], header, folder / CONFIG)
     return variant, header
 
 
@@ -191,10 +191,14 @@ def read_header(path: Path) -> dict:
             return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     except (OSError, ValueError, SafetensorError) as e:
         raise SharedFolderError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-def check_sizes(net: dict, header: dict, folder: Path) -> None:
-    """The sizes config.json gives (width, depth, patch, crop, classes, MLP widths, the policy
-    network) against the shapes of the weights, before the model is built: a config cannot ask
-    for more memory than its weights fill."""
+def check_sizes(net: dict, header: dict, config: Path, *, prefix: str = "variant.net_kwargs",
+                weights: str = WEIGHTS, policy: bool = True) -> None:
+    """The sizes a model description gives (width, depth, patch, crop, classes, MLP widths, the
+    policy network) against the shapes of the weights (`header`: name → (dtype, shape)), before
+    the model is built: a description cannot ask for more memory than its weights fill. Errors
+    name `config` (config.json, or a checkpoint's variant.yml), the field under `prefix` and
+    the `weights` file. `policy`: also the policy network's (a shared folder records its
+    backbone; a checkpoint's may lie beside its policynet_ckpt, and is checked when built)."""
     from segm.model.spec import complete_net_kwargs
 
     net = complete_net_kwargs(net)
@@ -202,14 +206,15 @@ def check_sizes(net: dict, header: dict, folder: Path) -> None:
         found = header.get(name, (None, None))[1]
         if found != shape:
             held = f"holds {name} of shape {found}" if found is not None else f"has no tensor {name}"
-            raise SharedFolderError(f"{folder / CONFIG}: `variant.net_kwargs` {fields} describe {name} of shape "
-                                    f"{shape}, but {WEIGHTS} {held}")
-    for prefix, count, field in _expected_blocks(net):
-        found = len({k[len(prefix):].split(".")[0] for k in header if k.startswith(prefix)})
+            raise SharedFolderError(f"{config}: `{prefix}` {fields} describe {name} of shape "
+                                    f"{shape}, but {weights} {held}")
+    for blocks, count, field in _expected_blocks(net):
+        found = len({k[len(blocks):].split(".")[0] for k in header if k.startswith(blocks)})
         if found != count:
-            raise SharedFolderError(f"{folder / CONFIG}: `variant.net_kwargs.{field}` is {count}, but {WEIGHTS} "
-                                    f"holds {found} blocks under {prefix}")
-    _check_policy_sizes(net, header, folder)
+            raise SharedFolderError(f"{config}: `{prefix}.{field}` is {count}, but {weights} "
+                                    f"holds {found} blocks under {blocks}")
+    if policy:
+        _check_policy_sizes(net, header, config, prefix, weights)
 
 
 def _expected_shapes(net: dict) -> list:
@@ -239,7 +244,7 @@ def _expected_blocks(net: dict) -> list:
     return blocks
 
 
-def _check_policy_sizes(net: dict, header: dict, folder: Path) -> None:
+def _check_policy_sizes(net: dict, header: dict, config: Path, prefix: str, weights: str) -> None:
     """The policy network's shapes, from a build on the meta device (no memory)."""
     import torch
 
@@ -254,15 +259,15 @@ def _check_policy_sizes(net: dict, header: dict, folder: Path) -> None:
         with torch.device("meta"):
             own = {f"policy_net.{k}": tuple(v.shape) for k, v in PolicyNet(backbone).state_dict().items()}
     except (ValueError, RuntimeError, TypeError, AttributeError, AssertionError) as e:  # timm's, per model
-        raise SharedFolderError(f"{folder / CONFIG}: `variant.net_kwargs.policy_backbone` {backbone!r} cannot be "
+        raise SharedFolderError(f"{config}: `{prefix}.policy_backbone` {backbone!r} cannot be "
                                 f"built as a policy network ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                                 ) from None
     bad = next((k for k, shape in own.items() if header.get(k, (None, None))[1] != shape), None)
     if bad is not None:
         found = header.get(bad, (None, None))[1]
         held = f"holds shape {found}" if found is not None else "has no such tensor"
-        raise SharedFolderError(f"{folder / CONFIG}: `variant.net_kwargs.policy_backbone` {backbone!r} has {bad} of "
-                                f"shape {own[bad]}, {WEIGHTS} {held}")
+        raise SharedFolderError(f"{config}: `{prefix}.policy_backbone` {backbone!r} has {bad} of "
+                                f"shape {own[bad]}, {weights} {held}")
 
 
 def load_weights(folder, model, header: dict) -> dict:

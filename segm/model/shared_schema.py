@@ -335,3 +335,34 @@ def _check_policy_summary(config: dict, spec, where: _Where) -> None:
             problem = _scalar(value) if not isinstance(value, dict) else _reducer_entry({"name": "", **value})
             if problem:
                 where.fail(f"reducer.{key}", problem)
+
+
+def check_variant_file(variant: dict, path) -> None:
+    """A checkpoint's description (its `variant.yml`: ours, the reference's or a stranger's):
+    every `net_kwargs` field this project reads, and its decoder's, has the type and range the
+    shared schema gives it; one line naming the file and the field. Unlike a shared config.json,
+    keys this project does not read are ignored (a reference run records many), and paths are
+    allowed: `policynet_ckpt` says where the policy's record lies; `pretrained` is never read
+    when a checkpoint is loaded (its weights are the checkpoint's)."""
+    where = _Where(Path(path))
+    net = variant.get("net_kwargs")
+    if not isinstance(net, dict):
+        where.fail("net_kwargs", f"must be a mapping, got {_show(net)}")
+    _check_known(net, _net_fields(), where, "net_kwargs.")
+    decoder = net.get("decoder")
+    if isinstance(decoder, dict):
+        _check_known(decoder, _DECODER, where, "net_kwargs.decoder.")
+    elif decoder is not None and not isinstance(decoder, str):
+        where.fail("net_kwargs.decoder", f"must be a decoder name or a mapping, got {_show(decoder)}")
+    d, heads = net.get("d_model"), net.get("n_heads")
+    if isinstance(d, int) and isinstance(heads, int) and d % heads:
+        where.fail("net_kwargs.n_heads", f"({heads}) must divide d_model ({d})")
+
+
+def _check_known(obj: dict, fields: dict, where: _Where, prefix: str) -> None:
+    """Each key of `obj` that `fields` checks passes its check (tuples read as lists); others pass."""
+    for key, value in obj.items():
+        check = fields.get(key)
+        problem = check(list(value) if isinstance(value, tuple) else value) if check is not None else None
+        if problem:
+            where.fail(prefix + key, problem)
