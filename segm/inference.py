@@ -39,6 +39,7 @@ from segm.eval.evaluate import SAVE_FORMATS
 from segm.eval.window import inference_views, resize_to_window, resolve_window, view_plan, window_anchors
 from segm.inference_io import (IMAGE_EXTENSIONS, check_no_overwrite, check_options, list_inputs, result_path,
                                result_picture, source_path, write_picture)
+from segm.model.shared_schema import MAX_SIZE
 from segm.policy_choice import policy_options
 from segm.utils.amp import AMP_DTYPES, autocast
 from segm.utils.cli import CONTEXT_SETTINGS
@@ -112,8 +113,8 @@ def evaluation_scale(variant: dict, im_size: int | None = None) -> tuple[int, in
                    or (variant.get("inference_kwargs") or {}).get("im_size"))
     if im_size is None:
         raise ValueError("the model records no evaluation image size: pass --im-size N or --native-size")
-    if int(im_size) < 1:
-        raise ValueError(f"--im-size must be ≥ 1, got {im_size}")
+    if not 1 <= int(im_size) <= MAX_SIZE:
+        raise ValueError(f"--im-size must be in 1..{MAX_SIZE}, got {im_size}")
     return int(im_size), MAX_RATIO[name]
 
 

@@ -115,6 +115,7 @@ CASES = [
     Case("train-missing-dataset", "train", _train("--data-root", "{w}/nowhere"), "not found"),
     Case("train-lr-nan", "train", _train("-lr", "nan"), "--learning-rate must be a positive finite number"),
     Case("train-image-size", "train", _train("--im-size", "0"), "--im-size must be positive"),
+    Case("train-crop-huge", "train", _train("--crop-size", "65536"), "--crop-size must be at most 8192 pixels"),
     Case("train-policy-combination", "train", _train("--num-tokens-shared", "3"),
          "policy 'no_sharing' shares no tokens"),
     Case("train-corrupt-safetensors", "train", _train("--pretrained", "{w}/w.safetensors"),

@@ -18,6 +18,7 @@ import torch
 from segm.config import load_config
 from segm.eval.window import check_stride
 from segm.model.reduction.policy_rules import POLICY_NET
+from segm.model.shared_schema import MAX_SIZE
 from segm.model.reduction.rules import NO_SHARING, check_window, parse_reducer, policy_reduction
 from segm.utils.amp import AMP_DTYPES
 from segm.utils.checkpoint import CheckpointError
@@ -143,6 +144,9 @@ def check_options(opts: TrainOptions, world_size: int) -> None:
         value = getattr(opts, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("im_size", "crop_size", "window_size", "window_stride"):
+        if getattr(opts, name) > MAX_SIZE:  # more is no image this project can hold in memory
+            raise ConfigError(f"--{name.replace('_', '-')} must be at most {MAX_SIZE} pixels, got {getattr(opts, name)}")
     if not (math.isfinite(opts.learning_rate) and opts.learning_rate > 0):
         raise ConfigError(f"--learning-rate must be a positive finite number, got {opts.learning_rate}")
     if opts.eval_freq < 0 or opts.ckpt_every < 0 or opts.num_workers < 0 or opts.warmup_iter < 0:
