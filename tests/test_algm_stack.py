@@ -214,3 +214,9 @@ def test_the_benchmark_times_algm_alone_on_cts_and_the_lower_resolution(tmp_path
     assert rows["resize32"]["patch_tokens"] == 4 and rows["resize32"]["stage_tokens"] is None
     stacked = rows["policy_net_s2_algm_static_global_block2"]  # S = 2 (30 %): 2 windows left, none merged locally
     assert stacked["stage_tokens"] == [10, 10, 8] and stacked["reducer"]["cts"]["policy"] == "policy_net"
+
+
+def test_the_reference_mode_says_its_batch_dependence_where_users_read():
+    plain, net = _plain()
+    ref, _ = reshare(plain, net, "no_sharing", reducer={"name": "algm", "mode": "reference"})
+    assert "an image's output depends on the other images of its batch" in ref.reducer.summary()

@@ -295,5 +295,6 @@ class AlgmReducer(Reducer):
             own = f"ALGM static: tokens {' → '.join(map(str, self.stage_tokens()))} " \
                   f"(blocks {self.local_block}, {self.global_block})"
         else:
-            own = f"ALGM reference: batch-minimum counts, τ = {self.tau} (blocks {self.local_block}, {self.global_block})"
+            own = (f"ALGM reference: batch-minimum counts (an image's output depends on the other images of its "
+                   f"batch), τ = {self.tau} (blocks {self.local_block}, {self.global_block})")
         return f"{self.base.summary()}, then {own}" if self.base is not None else own
