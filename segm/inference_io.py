@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from segm.data.base import IMAGE_EXTENSIONS as DATASET_IMAGE_EXTENSIONS
 from segm.data.io import pixel_limit
 from segm.utils.writable import NotWritableError, check_writable, write_error_message
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_EXTENSIONS = (*DATASET_IMAGE_EXTENSIONS, ".gif")  # a dataset's image kinds, and GIF pictures
 
 
 def check_options(window_batch_size, max_pixels, native_size, im_size, onnx_path, amp, output_dir) -> None:

@@ -210,16 +210,14 @@ def test_sharing_to_a_place_that_cannot_be_written_is_one_line(synthetic_root, t
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o555)
     if os.geteuid() == 0:  # root writes anywhere: the folder answers as a read-only mount would
-        import tempfile
+        real = os.mkdir
 
-        real = tempfile.mkdtemp
+        def mkdir(path, *a, **k):
+            if Path(path).parent.resolve() == (tmp_path / "ro").resolve():
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *a, **k)
 
-        def mkdtemp(*a, dir=None, **k):
-            if dir is not None and Path(dir).resolve() == (tmp_path / "ro").resolve():
-                raise PermissionError(13, "Permission denied", str(dir))
-            return real(*a, dir=dir, **k)
-
-        monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+        monkeypatch.setattr(os, "mkdir", mkdir)
     try:
         result = CliRunner().invoke(share_main, [str(ckpt), str(tmp_path / where)])
     finally:
@@ -250,3 +248,16 @@ def test_a_failed_rename_keeps_the_former_folder(synthetic_root, tmp_path, monke
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".shared")]
+
+
+def test_the_shared_folder_takes_the_umask(synthetic_root, tmp_path):
+    import os
+
+    ckpt, _, _ = make_model_dir(tmp_path, synthetic_root)
+    old = os.umask(0o027)
+    try:
+        result = CliRunner().invoke(share_main, [str(ckpt), str(tmp_path / "shared")])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o750

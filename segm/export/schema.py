@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 from segm.data.base import DATASET_CHOICES, STATS
 from segm.model.reduction.rules import CTS, NO_SHARING, NONE  # no torch
+from segm.model.shared_schema import MAX_SIZE  # no torch
 
 BATCH = "batch"  # the batch dimension of a graph exported for any batch
 LOGITS = "logits"  # the graph's first output; the reducer's record (`Reducer.export_outputs`) follows
-# The largest evaluation scale (short side) a sidecar may ask for: the datasets use 512-1024;
-# this bounds what inference resizes a stranger's images to.
-MAX_IM_SIZE = 8192
+# The largest evaluation scale (short side) a sidecar may ask for (the datasets use 512-1024):
+# the one pixel bound of every size a stranger's file or an option gives.
+MAX_IM_SIZE = MAX_SIZE
 DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
           "int32": "tensor(int32)", "bool": "tensor(bool)"}  # sidecar dtype: ONNX Runtime's type
 

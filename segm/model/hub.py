@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from segm.model.shared_schema import (
@@ -96,8 +96,7 @@ def _write_folder(out: Path, files: dict) -> None:
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~_umask_of(tmp))  # mkdtemp makes it 0700
+        tmp = _new_partial(out)
         for name, content in files.items():
             try:
                 _write_file(tmp / name, content())
@@ -137,7 +136,7 @@ def _set_aside(out: Path) -> Path | None:
     """Moves an existing `out` to a partial sibling (removed once the new folder is in place)."""
     if not out.exists():
         return None
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}", dir=out.parent))
+    old = _new_partial(out)
     os.replace(out, old / out.name)
     return old
 
@@ -149,14 +148,17 @@ def _remove_partial(out: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _umask_of(folder: Path) -> int:
-    """The process umask, read without changing it: the mode a fresh file in `folder` gets."""
-    probe = folder / ".umask"
-    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o777))
-    try:
-        return 0o777 & ~os.stat(probe).st_mode
-    finally:
-        os.unlink(probe)
+def _new_partial(out: Path) -> Path:
+    """A new empty `.NAME.partial-XXXX` sibling of `out`, made with mode 0777 so that the kernel
+    applies the umask (and a default ACL) as for any folder the user makes."""
+    for _ in range(100):
+        tmp = out.parent / f".{out.name}{_PARTIAL}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot write {out}: no free temporary name in {out.parent}")
 
 
 # --------------------------------------------------------------------------- reading
