@@ -6,6 +6,7 @@ import click
 from segm import __version__
 from segm.data.base import DATASET_CHOICES, variant_normalization
 from segm.export.graph import DEFAULT_OPSET, ExportError, check_opset
+from segm.export.quantize import MAX_CHANGED_PIXELS, QUANTIZATIONS, check_quantize
 from segm.export.sidecar import sidecar_path
 from segm.policy_choice import policy_options
 from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
@@ -19,6 +20,15 @@ def _check_dataset_options(dataset, data_root, check: bool) -> None:
     if dataset is not None and not check:
         raise ExportError("--dataset adds validation images to the parity check, which --no-check skips: "
                           "drop one of them")
+
+
+def _quantize_options(quantize: str, max_changed_pixels: float | None) -> float:
+    """The share of changed labels an int8 export may have; refused without --quantize int8."""
+    if max_changed_pixels is not None and quantize == "none":
+        raise ExportError("--max-changed-pixels bounds what --quantize int8 changes: give --quantize int8 too")
+    max_changed_pixels = MAX_CHANGED_PIXELS if max_changed_pixels is None else max_changed_pixels
+    check_quantize(quantize, max_changed_pixels)
+    return max_changed_pixels
 
 
 def _real_crops(model, dataset, data_root, normalization: str, batch: int):
@@ -52,8 +62,16 @@ def _load(checkpoint: str, policy: dict):
               help="Also check on this dataset's validation images (resized to the crop).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="The --dataset's folder [default: $DATASET/<name>].")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="none",
+              help="int8: ONNX Runtime's dynamic quantisation of the encoder's and decoder's matrix products "
+                   "(int8 weights, uint8 activations), refused when it changes the label of more than "
+                   f"{100 * MAX_CHANGED_PIXELS:g} % of the check's pixels against the fp32 graph.")
+@click.option("--max-changed-pixels", type=float, default=None, metavar="FRACTION",
+              help=f"With --quantize int8: the largest share of pixels whose label may change, 0..1 "
+                   f"[default: {MAX_CHANGED_PIXELS:g}].")
 @policy_options
-def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data_root, **policy):
+def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data_root, quantize, max_changed_pixels,
+         **policy):
     """Export CHECKPOINT (any reduction with a static token count that needs no labels; at its crop
     size) to OUT.onnx, with OUT.json beside it.
 
@@ -70,16 +88,19 @@ def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data
         if batch_size is not None and batch_size < 1:
             raise ExportError(f"--batch-size must be ≥ 1, got {batch_size}")
         check_opset(opset)
-        _check_dataset_options(dataset, data_root, check)
+        max_changed_pixels = _quantize_options(quantize, max_changed_pixels)
+        _check_dataset_options(dataset, data_root, check or quantize != "none")
         check_output_path(out)
         model, variant = _load(checkpoint, policy)
         norm = variant_normalization(variant)
         real = _real_crops(model, dataset, data_root, norm, batch_size or 1)
         side = export_model(model, variant, out, normalization=norm, batch_size=batch_size, opset=opset,
-                            check=check, real=real, log=log)
+                            check=check, real=real, quantize=quantize, max_changed_pixels=max_changed_pixels,
+                            log=log)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, CheckpointError) as e:
         raise click.ClickException(str(e).splitlines()[0]) from None
     except OSError as e:  # writing the pair: disk full, permission denied (nothing was replaced)
         raise click.ClickException(write_error_message(e, e.filename or out)) from None
     reduction = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in side["reducer"].items())
-    click.echo(f"wrote {out} and {sidecar_path(out)} ({reduction}; input {side['input']['shape']})")
+    kind = "; int8" if side["quantization"] else ""
+    click.echo(f"wrote {out} and {sidecar_path(out)} ({reduction}; input {side['input']['shape']}{kind})")

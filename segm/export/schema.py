@@ -140,6 +140,15 @@ PARITY = Record({"inputs": (names, "the inputs compared"), "images": (positive_i
                  "near_tie_images": (count, "images whose near-tied scores were ordered differently"),
                  "tolerance": (Record({"logits": (number, "the logits' tolerance"),
                                        "scores": (number, "the scores' tolerance")}), "the tolerances")})
+QUANTIZATION = Record({
+    "method": (one_of({"dynamic"}), "how activations are quantised"),
+    "weights": (one_of({"int8"}), "the weights' type"), "activations": (one_of({"uint8"}), "the activations' type"),
+    "per_channel": (flag, "whether weights have a scale per output feature"),
+    "reduce_range": (flag, "whether weights use 7 bits"),
+    "nodes": (positive_int, "the matrix products quantised"),
+    "pixel_agreement": (fraction, "the share of the check's pixels labelled as by the fp32 graph"),
+    "max_changed_pixels": (fraction, "the largest share of changed labels the export accepted"),
+}, nullable=True)
 OUTPUT = Record({"shape": (shape, "the output's shape"), "dtype": (one_of(DTYPES), "the output's type")})
 SPEC = Record({
     "format": (text, "the sidecar's format"),
@@ -174,7 +183,8 @@ SPEC = Record({
                           "window_stride": (optional(positive_int), "the sliding window's stride")}),
                   "the evaluation's geometry"),
     "parity": (PARITY, "the parity check's result"),
-}, optional=frozenset({"parity"}))
+    "quantization": (QUANTIZATION, "how the graph was quantised (null: fp32)"),
+}, optional=frozenset({"parity", "quantization"}))
 
 
 def _show(v) -> str:
@@ -306,6 +316,10 @@ def check_consistency(side: dict, path) -> None:
     _require(inp["shape"] == [batch, 3, h, w], path, "input.shape",
              f"{inp['shape']} is not [{batch!r}, 3, {h}, {w}] (batch_size, RGB, crop)")
     _check_outputs(side, path, batch, n)
+    q = side.get("quantization")
+    _require(q is None or 1 - q["pixel_agreement"] <= q["max_changed_pixels"] + 1e-9, path,
+             "quantization.pixel_agreement", f"{_show(q and q['pixel_agreement'])} changes more labels than its "
+             f"max_changed_pixels {_show(q and q['max_changed_pixels'])}")
     inf = side["inference"]
     window = inf["window_size"]
     _require(window is None or [window, window] == side["crop"], path, "inference.window_size",

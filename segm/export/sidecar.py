@@ -59,11 +59,12 @@ def _inference_geometry(variant: dict) -> dict:
 
 
 def build_sidecar(model, variant: dict, *, normalization: str, batch_size: int | None, opset: int,
-                  outputs: dict, versions: dict, graph: bytes) -> dict:
+                  outputs: dict, versions: dict, graph: bytes, quantization: dict | None = None) -> dict:
     """The sidecar of `graph`, the serialised export of `model` (a Segmenter) at its crop, for a
     fixed batch or any (None); `outputs`: the graph's, {name: {"shape", "dtype"}} in order
     (`segm.export.graph.output_specs`). Of the run's `variant` it keeps the dataset's name,
     classes and evaluation geometry: nothing that names a place on the exporting machine.
+    `quantization`: how the graph was quantised (`segm.export.quantize`), None for fp32.
 
     `reducer` is the whole `model.describe_reduction()`. `policy`, `num_notshared`,
     `num_shared` and `random_seed` are the reference's CTS fields, kept for older readers and
@@ -93,6 +94,7 @@ def build_sidecar(model, variant: dict, *, normalization: str, batch_size: int |
         "versions": versions,
         "dataset": dataset if isinstance(dataset, str) else None,
         "inference": _inference_geometry(variant),
+        "quantization": quantization,
     })
 
 
