@@ -112,3 +112,19 @@ def test_a_sidecar_without_the_field_is_an_fp32_export(tmp_path, pair):
     (tmp_path / "m.json").write_text(json.dumps(side))
     out = OnnxSegmenter(tmp_path / "m.onnx")(torch.zeros(2, 3, CROP, CROP))
     assert out.shape == (2, 10, CROP, CROP) and np.isfinite(out.numpy()).all()
+
+
+@pytest.mark.slow  # 4 exports, two with the policy network: 15-20 s
+def test_bench_times_the_int8_graphs_beside_fp32():
+    from segm import bench
+
+    cfg = bench.BenchConfig(crop_size=64, n_cls=10, overrides=dict(d_model=64, n_heads=2, n_layers=1,
+                            decoder_layers=1), batch_size=2, warmup=0, repeats=1, matmul_size=64, threads=1,
+                            num_shared=3, onnx_int8=True, memory=False)
+    result = bench.run_benchmark(cfg)
+    names = [r["name"] for r in result["variants"]]
+    assert names == ["no_sharing", "cts", "no_sharing_ort", "cts_ort", "no_sharing_ort_int8", "cts_ort_int8"]
+    assert [r["backend"] for r in result["variants"]][-2:] == ["onnxruntime-int8"] * 2
+    assert set(result["onnxruntime"]["int8_over_fp32"]) == {"no_sharing", "cts"}
+    table = bench.format_table(result)
+    assert "| cts_ort_int8 |" in table and "int8 (*_ort_int8 rows" in table

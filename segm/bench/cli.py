@@ -66,6 +66,9 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
                    "variant (policy network, main budget); repeatable.")
 @click.option("--with-onnxruntime", "onnxruntime", is_flag=True,
               help="Also time every variant exported to ONNX, in ONNX Runtime (CPU, fp32).")
+@click.option("--onnx-int8", is_flag=True,
+              help="With --with-onnxruntime (implied): also time every variant's graph quantised to int8 "
+                   "(segm.export --quantize int8).")
 @click.option("--sweep", help="Comma-separated reductions to time too, e.g. 0,0.1,0.2,0.3,0.4,0.5.")
 @click.option("--batch-size", default=2, type=int, help="Images per timed forward.")
 @click.option("--warmup", default=2, type=int, help="Untimed interleaved rounds.")

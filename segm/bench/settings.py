@@ -44,6 +44,7 @@ class BenchConfig:
     reducers: tuple = ()  # --reducer NAME[:KEY=VALUE,...]: a variant per registered reducer
     cts_reducers: tuple = ()  # --on-cts NAME[:KEY=VALUE,...]: a variant per reducer stacked on the CTS variant
     onnxruntime: bool = False  # also time every variant exported to ONNX, in ONNX Runtime
+    onnx_int8: bool = False  # and its graph quantised to int8 (implies onnxruntime)
     sweep: tuple = ()
     # protocol
     batch_size: int = 2
@@ -126,7 +127,9 @@ def check_config(cfg: BenchConfig) -> None:
 
 
 def check_onnx_config(cfg: BenchConfig) -> None:
-    """`--with-onnxruntime` (segm.bench.onnx) times batched CPU fp32 inference."""
+    """`--with-onnxruntime` (segm.bench.onnx) times batched CPU fp32 inference; `--onnx-int8` adds
+    the int8 graphs, read against their fp32 twins."""
+    cfg.onnxruntime = cfg.onnxruntime or cfg.onnx_int8
     if not cfg.onnxruntime:
         return
     if cfg.device != "cpu" or cfg.dtype != "fp32":
