@@ -27,19 +27,17 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from segm import __version__
-from segm.config import dataset_preset
-from segm.data.base import MAX_RATIO, STATS, canonical_name, normalization_stats, variant_normalization
-from segm.data.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, DataError, pil_to_rgb, read_image
+from segm.data.base import variant_normalization
+from segm.data.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, DataError
 from segm.data.label_space import to_label_space
 from segm.eval.evaluate import SAVE_FORMATS
-from segm.eval.window import inference_views, resize_to_window, resolve_window, view_plan, window_anchors
+from segm.eval.window import GridScores, inference_views, resize_to_window, resolve_window, view_labels, window_anchors
+from segm.inference_inputs import (MAX_ASPECT_RATIO, _as_rgb_array, _check_aspect, _to_tensor, augmented_views,
+                                   evaluation_scale, evaluation_views, load_image)
 from segm.inference_io import (IMAGE_EXTENSIONS, check_no_overwrite, check_options, list_inputs, result_path,
                                result_picture, source_path, write_picture)
-from segm.model.shared_schema import MAX_SIZE
 from segm.policy_choice import policy_options
 from segm.utils.amp import AMP_DTYPES, autocast
 from segm.utils.cli import CONTEXT_SETTINGS
@@ -50,129 +48,53 @@ from segm.visualize import checkpoint_classes, sharing_maps, sharing_overlay
 __all__ = ["predict", "predict_image", "predict_probs", "load_image", "augmented_views", "evaluation_scale",
            "evaluation_views", "IMAGE_EXTENSIONS", "MAX_ASPECT_RATIO"]
 
-# The longest side an image may have, in multiples of its short side: a window-high strip of a
-# 20000×1 image would be 1,280,000 pixels long.
-MAX_ASPECT_RATIO = 32
-
-
-# ----------------------------------------------------------------------------- inputs
-def load_image(path, *, max_pixels: int | None = None) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB, by the reader training and evaluation use
-    (`segm.data.io.read_image`: stored pixel order, 16-bit and float images scaled, at most
-    `max_pixels` pixels)."""
-    return read_image(path, max_pixels=max_pixels)
-
-
-def _as_rgb_array(image) -> np.ndarray:
-    if isinstance(image, Image.Image):
-        return pil_to_rgb(image)
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"image must be a PIL image or a numpy array (H, W, 3) uint8, got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise TypeError(f"numpy images must be uint8 (0..255), got {image.dtype}")
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"expected an image array (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"the image is empty ({image.shape[1]}×{image.shape[0]} pixels): nothing to segment")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    return image[..., :3]  # RGBA: drop alpha, as PIL's convert("RGB")
-
-
-def _to_tensor(image: np.ndarray, normalization: str, device) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float, (x/255 - mean) / std (reference: unrounded stats)."""
-    stats = STATS[normalization]
-    im = torch.from_numpy(np.array(image, copy=True)).to(device).permute(2, 0, 1).float() / 255
-    mean = torch.tensor(stats["mean"], device=device)[:, None, None]
-    std = torch.tensor(stats["std"], device=device)[:, None, None]
-    return (im - mean) / std
-
-
-def _check_aspect(shape, what: str = "the image") -> None:
-    h, w = shape[:2]
-    if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
-        raise ValueError(f"{what} is {w}×{h} pixels: its long side is more than {MAX_ASPECT_RATIO} times its "
-                         "short one, and resized for the windows it would be too long to segment; crop it first")
-
-
-# ----------------------------------------------------------------------------- geometry
-def evaluation_scale(variant: dict, im_size: int | None = None) -> tuple[int, int]:
-    """(im_size, max_ratio): evaluation fits an image of the checkpoint's dataset into
-    (max_ratio·im_size, im_size), keeping its aspect (`segm.data.pipelines.test_pipeline`).
-    `im_size` defaults as `segm.eval.miou` on the dataset the model was trained on: its
-    training size, else the dataset preset's, else the run's `inference_kwargs.im_size`."""
-    dkw = variant.get("dataset_kwargs") or {}
-    try:
-        name = canonical_name(dkw.get("dataset") or "custom")
-    except ValueError:
-        name = "custom"
-    if im_size is None:
-        im_size = (dkw.get("image_size") or dataset_preset(name).get("im_size")
-                   or (variant.get("inference_kwargs") or {}).get("im_size"))
-    if im_size is None:
-        raise ValueError("the model records no evaluation image size: pass --im-size N or --native-size")
-    if not 1 <= int(im_size) <= MAX_SIZE:
-        raise ValueError(f"--im-size must be in 1..{MAX_SIZE}, got {im_size}")
-    return int(im_size), MAX_RATIO[name]
-
-
-def _rescaled_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """(h, w) of mmcv's keep-ratio rescale into `scale` (long, short): the largest factor that
-    fits both, each side rounded half up."""
-    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    size = int(h * factor + 0.5), int(w * factor + 0.5)
-    if min(size) < 1:
-        raise ValueError(f"the {w}×{h} image would be resized to {size[1]}×{size[0]} pixels at --im-size "
-                         f"{min(scale)}: choose a larger --im-size")
-    return size
-
-
-def evaluation_views(image: np.ndarray, normalization: str, scale: tuple[int, int], device, *,
-                     multiscale: bool = False, flip: bool = False):
-    """(views, metas) of an (H, W, 3) uint8 RGB image exactly as evaluation's pipeline builds
-    them (`segm.data.pipelines.test_pipeline`: keep-ratio resize of the uint8 image with OpenCV's
-    bilinear filter into each ratio of (max_ratio·im_size, im_size), mirror, normalise with the
-    rounded statistics), the unscaled view first (`augmented_views`)."""
-    import cv2
-
-    im_size, max_ratio = scale
-    ratios, mirror = view_plan(multiscale, flip)
-    ratios.sort(key=lambda r: r != 1.0)
-    stats = normalization_stats(normalization)
-    mean = np.array(stats["mean"], np.float32).astype(np.float64)[None]
-    stdinv = 1 / np.array(stats["std"], np.float32).astype(np.float64)[None]
-    views, metas = [], []
-    for r in ratios:
-        fit = (int(max_ratio * im_size * r), int(im_size * r))
-        h, w = _rescaled_size(*image.shape[:2], fit)
-        resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-        for mirrored in (False, True) if mirror else (False,):
-            view = (resized[:, ::-1] if mirrored else resized).astype(np.float32)
-            cv2.subtract(view, mean, view)  # mmcv.imnormalize's operations, bit for bit
-            cv2.multiply(view, stdinv, view)
-            views.append(torch.from_numpy(view.transpose(2, 0, 1).copy()).to(device))
-            metas.append({"flip": mirrored})
-    return views, metas
-
 
 # ----------------------------------------------------------------------------- prediction
-def augmented_views(im: torch.Tensor, *, multiscale: bool = False, flip: bool = False):
-    """(views, metas): the test-time views of one normalised image (3, H, W) (`view_plan`: with
-    `multiscale` the evaluation's 12, scaled from the image's own size, bilinear; with `flip`
-    the mirrored image too), the image itself first."""
-    ratios, mirror = view_plan(multiscale, flip)
-    ratios.sort(key=lambda r: r != 1.0)  # the image itself first: the sharing maps show its windows
-    h, w = im.shape[-2:]
-    views, metas = [], []
-    for r in ratios:
-        size = (int(h * r + 0.5), int(w * r + 0.5))  # mmcv.imrescale's rounding
-        view = im if r == 1.0 else F.interpolate(im[None], size, mode="bilinear", align_corners=False)[0]
-        for mirrored in (False, True) if mirror else (False,):
-            views.append(view.flip(-1) if mirrored else view)
-            metas.append({"flip": mirrored})
-    return views, metas
+def _window_forward(model, amp_dtype, records: list | None = None, first_windows: int = 0):
+    """`forward(windows, boxes)` for the sliding windows: a Segmenter's `GridScores`, else an
+    ONNX session's float32 logits. While fewer than `first_windows` windows are in `records`,
+    each batch's boxes and token map (B, Gh, Gw) are appended to it."""
+    scores = getattr(model, "forward_scores", None)
+
+    def forward(windows, boxes):
+        record = records is not None and sum(len(b) for b, _ in records) < first_windows
+        with autocast(windows.device.type, amp_dtype):
+            if scores is not None:
+                masks, tmap = scores(windows)
+                out = GridScores(masks, model.patch_size)
+            elif record:
+                res = model.forward_all(windows)
+                tmap, out = res.token_map, res.logits.float()
+            else:
+                return model(windows).float()
+        if record:
+            records.append((boxes, tmap.token_of_cell.view(-1, *tmap.grid)))
+        return out
+
+    return forward
+
+
+def _views(model, image, variant: dict, window_size, window_stride, device, multiscale: bool, flip: bool,
+           im_size: int | None):
+    """(views, metas, ori_shape, (ws, stride)) of one image, the first view already resized up to
+    the window (the guard `inference_views` applies; here for the sharing maps)."""
+    if model.needs_labels:
+        raise ValueError("this model reads ground-truth labels (the oracle policy); evaluate it with segm.eval.miou")
+    image = _as_rgb_array(image)
+    _check_aspect(image.shape)
+    ws, stride = resolve_window(model, variant, window_size=window_size, window_stride=window_stride)
+    normalization = variant_normalization(variant)
+    if im_size is None:
+        views, metas = augmented_views(_to_tensor(image, normalization, device), multiscale=multiscale, flip=flip)
+    else:
+        views, metas = evaluation_views(image, normalization, evaluation_scale(variant, im_size), device,
+                                        multiscale=multiscale, flip=flip)
+    views = [resize_to_window(views[0], ws), *views[1:]]  # resized once: the guard leaves it as it is
+    return views, metas, tuple(image.shape[:2]), (ws, stride)
+
+
+def _first_windows(view, ws: int, stride: int) -> int:
+    return len(window_anchors(view.shape[-2], ws, stride)) * len(window_anchors(view.shape[-1], ws, stride))
 
 
 @torch.no_grad()
@@ -188,58 +110,50 @@ def predict_probs(model, image, *, variant: dict, window_size=None, window_strid
     more than one cell (CTS: a shared superpatch) and `block_id` numbering tokens (unique per window). Each window paints
     its whole area in turn, so where windows overlap and disagree the last one wins.
     """
-    if model.needs_labels:
-        raise ValueError("this model reads ground-truth labels (the oracle policy); evaluate it with segm.eval.miou")
-    image = _as_rgb_array(image)
-    _check_aspect(image.shape)
+    return _predict(model, image, variant, window_size, window_stride, window_batch_size, device, amp_dtype,
+                    multiscale, flip, return_sharing, im_size, labels=False)
+
+
+def _predict(model, image, variant, window_size, window_stride, window_batch_size, device, amp_dtype,
+             multiscale, flip, return_sharing, im_size, *, labels: bool):
+    """`predict_probs`, or with `labels` the label map: of one view by the label path
+    (`segm.eval.window.view_labels`), of several the argmax of their mean probabilities."""
     if device is None:
         device = next(model.parameters()).device
     else:
         model.to(device)
-    ws, stride = resolve_window(model, variant, window_size=window_size, window_stride=window_stride)
-    normalization = variant_normalization(variant)
-    ori_shape = tuple(image.shape[:2])
-    if im_size is None:
-        views, metas = augmented_views(_to_tensor(image, normalization, device), multiscale=multiscale, flip=flip)
-    else:
-        views, metas = evaluation_views(image, normalization, evaluation_scale(variant, im_size), device,
-                                        multiscale=multiscale, flip=flip)
+    views, metas, ori_shape, (ws, stride) = _views(model, image, variant, window_size, window_stride, device,
+                                                   multiscale, flip, im_size)
+    records = [] if return_sharing else None
+    # The layouts shown are the first view's: its windows come first, in batches of their own.
+    forward = _window_forward(model, amp_dtype, records, _first_windows(views[0], ws, stride))
     was_training = model.training
     model.eval()
-    first = resize_to_window(views[0], ws)  # the guard inference_views applies; here for the layout
-    views = [first, *views[1:]]  # resized once: the guard leaves it as it is
-    # The layouts shown are the first view's: its windows come first, in batches of their own.
-    first_windows = len(window_anchors(first.shape[-2], ws, stride)) * len(window_anchors(first.shape[-1], ws, stride))
-    records = []
-
-    def forward(windows, boxes):
-        with autocast(windows.device.type, amp_dtype):
-            if not return_sharing or sum(len(b) for b, _ in records) >= first_windows:
-                return model(windows).float()
-            out = model.forward_all(windows)
-        tmap = out.token_map
-        records.append((boxes, tmap.token_of_cell.view(-1, *tmap.grid)))
-        return out.logits.float()
-
     try:
-        probs = inference_views(forward, views, metas, ori_shape, ws, stride, window_batch_size, model.n_cls)
+        if labels and len(views) == 1:
+            out = view_labels(forward, views[0], metas[0], ori_shape, ws, stride, window_batch_size, model.n_cls)
+        else:
+            out = inference_views(forward, views, metas, ori_shape, ws, stride, window_batch_size, model.n_cls)
+            out = out.argmax(0) if labels else out
     finally:
         model.train(was_training)
     if not return_sharing:
-        return probs
-    return probs, sharing_maps(records, tuple(first.shape[-2:]), ori_shape, ws)
+        return out
+    return out, sharing_maps(records, tuple(views[0].shape[-2:]), ori_shape, ws)
 
 
+@torch.no_grad()
 def predict_image(model, image, *, variant: dict, window_size=None, window_stride=None, window_batch_size=4,
                   device=None, return_sharing: bool = False, amp_dtype=None, multiscale: bool = False,
                   flip: bool = False, im_size: int | None = None):
     """`predict` of one image that can also return where tokens were shared: the label map
-    (H, W) int64 and, with `return_sharing`, `(shared, block_id)` (see `predict_probs`)."""
-    out = predict_probs(model, image, variant=variant, window_size=window_size, window_stride=window_stride,
-                        window_batch_size=window_batch_size, device=device, amp_dtype=amp_dtype,
-                        multiscale=multiscale, flip=flip, return_sharing=return_sharing, im_size=im_size)
-    probs, maps = out if return_sharing else (out, None)
-    label = probs.argmax(0).cpu().numpy().astype(np.int64)
+    (H, W) int64 and, with `return_sharing`, `(shared, block_id)` (see `predict_probs`). With one
+    view (no `multiscale`, no `flip`) the labels are the argmax of the logits, found without
+    full-resolution logits where the view is one window (`segm.eval.window.view_labels`)."""
+    out = _predict(model, image, variant, window_size, window_stride, window_batch_size, device, amp_dtype,
+                   multiscale, flip, return_sharing, im_size, labels=True)
+    label, maps = out if return_sharing else (out, None)
+    label = label.cpu().numpy().astype(np.int64)
     return (label, maps) if return_sharing else label
 
 

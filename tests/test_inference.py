@@ -261,13 +261,13 @@ def test_cli_index_format_and_legend(synthetic_root, tmp_path, images):
 def test_window_and_amp_options_reach_the_model(synthetic_root, tmp_path, images, monkeypatch):
     ckpt, _, _ = make_model_dir(tmp_path, synthetic_root, policy_method="no_sharing")
     seen = []
-    forward = segm.model.segmenter.Segmenter.forward
+    forward = segm.model.segmenter.Segmenter.forward_scores  # the windows' class scores, before upsampling
 
     def spy(self, im, *a, **kw):
         seen.append((tuple(im.shape), torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return forward(self, im, *a, **kw)
 
-    monkeypatch.setattr(segm.model.segmenter.Segmenter, "forward", spy)
+    monkeypatch.setattr(segm.model.segmenter.Segmenter, "forward_scores", spy)
     args = ["--model-path", str(ckpt), "-i", str(images / "odd.jpg"), "--cpu", "--window-batch-size", "1",
             "--native-size"]
     r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a"), "--window-size", "48", "--window-stride", "48",

@@ -26,14 +26,14 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from segm.data.io import read_image
-from segm.eval.window import check_stride, inference_views, resize_to_window
+from segm.eval.window import GridScores, check_stride, inference_views, resize_to_window, view_labels
 from segm.metrics import IoUAccumulator
 from segm.utils.amp import AMP_DTYPES as _AMP
 from segm.utils.amp import autocast
 from segm.utils.distributed import all_reduce_sum, is_main_process
 from segm.visualize import blend_images, colorize, save_png
 
-__all__ = ["AMP_DTYPES", "SAVE_FORMATS", "evaluate_dataset", "predict_views", "make_window_forward"]
+__all__ = ["AMP_DTYPES", "SAVE_FORMATS", "evaluate_dataset", "predict_labels", "predict_views", "make_window_forward"]
 
 AMP_DTYPES = {"none": None, **dict(sorted(_AMP.items()))}  # --amp-dtype / --amp
 # Saved predictions: colours blended with the input (with input and gt), or the dataset's label values.
@@ -47,17 +47,23 @@ def _unwrap(model):
 
 
 def make_window_forward(model, amp_dtype=None, label_view: torch.Tensor | None = None):
-    """`forward(windows, boxes)` for `inference_views`: float32 logits (n, K, ws, ws).
+    """`forward(windows, boxes)` for `inference_views` and `view_labels`: `GridScores` of a
+    Segmenter (its class scores before upsampling, `Segmenter.forward_scores`), else float32
+    logits (n, K, ws, ws) (an ONNX Runtime session).
 
     `label_view` (h, w) long, the label at the view's (guarded) size and orientation, is cut
     like the windows and passed as `seg_gt` (oracle policy).
     """
-    def forward(windows: torch.Tensor, boxes: list) -> torch.Tensor:
+    scores = getattr(_unwrap(model), "forward_scores", None)
+
+    def forward(windows: torch.Tensor, boxes: list):
         seg_gt = None
         if label_view is not None:
             ws = windows.shape[-1]
             seg_gt = torch.stack([label_view[y : y + ws, x : x + ws] for y, x in boxes])
         with autocast(windows.device.type, amp_dtype):
+            if scores is not None:
+                return GridScores(scores(windows, seg_gt)[0], _unwrap(model).patch_size)
             logits = model(windows, seg_gt) if seg_gt is not None else model(windows)
         return logits.float()
 
@@ -95,6 +101,26 @@ def predict_views(model, views, metas, ori_shape, *, window_size, window_stride,
                             window_batch_size, n_cls)
         probs = p if probs is None else probs + p
     return probs / len(views)
+
+
+def predict_labels(model, views, metas, ori_shape, *, window_size, window_stride, window_batch_size=4,
+                   n_cls=None, amp_dtype=None, label=None) -> torch.Tensor:
+    """Labels (H, W) int64 at `ori_shape` of one image's test views: with one view, the label
+    path (`view_labels`: no full-resolution logits where the view is one window); with several,
+    the argmax of `predict_views`' mean probabilities."""
+    if len(views) > 1:
+        return predict_views(model, views, metas, ori_shape, window_size=window_size, window_stride=window_stride,
+                             window_batch_size=window_batch_size, n_cls=n_cls, amp_dtype=amp_dtype,
+                             label=label).argmax(0)
+    view, meta = views[0][0] if views[0].dim() == 4 else views[0], metas[0]
+    label_view = None
+    if _unwrap(model).needs_labels:
+        if label is None:
+            raise ValueError("the oracle policy needs the ground-truth label of each image")
+        view = resize_to_window(view, window_size)
+        label_view = _label_for_view(label.to(view.device), view.shape[-2:], bool(meta.get("flip", False)))
+    forward = make_window_forward(model, amp_dtype, label_view=label_view)
+    return view_labels(forward, view, meta, ori_shape, window_size, window_stride, window_batch_size, n_cls)
 
 
 def _real_items_on_rank(loader) -> int:
@@ -226,11 +252,10 @@ def evaluate_dataset(
         ori_shape = tuple(int(s) for s in metas[0]["ori_shape"][:2])
         views = [v.to(device, non_blocking=True) for v in views]
         label = label.to(device, non_blocking=True)
-        probs = predict_views(
+        pred = predict_labels(
             model, views, metas, ori_shape, window_size=window_size, window_stride=window_stride,
             window_batch_size=window_batch_size, n_cls=n_cls, amp_dtype=amp_dtype, label=label,
         )
-        pred = probs.argmax(0)
         acc.update(pred, label)
         n_scored += 1
         if save is not None:

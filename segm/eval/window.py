@@ -7,21 +7,39 @@ a time, average overlapping logits, resize to the original shape, un-flip, softm
 The probabilities of all views are averaged.
 
 `forward(windows, boxes)` takes windows (n, 3, ws, ws) and their top-left corners
-[(y0, x0), ...] in the (resized) view, and returns logits (n, K, ws, ws).
+[(y0, x0), ...] in the (resized) view, and returns logits (n, K, ws, ws), or `GridScores`: the
+class scores on the windows' patch grid before the model's ×P upsampling, which the canvas then
+receives a band of rows at a time (`segm.model.labels.upsampled_bands`), the same values without a
+fresh (n, K, ws, ws) buffer per batch of windows.
+
+`view_labels` is the label path of one view: where it is one window at the image's size, the
+argmax is taken band by band (`labels_from_scores`) and no K × H × W logits exist; otherwise the
+canvas is resized to the image a chunk of classes at a time (`resized_labels`).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from segm.config import dataset_preset
+from segm.model.labels import labels_from_scores, resized_labels, upsampled_bands
 
-__all__ = ["resolve_window", "check_stride", "window_anchors", "resize_to_window", "sliding_window_inference",
+__all__ = ["GridScores", "view_labels", "resolve_window", "check_stride", "window_anchors", "resize_to_window", "sliding_window_inference",
            "inference_views", "MULTISCALE_RATIOS", "view_plan"]
 
-Forward = Callable[[torch.Tensor, list], torch.Tensor]
+
+
+class GridScores(NamedTuple):
+    """A window forward's class scores before upsampling: (n, K, Gh, Gw) on the patch grid of
+    the windows (padded to a multiple of `patch`), in the forward's dtype."""
+
+    masks: torch.Tensor
+    patch: int
+
+
+Forward = Callable[[torch.Tensor, list], "torch.Tensor | GridScores"]
 
 # The scales of the multi-scale views, as ratios of the test size (the reference's).
 MULTISCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -113,6 +131,19 @@ def _as_chw(im: torch.Tensor) -> torch.Tensor:
     return im
 
 
+def _check_output(out, n: int, ws: int, n_cls: int | None) -> None:
+    if isinstance(out, GridScores):
+        m, p = out.masks, out.patch
+        ok = m.dim() == 4 and m.shape[0] == n and m.shape[2] * p >= ws and m.shape[3] * p >= ws
+        shape, expected = tuple(m.shape), f"({n}, {n_cls if n_cls is not None else 'K'}, ≥{ws}/{p}, ≥{ws}/{p})"
+    else:
+        ok = out.dim() == 4 and out.shape[0] == n and out.shape[-2:] == (ws, ws)
+        m, shape, expected = out, tuple(out.shape), f"({n}, {n_cls if n_cls is not None else 'K'}, {ws}, {ws})"
+    if not ok or (n_cls is not None and m.shape[1] != n_cls):
+        raise ValueError(f"forward returned {'grid scores' if isinstance(out, GridScores) else 'logits'} of "
+                         f"shape {shape}, expected {expected}")
+
+
 @torch.no_grad()
 def sliding_window_inference(
     forward: Forward,
@@ -135,18 +166,20 @@ def sliding_window_inference(
     for i in range(0, len(boxes), window_batch_size):
         batch_boxes = boxes[i : i + window_batch_size]
         windows = torch.stack([im[:, y : y + ws, x : x + ws] for y, x in batch_boxes])
-        logits = forward(windows, batch_boxes)
-        n = len(batch_boxes)
-        if logits.dim() != 4 or logits.shape[0] != n or logits.shape[-2:] != (ws, ws) or (
-            n_cls is not None and logits.shape[1] != n_cls
-        ):
-            expected = f"({n}, {n_cls if n_cls is not None else 'K'}, {ws}, {ws})"
-            raise ValueError(f"forward returned logits of shape {tuple(logits.shape)}, expected {expected}")
+        out = forward(windows, batch_boxes)
+        _check_output(out, len(batch_boxes), ws, n_cls)
         if canvas is None:
-            dtype = torch.promote_types(logits.dtype, torch.float32)
-            canvas = torch.zeros(logits.shape[1], H, W, dtype=dtype, device=im.device)
-        for (y, x), window_logits in zip(batch_boxes, logits):
-            canvas[:, y : y + ws, x : x + ws] += window_logits
+            scores = out.masks if isinstance(out, GridScores) else out
+            canvas = torch.zeros(scores.shape[1], H, W, dtype=torch.promote_types(scores.dtype, torch.float32),
+                                 device=im.device)
+        if isinstance(out, GridScores):
+            for y0, y1, band in upsampled_bands(out.masks, out.patch, (ws, ws)):
+                for (y, x), window_band in zip(batch_boxes, band):
+                    canvas[:, y + y0 : y + y1, x : x + ws] += window_band
+                del band, window_band  # freed before the next band is computed
+        else:
+            for (y, x), window_logits in zip(batch_boxes, out):
+                canvas[:, y : y + ws, x : x + ws] += window_logits
 
     # Windows form a grid, so the per-pixel count is (row count) ⊗ (column count).
     row_count = torch.zeros(H, dtype=canvas.dtype, device=im.device)
@@ -187,3 +220,25 @@ def inference_views(
         p = logits.softmax(0)
         probs = p if probs is None else probs + p
     return probs / len(views)
+
+
+@torch.no_grad()
+def view_labels(forward: Forward, view: torch.Tensor, meta: dict, ori_shape, ws: int, stride: int,
+                window_batch_size: int = 4, n_cls: int | None = None) -> torch.Tensor:
+    """Labels (H, W) int64 at `ori_shape` of one test view: the argmax over classes of the
+    logits `inference_views` averages (the first maximum on ties), without K × H × W logits
+    where the view is one window at the image's size and `forward` returns `GridScores`.
+
+    The probabilities' argmax equals it but where a softmax rounds two different logits to one
+    probability; one view needs no probabilities."""
+    ori_shape = tuple(int(s) for s in ori_shape[:2])
+    view = resize_to_window(_as_chw(view), ws)
+    if tuple(view.shape[-2:]) == (ws, ws) == ori_shape:
+        out = forward(view[None], [(0, 0)])
+        _check_output(out, 1, ws, n_cls)
+        labels = labels_from_scores(out.masks, out.patch, (ws, ws))[0] if isinstance(out, GridScores) \
+            else out[0].argmax(0)
+    else:
+        logits = sliding_window_inference(forward, view, ws, stride, window_batch_size, n_cls)
+        labels = logits.argmax(0) if tuple(logits.shape[-2:]) == ori_shape else resized_labels(logits, ori_shape)
+    return labels.flip(-1) if meta.get("flip", False) else labels

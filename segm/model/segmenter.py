@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segm.model.labels import labels_from_scores
 from segm.model.reduction.base import Reducer, TokenMap, attention_residual, cells_to_grid, mlp_residual, unmerge
 
 
@@ -126,11 +127,11 @@ class Segmenter(nn.Module):
         return x[:, npt:], tmap
 
     # ---------------------------------------------------------------- forward
-    def forward_all(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None,
-                    given: torch.Tensor | None = None) -> SegmenterOutput:
-        """The forward pass with what the reducer decided. `given`: the reducer's precomputed
-        selection input (CTS: superpatch scores (B, n2)), e.g. fixed when exporting."""
-        b, _, h, w = im.shape
+    def forward_scores(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None,
+                       given: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenMap]:
+        """Class scores on the patch grid of the image padded to a multiple of P: (B, K, Gh, Gw),
+        a channels-last view, and the token map. Logits and labels are both made from these."""
+        h, w = im.shape[2:]
         p = self.patch_size
         pad_h, pad_w = (-h) % p, (-w) % p
         if pad_h or pad_w:
@@ -141,9 +142,24 @@ class Segmenter(nn.Module):
             scores = self.decoder(feats)  # (B, N, K)
         else:
             scores = unmerge(self.decoder(feats), tmap)  # (B, T, K) → (B, N, K)
-        masks = cells_to_grid(scores, tmap.grid)  # (B, K, Gh, Gw), channels-last view
-        logits = F.interpolate(masks, size=im.shape[2:], mode="bilinear", align_corners=False)
+        return cells_to_grid(scores, tmap.grid), tmap
+
+    def forward_all(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None,
+                    given: torch.Tensor | None = None) -> SegmenterOutput:
+        """The forward pass with what the reducer decided. `given`: the reducer's precomputed
+        selection input (CTS: superpatch scores (B, n2)), e.g. fixed when exporting."""
+        h, w = im.shape[2:]
+        masks, tmap = self.forward_scores(im, seg_gt, given)
+        size = (masks.shape[2] * self.patch_size, masks.shape[3] * self.patch_size)
+        logits = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
         return SegmenterOutput(logits[:, :, :h, :w], getattr(tmap.record, "policy_logits", None), tmap)
+
+    def forward_labels(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None,
+                       given: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, W) int64: `forward_all(im).logits.argmax(1)`, bit for bit, without the
+        (B, K, H, W) logits (`segm.model.labels.labels_from_scores`: upsampled in bands of rows)."""
+        masks, _ = self.forward_scores(im, seg_gt, given)
+        return labels_from_scores(masks, self.patch_size, tuple(im.shape[2:]))
 
     def forward(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_all(im, seg_gt).logits

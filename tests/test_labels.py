@@ -1,0 +1,164 @@
+"""The label path: labels without full-resolution logits, equal to the full path's, ties included."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segm
+from segm.bench.memory import PeakTensorMemory
+from segm.eval.window import GridScores, inference_views, sliding_window_inference, view_labels
+from segm.model.labels import label_bands, labels_from_scores, resized_labels, upsampled_bands
+from tests.helpers.models import tiny_net_kwargs, tiny_variant
+
+
+def _full_labels(masks, patch, size):
+    gh, gw = masks.shape[-2:]
+    logits = F.interpolate(masks, size=(gh * patch, gw * patch), mode="bilinear", align_corners=False)
+    return logits[:, :, : size[0], : size[1]].argmax(1)
+
+
+def _with_ties(x, dim):
+    """Class 1 a copy of class 0 (every pixel ties), class 3 of class 2 on half the grid."""
+    x = x.clone()
+    x.select(dim, 1).copy_(x.select(dim, 0))
+    half = x.select(dim, 2)[..., : x.shape[-1] // 2]
+    x.select(dim, 3)[..., : x.shape[-1] // 2].copy_(half)
+    return x
+
+
+@pytest.mark.parametrize("b, k, grid, patch", [(2, 150, (32, 32), 16), (1, 7, (5, 9), 16), (2, 5, (8, 8), 8),
+                                                (1, 19, (33, 17), 16), (1, 5, (3, 3), 16), (1, 6, (4, 4), 15)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bands_equal_the_full_upsampling(b, k, grid, patch, layout, dtype):
+    g = torch.Generator().manual_seed(k)
+    if layout == "channels_last":  # what the Segmenter's unmerge gives
+        masks = torch.randn(b, *grid, k, generator=g).permute(0, 3, 1, 2)
+    else:
+        masks = torch.randn(b, k, *grid, generator=g)
+    masks = _with_ties(masks, 1).to(dtype)
+    full_size = (grid[0] * patch, grid[1] * patch)
+    for size in [full_size, (full_size[0] - 5, full_size[1] - 3)]:
+        full = _full_labels(masks, patch, size)
+        assert not (full == 1).any()  # the tie went to class 0 everywhere
+        logits = F.interpolate(masks, size=full_size, mode="bilinear", align_corners=False)
+        for rows in (1, 2, 3, 4, 8):
+            assert torch.equal(labels_from_scores(masks, patch, size, rows), full)
+            bands = list(upsampled_bands(masks, patch, size, rows))
+            assert [y0 for y0, _, _ in bands] == [0, *(y1 for _, y1, _ in bands[:-1])] and bands[-1][1] == size[0]
+            for y0, y1, band in bands:  # bit for bit, not only the argmax
+                assert torch.equal(band, logits[:, :, y0:y1, : size[1]])
+
+
+def test_bands_read_their_grid_rows_only():
+    for g0, g1, y0, y1 in label_bands(32, 16, 4):
+        assert g0 * 16 <= y0 and y1 <= g1 * 16 and g1 - g0 <= 5
+    with pytest.raises(ValueError, match="band_rows"):
+        label_bands(8, 16, 0)
+
+
+@pytest.mark.parametrize("k, size, out", [(150, (64, 85), (75, 100)), (19, (64, 64), (100, 37)),
+                                          (33, (77, 91), (50, 60)), (5, (40, 40), (41, 39))])
+def test_resized_labels_equal_the_full_resize(k, size, out):
+    x = _with_ties(torch.randn(k, *size, generator=torch.Generator().manual_seed(k)), 0)
+    full = F.interpolate(x[None], out, mode="bilinear", align_corners=False)[0].argmax(0)
+    for chunk in (1, 2, 5, 16, 200):
+        assert torch.equal(resized_labels(x, out, chunk), full)
+
+
+def _model(policy_method, n_cls=10, crop=64):
+    net = {**tiny_net_kwargs(policy_method, n_cls=n_cls), "image_size": (crop, crop)}
+    if policy_method == "no_sharing":
+        net["policy_schedule"] = ((crop // 16) ** 2, 0)
+    torch.manual_seed(0)
+    model = segm.create_segmenter(net).eval()
+    dec = model.decoder.head  # classes 1 and 0 score alike: a tie on every pixel
+    with torch.no_grad():
+        dec.weight[1] = dec.weight[0]
+        dec.bias[1] = dec.bias[0]
+    return model
+
+
+@pytest.mark.parametrize("policy_method", ["no_sharing", "random"])
+def test_forward_labels_equal_the_logits_argmax(policy_method):
+    model = _model(policy_method)
+    g = torch.Generator().manual_seed(1)
+    for shape in [(2, 3, 64, 64), (1, 3, 64, 64)]:
+        im = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            model.reducer.reset(0)
+            full = model.forward_all(im).logits.argmax(1)
+            model.reducer.reset(0)
+            labels = model.forward_labels(im)
+        assert labels.dtype == torch.int64 and torch.equal(labels, full) and not (full == 1).any()
+
+
+def test_forward_labels_of_an_unpadded_size():
+    model = _model("no_sharing")
+    im = torch.randn(1, 3, 57, 50)  # padded to 64 inside, cropped back
+    with torch.no_grad():
+        assert torch.equal(model.forward_labels(im), model(im).argmax(1))
+        assert model.forward_labels(im).shape == (1, 57, 50)
+
+
+def _forwards(model):
+    def scores(windows, boxes):
+        return GridScores(model.forward_scores(windows)[0], model.patch_size)
+
+    def logits(windows, boxes):
+        return model(windows)
+    return scores, logits
+
+
+@pytest.mark.parametrize("view_shape, ori, flip", [((64, 64), (64, 64), False), ((64, 64), (64, 64), True),
+                                                  ((64, 100), (64, 100), False), ((70, 90), (50, 61), True),
+                                                  ((40, 64), (40, 64), False)])
+def test_view_labels_equal_the_full_path(view_shape, ori, flip):
+    model = _model("no_sharing")
+    view = torch.randn(3, *view_shape, generator=torch.Generator().manual_seed(2))
+    scores, logits = _forwards(model)
+    meta = {"flip": flip}
+    full = inference_views(logits, [view], [meta], ori, 64, 32, 2, 10).argmax(0)
+    for forward in (scores, logits):
+        labels = view_labels(forward, view, meta, ori, 64, 32, 2, 10)
+        assert labels.shape == ori and torch.equal(labels, full)
+
+
+def test_grid_scores_fill_the_canvas_as_logits_do():
+    model = _model("random")
+    im = torch.randn(3, 100, 130, generator=torch.Generator().manual_seed(3))
+    scores, logits = _forwards(model)
+    model.reducer.reset(0)
+    a = sliding_window_inference(scores, im, 64, 24, 3, 10)
+    model.reducer.reset(0)
+    b = sliding_window_inference(logits, im, 64, 24, 3, 10)
+    assert torch.equal(a, b)
+
+
+def test_predict_labels_equal_the_probabilities_argmax(tmp_path):
+    model = _model("no_sharing")
+    variant = tiny_variant(tmp_path)
+    variant["net_kwargs"] = {**variant["net_kwargs"], "policy_method": "no_sharing"}
+    rng = np.random.default_rng(0)
+    for shape in [(64, 64, 3), (97, 131, 3), (40, 200, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        for im_size in (None, 128):
+            label = segm.predict(model, image, variant=variant, im_size=im_size)
+            probs = segm.predict(model, image, variant=variant, im_size=im_size, return_probs=True)
+            assert label.shape == shape[:2] and np.array_equal(label, probs.argmax(0))
+
+
+def test_the_label_path_peaks_well_below_the_logits():
+    """ViT-Tiny-sized at 512 px, 150 classes: the logits are 150 × 512 × 512 floats (157 MB)."""
+    k, crop = 150, 512
+    model = _model("no_sharing", n_cls=k, crop=crop)
+    im = torch.randn(1, 3, crop, crop)
+    logits_bytes = k * crop * crop * 4
+    peaks = {}
+    for name, fn in {"logits": lambda: model(im).argmax(1), "labels": lambda: model.forward_labels(im),
+                     "view": lambda: view_labels(_forwards(model)[0], im[0], {}, (crop, crop), crop, crop, 1, k)}.items():
+        with torch.no_grad(), PeakTensorMemory() as tracker:
+            fn()
+        peaks[name] = tracker.peak
+    assert peaks["logits"] >= logits_bytes
+    assert peaks["labels"] < logits_bytes / 4 and peaks["view"] < logits_bytes / 4, peaks
