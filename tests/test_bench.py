@@ -256,3 +256,26 @@ def test_a_reducer_registered_here_runs_through_the_cli(tmp_path, monkeypatch):
                           (["--reducer", "toy:stride"], "KEY=VALUE")]:
         res = CliRunner().invoke(bench.main, TINY_ARGS + args)
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+
+
+def test_output_labels_times_the_label_path(monkeypatch):
+    """--output labels: every inference call (and its memory probe) returns labels, through
+    Segmenter.forward_labels; the training step still trains on the logits."""
+    from segm.model.segmenter import Segmenter
+
+    calls = []
+    forward_labels = Segmenter.forward_labels
+
+    def spy(self, im, *a, **kw):
+        out = forward_labels(self, im, *a, **kw)
+        calls.append(out.shape)
+        return out
+
+    monkeypatch.setattr(Segmenter, "forward_labels", spy)
+    cfg = bench.BenchConfig(**{**TINY, "repeats": 1, "warmup": 0}, num_shared=3, output="labels", train_step=True)
+    res = bench.run_benchmark(cfg)
+    assert res["protocol"]["output"] == "labels"
+    assert calls and all(s == (2, 64, 64) for s in calls)
+    assert {r["name"] for r in res["variants"]} == {"no_sharing", "cts"} and all("train" in r for r in res["variants"])
+    with pytest.raises(bench.BenchError, match="--output"):
+        bench.run_benchmark(bench.BenchConfig(**TINY, output="probs"))

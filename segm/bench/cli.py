@@ -8,7 +8,7 @@ import click
 from segm import __version__
 from segm.bench.report import format_table, plot_sweep, write_json
 from segm.bench.run import run_benchmark
-from segm.bench.settings import MATMUL_SIZE, BenchConfig, BenchError
+from segm.bench.settings import MATMUL_SIZE, OUTPUTS, BenchConfig, BenchError
 from segm.config import load_config
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
@@ -84,6 +84,9 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
 @click.option("--data-root", type=click.Path(), help="The dataset's folder (default $DATASET/<name>).")
 @click.option("--num-batches", default=4, type=int, help="Distinct input batches, cycled over repeats.")
 @click.option("--same-image", is_flag=True, help="Lab protocol: each batch is one image repeated.")
+@click.option("--output", type=click.Choice(OUTPUTS), default="logits", show_default=True,
+              help="What an inference call returns: logits (B, K, H, W), or labels (B, H, W) taken band by band "
+                   "without full-resolution logits (Segmenter.forward_labels).")
 @click.option("--latency", is_flag=True, help="Also time batch 1.")
 @click.option("--train-step", is_flag=True, help="Also time a training step (policy frozen).")
 @click.option("--memory/--no-memory", default=True, help="Measure peak memory per variant.")

@@ -22,6 +22,11 @@ def _autocast(cfg: BenchConfig):
     return autocast(torch.device(cfg.device).type, AMP_DTYPES.get(cfg.dtype))  # fp32: none
 
 
+def output_fn(cfg: BenchConfig, model) -> Callable:
+    """What an inference call of `model` computes: its logits, or with `--output labels` its labels."""
+    return model.forward_labels if cfg.output == "labels" else model
+
+
 def _inference_fn(cfg: BenchConfig, m) -> Callable:
     def fn(x):
         with torch.no_grad(), _autocast(cfg):
@@ -106,8 +111,8 @@ def inference_phase(cfg: BenchConfig, variants: list[Variant], runners: dict, ba
         for v, r in zip(variants, results):
             if v.backend != "eager":  # the tracker sees torch tensors only
                 continue
-            r["inference"]["memory"] = variant_memory(cfg, fns[v.name], _inference_fn(cfg, v.model), batches[0],
-                                                      device)
+            r["inference"]["memory"] = variant_memory(cfg, fns[v.name], _inference_fn(cfg, output_fn(cfg, v.model)),
+                                                      batches[0], device)
     return results, matmul_res, policy
 
 

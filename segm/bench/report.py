@@ -66,7 +66,9 @@ def _footer(result: dict) -> list[str]:
         f"{'compiled' if p['compile'] else 'eager'}, fused attention {'on' if p['fused_attention'] else 'off'}"
         f"{', channels_last' if p['channels_last'] else ''}, inputs {p['inputs']}"
         f"{' (one image per batch)' if p['same_image'] else ''}"
-        f"{', freed memory kept (--reuse-memory)' if p.get('reuse_memory') else ''}; warm-up {p['warmup']}, "
+        f"{', freed memory kept (--reuse-memory)' if p.get('reuse_memory') else ''}"
+        f"{', output labels (no full-resolution logits)' if p.get('output') == 'labels' else ''}; "
+        f"warm-up {p['warmup']}, "
         f"{p['repeats']} interleaved repeats on {dev}.",
         f"fp32 {result['matmul']['size']}² matmul: {mm:.1f} GFLOP/s (median). Load average before/after: "
         f"{_fmt_load(load['before'])} / {_fmt_load(load['after'])}.",

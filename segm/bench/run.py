@@ -10,7 +10,7 @@ from segm.bench.flops import count_flops
 from segm.bench.inputs import make_batches
 from segm.bench.machine import loadavg, machine_info
 from segm.bench.onnx import add_onnxruntime, onnx_note, onnx_summary
-from segm.bench.phases import inference_phase, train_phase
+from segm.bench.phases import inference_phase, output_fn, train_phase
 from segm.bench.settings import BenchConfig, check_config
 from segm.bench.variants import Variant, build_variants, set_fused_attention
 from segm.utils.host_memory import keep_freed_memory
@@ -53,7 +53,8 @@ def _measure(cfg: BenchConfig, variants: list[Variant], model_info: dict, batche
         v.counts = count_flops(v, batches[0][:1])
         if v.reduction is None:  # the reducer's token count depends on the input: as measured
             v.reduction = 1 - v.counts["patch_tokens"] / n
-    runners = {v.name: (torch.compile(v.model) if cfg.compile else v.model) for v in variants}
+    compiled = torch.compile if cfg.compile else (lambda fn: fn)
+    runners = {v.name: compiled(output_fn(cfg, v.model)) for v in variants}
     timed = variants
     if cfg.onnxruntime:
         timed, runners = add_onnxruntime(cfg, variants, runners, batches[0], log)
@@ -61,7 +62,7 @@ def _measure(cfg: BenchConfig, variants: list[Variant], model_info: dict, batche
     for v, r in zip(timed, results):  # CTS's U; N without reduction; None for other reducers
         r["num_notshared"] = v.describe().get("num_notshared", None if v.model.shares_tokens else n)
     if cfg.train_step:
-        train = train_phase(cfg, variants, runners, batches, device, log)
+        train = train_phase(cfg, variants, {v.name: compiled(v.model) for v in variants}, batches, device, log)
         for r in results:
             r["train"] = train[r["name"]]
     return results, matmul, policy
@@ -89,7 +90,7 @@ def _protocol(cfg: BenchConfig) -> dict:
         "autocast": cfg.dtype == "bf16", "compile": cfg.compile, "fused_attention": cfg.sdpa,
         "channels_last": cfg.channels_last, "inputs": cfg.inputs, "same_image": cfg.same_image,
         "num_batches": cfg.num_batches, "interleaved": True, "policy_net_included": True,
-        "grad": "no_grad (inference)", "reuse_memory": cfg.reuse_memory,
+        "grad": "no_grad (inference)", "reuse_memory": cfg.reuse_memory, "output": cfg.output,
     }
 
 
