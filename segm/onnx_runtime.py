@@ -4,6 +4,11 @@ windows of `segm.eval.window` and `segm.bench --with-onnxruntime`.
 
     model = OnnxSegmenter("model.onnx")          # reads model.json beside it
     logits = model(images)                       # (B, 3, H, W) normalised float → (B, K, H, W)
+    labels = model.forward_labels(images)        # → (B, H, W) int64, the argmax over classes
+
+A graph exported with `--output labels` returns labels only (`output` "labels"): it has
+`forward_labels`, and asking it for logits (`__call__`, `forward_all`) is an `OnnxModelError`.
+A quantised graph (`--quantize int8`) runs as any other; `quantization` is the sidecar's record.
 
 The sidecar may come from a stranger: it is checked field by field, against itself, against
 the session's input and outputs, and bound to the graph by its bytes' SHA-256
@@ -29,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segm.export.schema import check_graph
+from segm.export.schema import LABELS, LOGITS, check_graph
 from segm.export.sidecar import (check_bound, deployment_variant, read_sidecar, reduction_description,
                                  sidecar_path)
 from segm.model.reduction.rules import NONE
@@ -95,6 +100,8 @@ class OnnxSegmenter:
         self.session = _session(self.path, threads, spinning)
         self.info = _checked_sidecar(self.path, self.session)
         self.output_names = list(self.info["outputs"])
+        self.output = self.info.get("output", LOGITS)  # the first output: logits or labels
+        self.quantization = self.info.get("quantization")  # None: fp32
         self.batch_size = self.info["batch_size"]  # None: any batch
         self.n_cls = self.info["n_cls"]
         self.crop_size = tuple(self.info["crop"])
@@ -141,14 +148,23 @@ class OnnxSegmenter:
         return {n: torch.from_numpy(np.ascontiguousarray(o[:b])).to(im.device) for n, o in zip(names, outs)}
 
     def __call__(self, im: torch.Tensor) -> torch.Tensor:
-        return self.run(im)["logits"]
+        return self.forward_all(im).logits
 
     def forward_all(self, im: torch.Tensor):
         """`Segmenter.forward_all`'s output: SegmenterOutput(logits, None, token map)."""
         from segm.model.segmenter import SegmenterOutput
 
+        if self.output == LABELS:
+            raise OnnxModelError(f"{self.path.name} was exported with --output labels: it returns labels, not "
+                                 "logits (use forward_labels, or re-export with --output logits)")
         out = self.run(im)
-        return SegmenterOutput(out["logits"], None, self.token_map(out, im.shape[0], im.device))
+        return SegmenterOutput(out[LOGITS], None, self.token_map(out, im.shape[0], im.device))
+
+    def forward_labels(self, im: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) int64: `Segmenter.forward_labels`, the labels graph's output, or the argmax
+        over classes of a logits graph's (the lower class on ties)."""
+        out = self.run(im)
+        return out[LABELS] if self.output == LABELS else out[LOGITS].argmax(1)
 
     def token_map(self, out: dict[str, torch.Tensor], batch: int, device):
         """The batch's `TokenMap` from the graph's outputs (see the module docstring)."""

@@ -145,7 +145,7 @@ def test_check_on_validation_crops(exported):
 def test_near_ties_are_reported_and_wrong_tie_breaking_fails():
     """Scores that differ by rounding may reorder a tie (counted, not a failure); a selection that
     eager would not make from the graph's own scores fails."""
-    from segm.export.check import _failure, compare
+    from segm.export.check import compare, failure
 
     torch.manual_seed(0)
     net = tiny_variant(".", "content")["net_kwargs"]
@@ -158,11 +158,11 @@ def test_near_ties_are_reported_and_wrong_tie_breaking_fails():
     with torch.no_grad():
         ort = model.forward_all(im, given=scores)
     r = compare(model, [ort.logits, ort.layout.shared_idx, scores], im)
-    assert r["near_ties"] == 2 and r["selection_given_scores"] and _failure("x", r) is None
+    assert r["near_ties"] == 2 and r["selection_given_scores"] and failure("x", r) is None
     assert eager_scores.eq(0).all() and 10 in ort.layout.shared_idx[0]
     wrong = ort.layout.shared_idx.flip(1)  # not what eager selects from these scores
     r = compare(model, [ort.logits, wrong, scores], im)
-    assert "tie-breaking" in _failure("x", r)
+    assert "tie-breaking" in failure("x", r)
 
 
 def test_failed_parity_check_writes_nothing(tmp_path, exported, monkeypatch):
@@ -328,3 +328,68 @@ def test_a_reducer_that_is_not_cts_exports_and_runs(tmp_path, exported, test_red
     res = _export([ckpt, tmp_path / "dyn.onnx", "--reducer", "test_dynamic"])
     assert res.exit_code == 1 and "test_dynamic has no static token count" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "dyn.onnx").exists()
+
+
+# ----------------------------------------------------------------------------- labels output
+def _full_resolution_floats(path) -> list[str]:
+    """The graph's float values (outputs and inferred intermediates) of shape (B, K, H, W) at the crop."""
+    import onnx
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    return [v.name for v in [*graph.value_info, *graph.output] if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+            and [d.dim_value for d in v.type.tensor_type.shape.dim][-2:] == [CROP, CROP]
+            and len(v.type.tensor_type.shape.dim) == 4]
+
+
+@pytest.mark.parametrize("policy", ["no_sharing", "content"])
+def test_labels_graph_is_the_logits_graphs_argmax(tmp_path, exported, policy):
+    """`--output labels`: forward_labels in the graph (bands of rows through the matrix-product
+    upsampling: no Resize, no (B, K, H, W) value), equal to the argmax of the logits graph."""
+    import onnx
+
+    ckpt, logits_path = exported[policy]
+    res = _export([ckpt, tmp_path / "l.onnx", "--output", "labels"])
+    assert res.exit_code == 0 and "labels vs eager forward_labels" in res.output, res.output
+    side = json.loads((tmp_path / "l.json").read_text())
+    assert side["output"] == "labels" and side["outputs"]["labels"] == {"shape": [2, CROP, CROP], "dtype": "int64"}
+    assert side["parity"]["max_abs_logit_diff"] is None and side["parity"]["min_argmax_agreement"] == 1.0
+    labels, logits = OnnxSegmenter(tmp_path / "l.onnx"), OnnxSegmenter(logits_path)
+    for im in _tied_and_random(2):
+        assert torch.equal(labels.forward_labels(im), logits(im).argmax(1))
+        record = [m.run(im).get("shared_idx", torch.zeros(0)) for m in (labels, logits)]
+        assert torch.equal(*record)
+    with pytest.raises(OnnxModelError, match="exported with --output labels: it returns labels, not logits"):
+        labels(im)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "l.onnx")).graph.node}
+    assert "ArgMax" in ops and "Resize" not in ops
+    assert _full_resolution_floats(tmp_path / "l.onnx") == [] and _full_resolution_floats(logits_path) == ["logits"]
+
+
+def test_labels_break_exact_ties_to_the_lower_class(tmp_path):
+    """Classes 3 and 5 with the same decoder weights tie exactly everywhere: the labels graph, the
+    logits graph's argmax and eager all pick 3; the sidecar's output kind is checked."""
+    from segm.export.sidecar import SidecarError, read_sidecar
+
+    ckpt = checkpoint_at_crop(tmp_path / "run", "no_sharing")
+    model, variant = segm.load_model(ckpt)
+    head = model.decoder.head
+    with torch.no_grad():
+        head.weight[5] = head.weight[3]
+        head.bias[3] = head.bias[5] = 0.15  # the others' are 0: 3 wins on part of each image
+    save_model(model, variant, ckpt)
+    for kind in ("logits", "labels"):
+        res = _export([ckpt, tmp_path / f"{kind}.onnx", "--output", kind])
+        assert res.exit_code == 0, res.output
+    labels, logits = OnnxSegmenter(tmp_path / "labels.onnx"), OnnxSegmenter(tmp_path / "logits.onnx")
+    for im in _tied_and_random(2):
+        got, scores = labels.forward_labels(im), logits(im)
+        assert torch.equal(scores[:, 3], scores[:, 5]) and torch.equal(got, scores.argmax(1))
+        assert (got == 3).any() and not (got == 5).any() and (got != 3).any()
+        with torch.no_grad():
+            assert torch.equal(got, model.forward_labels(im))
+    side = json.loads((tmp_path / "labels.json").read_text())
+    for value, message in [("probs", r"field output \(the graph's first output"), ("logits", "must start with 'logits'")]:
+        (tmp_path / "bad.onnx").write_bytes((tmp_path / "labels.onnx").read_bytes())
+        (tmp_path / "bad.json").write_text(json.dumps({**side, "output": value}))
+        with pytest.raises(SidecarError, match=message):
+            read_sidecar(tmp_path / "bad.onnx")

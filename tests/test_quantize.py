@@ -50,6 +50,23 @@ def test_int8_export_runs_and_records_its_agreement(pair):
     assert int8.stat().st_size < fp32.stat().st_size
 
 
+def test_an_int8_labels_graph_compares_labels(tmp_path, pair):
+    """`--output labels --quantize int8`: the agreement is the labels', against the fp32 graph's."""
+    import segm
+
+    ckpt, fp32, _ = pair
+    res = _export([ckpt, tmp_path / "l.onnx", "--output", "labels", "--quantize", "int8", "--max-changed-pixels", SHARE,
+                   "--no-check"])
+    assert res.exit_code == 0, res.output
+    side = json.loads((tmp_path / "l.json").read_text())
+    assert side["output"] == "labels" and side["quantization"]["nodes"] == 5
+    model, _ = segm.load_model(ckpt)
+    labels, reference = OnnxSegmenter(tmp_path / "l.onnx"), OnnxSegmenter(fp32)
+    inputs = [im for _, im in check_inputs(model, [2])]
+    same = sum(int((labels.forward_labels(im) == reference.forward_labels(im)).sum()) for im in inputs)
+    assert same / (len(inputs) * 2 * CROP * CROP) == pytest.approx(side["quantization"]["pixel_agreement"], abs=1e-12)
+
+
 def test_only_the_models_matrix_products_are_quantised(pair):
     """4 block products + the linear head become integer products; the two upsampling products
     (constant 8×128 interpolation weights) stay float MatMuls; no convolution is quantised."""
@@ -116,11 +133,12 @@ def test_a_sidecar_without_the_field_is_an_fp32_export(tmp_path, pair):
 
 @pytest.mark.slow  # 4 exports, two with the policy network: 15-20 s
 def test_bench_times_the_int8_graphs_beside_fp32():
+    """With --output labels, the ONNX twins are labels graphs too (checked against eager's labels)."""
     from segm import bench
 
     cfg = bench.BenchConfig(crop_size=64, n_cls=10, overrides=dict(d_model=64, n_heads=2, n_layers=1,
                             decoder_layers=1), batch_size=2, warmup=0, repeats=1, matmul_size=64, threads=1,
-                            num_shared=3, onnx_int8=True, memory=False)
+                            num_shared=3, onnx_int8=True, memory=False, output="labels")
     result = bench.run_benchmark(cfg)
     names = [r["name"] for r in result["variants"]]
     assert names == ["no_sharing", "cts", "no_sharing_ort", "cts_ort", "no_sharing_ort_int8", "cts_ort_int8"]

@@ -8,7 +8,7 @@ What must hold (else `ExportError`, and nothing is written):
 - the record's float outputs (the policy's scores) agree within `SCORE_TOL` (relative to their size);
 - given the graph's own selection input (`Reducer.given_from_outputs`: CTS's scores), eager
   selects exactly the same (the tie rule: lower raster index first) and its logits agree
-  within `LOGIT_TOL`.
+  within `LOGIT_TOL` (a labels graph's labels: all equal to eager `forward_labels`').
 Reported beside: the end-to-end logit difference and argmax agreement against eager on its own
 scores. Where float rounding reorders two scores that tie within `SCORE_TOL` (possible with
 the policy network, whose convolutions the two runtimes round differently), that image's
@@ -58,14 +58,33 @@ def _same_selection(a: dict, b: dict) -> torch.Tensor:
     return same
 
 
+def _diff(eager: torch.Tensor, graph: torch.Tensor, keep: torch.Tensor | None = None) -> float:
+    """Logits: the largest |difference|; labels: the share of pixels labelled differently;
+    over the images `keep` (B,) selects (all by default)."""
+    if keep is not None:
+        eager, graph = eager[keep], graph[keep]
+    if not eager.numel():
+        return 0.0
+    if eager.is_floating_point():
+        return float((eager - graph).abs().max())
+    return float((eager != graph).double().mean())
+
+
 @torch.no_grad()
 def compare(model: Segmenter, outputs: list, im: torch.Tensor) -> dict:
     """One input's comparison (see the module docstring); `outputs`: the graph's outputs, in
-    order (arrays or tensors)."""
+    order (arrays or tensors). A first output of integers is a labels graph's, compared with
+    eager `forward_labels`; `diff` and `end_to_end_diff` are then shares of changed labels."""
     reducer = model.reducer
-    ort_logits = torch.as_tensor(outputs[0])
-    eager = model.forward_all(im, given=reducer.export_given(im.shape[0]))
-    eager_record = reducer.export_outputs(eager.token_map)
+    first = torch.as_tensor(outputs[0])
+    labels = not first.is_floating_point()
+
+    def predict(given):
+        out = model.forward_all(im, given=given)
+        return (model.forward_labels(im, given=given) if labels else out.logits), out.token_map
+
+    eager, eager_map = predict(reducer.export_given(im.shape[0]))
+    eager_record = reducer.export_outputs(eager_map)
     res = {"images": im.shape[0], "near_ties": 0, "score_diff": 0.0, "selection_given_scores": True}
     if len(outputs) > 1:
         record = {name: torch.as_tensor(o) for name, o in zip(eager_record, outputs[1:])}
@@ -73,24 +92,29 @@ def compare(model: Segmenter, outputs: list, im: torch.Tensor) -> dict:
                                  for n, x in eager_record.items() if x.is_floating_point() and x.numel()), default=0.0)
         same = _same_selection(record, eager_record)
         res["near_ties"] = int((~same).sum())
-        given = model.forward_all(im, given=reducer.given_from_outputs(record))  # eager on the graph's scores
-        res["selection_given_scores"] = bool(_same_selection(record, reducer.export_outputs(given.token_map)).all())
-        res["logit_diff"] = float((given.logits - ort_logits).abs().max())
-        keep = same.view(-1, 1, 1, 1)  # end to end, images whose selection agrees
-        res["end_to_end_diff"] = float(((eager.logits - ort_logits).abs() * keep).max())
+        given, given_map = predict(reducer.given_from_outputs(record))  # eager on the graph's scores
+        res["selection_given_scores"] = bool(_same_selection(record, reducer.export_outputs(given_map)).all())
+        res["diff"] = _diff(given, first)
+        res["end_to_end_diff"] = _diff(eager, first, same)  # images whose selection agrees
     else:
-        res["logit_diff"] = res["end_to_end_diff"] = float((eager.logits - ort_logits).abs().max())
-    res["argmax_agreement"] = float((eager.logits.argmax(1) == ort_logits.argmax(1)).double().mean())
+        res["diff"] = res["end_to_end_diff"] = _diff(eager, first)
+    ort_labels, eager_labels = (first, eager) if labels else (first.argmax(1), eager.argmax(1))
+    res["argmax_agreement"] = float((eager_labels == ort_labels).double().mean())
+    res["labels"] = labels
     return res
 
 
-def _failure(name: str, r: dict) -> str | None:
+def failure(name: str, r: dict) -> str | None:
+    """What is wrong with one input's comparison (`compare`), or None."""
     if r["score_diff"] > SCORE_TOL:
         return f"the recorded scores differ by {r['score_diff']:.3g} > {SCORE_TOL:g}"
     if not r["selection_given_scores"]:
         return "the graph selects other tokens than eager from the same scores (tie-breaking)"
-    if max(r["logit_diff"], r["end_to_end_diff"]) > LOGIT_TOL:
-        return f"max |Δlogits| {max(r['logit_diff'], r['end_to_end_diff']):.3g} > {LOGIT_TOL:g}"
+    worst = max(r["diff"], r["end_to_end_diff"])
+    if r["labels"] and worst > 0:
+        return f"{100 * worst:.3g} % of the labels differ from eager forward_labels'"
+    if worst > LOGIT_TOL:
+        return f"max |Δlogits| {worst:.3g} > {LOGIT_TOL:g}"
     return None
 
 
@@ -100,14 +124,14 @@ def run_check(session, model: Segmenter, inputs: list[tuple]) -> dict:
     rows = []
     for name, im in inputs:
         r = compare(model, session.run(None, {INPUT_NAME: im.numpy()}), im)
-        problem = _failure(name, r)
+        problem = failure(name, r)
         if problem:
             raise ExportError(f"parity check failed on input '{name}': {problem}")
         rows.append({"input": name, **r})
     return {
         "inputs": [r["input"] for r in rows],
         "images": sum(r["images"] for r in rows),
-        "max_abs_logit_diff": max(max(r["logit_diff"], r["end_to_end_diff"]) for r in rows),
+        "max_abs_logit_diff": None if rows[0]["labels"] else max(max(r["diff"], r["end_to_end_diff"]) for r in rows),
         "min_argmax_agreement": min(r["argmax_agreement"] for r in rows),
         "max_score_diff": max(r["score_diff"] for r in rows),
         "near_tie_images": sum(r["near_ties"] for r in rows),
@@ -116,11 +140,15 @@ def run_check(session, model: Segmenter, inputs: list[tuple]) -> dict:
 
 
 def format_check(summary: dict, record: list[str]) -> str:
-    """One line; `record`: the graph's outputs after the logits (the reducer's record)."""
+    """One line; `record`: the graph's outputs after the logits or labels (the reducer's record)."""
     near = summary["near_tie_images"]
-    text = (f"parity (ONNX Runtime vs eager, {summary['images']} images): max |Δlogits| "
-            f"{summary['max_abs_logit_diff']:.2g} (tolerance {LOGIT_TOL:g}), argmax agreement ≥ "
-            f"{100 * summary['min_argmax_agreement']:.3f} %")
+    agreement = f"{100 * summary['min_argmax_agreement']:.3f} %"
+    if summary["max_abs_logit_diff"] is None:
+        text = (f"parity (ONNX Runtime labels vs eager forward_labels, {summary['images']} images): agreement ≥ "
+                f"{agreement}")
+    else:
+        text = (f"parity (ONNX Runtime vs eager, {summary['images']} images): max |Δlogits| "
+                f"{summary['max_abs_logit_diff']:.2g} (tolerance {LOGIT_TOL:g}), argmax agreement ≥ {agreement}")
     if not record:
         return text
     return text + (f"; {', '.join(record)}: max score difference {summary['max_score_diff']:.2g}, "

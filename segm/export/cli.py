@@ -7,6 +7,7 @@ from segm import __version__
 from segm.data.base import DATASET_CHOICES, variant_normalization
 from segm.export.graph import DEFAULT_OPSET, ExportError, check_opset
 from segm.export.quantize import MAX_CHANGED_PIXELS, QUANTIZATIONS, check_quantize
+from segm.export.schema import LOGITS, OUTPUT_KINDS
 from segm.export.sidecar import sidecar_path
 from segm.policy_choice import policy_options
 from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
@@ -62,6 +63,9 @@ def _load(checkpoint: str, policy: dict):
               help="Also check on this dataset's validation images (resized to the crop).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="The --dataset's folder [default: $DATASET/<name>].")
+@click.option("--output", type=click.Choice(OUTPUT_KINDS), default=LOGITS,
+              help="The graph's first output: logits (B, K, H, W) float32, or labels (B, H, W) int64, their argmax "
+                   "over classes computed without full-resolution logits (Segmenter.forward_labels).")
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="none",
               help="int8: ONNX Runtime's dynamic quantisation of the encoder's and decoder's matrix products "
                    "(int8 weights, uint8 activations), refused when it changes the label of more than "
@@ -70,13 +74,14 @@ def _load(checkpoint: str, policy: dict):
               help=f"With --quantize int8: the largest share of pixels whose label may change, 0..1 "
                    f"[default: {MAX_CHANGED_PIXELS:g}].")
 @policy_options
-def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data_root, quantize, max_changed_pixels,
-         **policy):
+def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data_root, output, quantize,
+         max_changed_pixels, **policy):
     """Export CHECKPOINT (any reduction with a static token count that needs no labels; at its crop
     size) to OUT.onnx, with OUT.json beside it.
 
     The graph takes normalised float32 images (B, 3, H, W), as the eager model does; the sidecar
-    records the normalisation, the batch, the reduction and the parity check's result."""
+    records the normalisation, the batch, the reduction, the first output (logits or labels), the
+    quantisation and the parity check's result."""
     from segm.export.write import check_output_path, export_model
     from segm.utils.checkpoint import CheckpointError
 
@@ -95,12 +100,12 @@ def main(checkpoint, out, batch_size, dynamic_batch, opset, check, dataset, data
         norm = variant_normalization(variant)
         real = _real_crops(model, dataset, data_root, norm, batch_size or 1)
         side = export_model(model, variant, out, normalization=norm, batch_size=batch_size, opset=opset,
-                            check=check, real=real, quantize=quantize, max_changed_pixels=max_changed_pixels,
-                            log=log)
+                            check=check, real=real, output=output, quantize=quantize,
+                            max_changed_pixels=max_changed_pixels, log=log)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, CheckpointError) as e:
         raise click.ClickException(str(e).splitlines()[0]) from None
     except OSError as e:  # writing the pair: disk full, permission denied (nothing was replaced)
         raise click.ClickException(write_error_message(e, e.filename or out)) from None
     reduction = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in side["reducer"].items())
-    kind = "; int8" if side["quantization"] else ""
+    kind = ("; int8" if side["quantization"] else "") + ("; labels" if side["output"] != LOGITS else "")
     click.echo(f"wrote {out} and {sidecar_path(out)} ({reduction}; input {side['input']['shape']}{kind})")

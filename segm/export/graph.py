@@ -8,7 +8,9 @@ Inputs and outputs (docs/DESIGN.md, "Deployment"; sidecar: `segm.export.sidecar`
 - `im` float32 (B, 3, H, W) at the model's crop, RGB, normalised as training does:
   (x/255 − mean)/std with the checkpoint's statistics. Normalisation is not in the graph, so
   the sliding-window code feeds the ONNX model exactly what it feeds the eager one.
-- `logits` float32 (B, K, H, W);
+- `logits` float32 (B, K, H, W); or, exported with `--output labels`, `labels` int64 (B, H, W):
+  `Segmenter.forward_labels`, the argmax over classes of those logits (the lower class on ties)
+  computed in bands of rows, so that the graph holds no (B, K, H, W) tensor;
 - then the reducer's record of the batch, `Reducer.export_outputs` (none for plain models).
   CTS: `shared_idx` int64 (B, S), the shared superpatches in raster order over the superpatch
   grid (`TokenLayout.shared_idx`), and `scores` float32 (B, n2), the policy's scores the
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from segm.export.ops import DECOMPOSITIONS
-from segm.export.schema import BATCH, LOGITS
+from segm.export.schema import BATCH, LABELS, LOGITS, OUTPUT_KINDS
 from segm.export.sidecar import INPUT_NAME
 from segm.model.segmenter import Segmenter
 
@@ -57,14 +59,17 @@ def check_exportable(model: Segmenter, batch_size: int | None) -> None:
 
 
 class ExportedSegmenter(nn.Module):
-    """`model` as the graph computes it: `logits`, then the reducer's `export_outputs` (the
-    forward returns the logits alone when there are none). What the reducer fixes at export
-    (`export_given`: CTS's random scores, for a fixed batch) is a constant of the graph."""
+    """`model` as the graph computes it: `logits` (or `labels`, for `output` "labels"), then the
+    reducer's `export_outputs` (the forward returns the first alone when there are none). What
+    the reducer fixes at export (`export_given`: CTS's random scores, for a fixed batch) is a
+    constant of the graph."""
 
-    def __init__(self, model: Segmenter, batch_size: int | None):
+    def __init__(self, model: Segmenter, batch_size: int | None, output: str = LOGITS):
         super().__init__()
         check_exportable(model, batch_size)
+        check_output(output)
         self.model = model
+        self.output = output
         given = model.reducer.export_given(batch_size)
         if given is not None:
             self.register_buffer("given", given)
@@ -72,21 +77,39 @@ class ExportedSegmenter(nn.Module):
             self.given = None
 
     def outputs(self, im: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.model.forward_all(im, given=self.given)
-        extra = self.model.reducer.export_outputs(out.token_map)
-        if LOGITS in extra:
-            raise ExportError(f"the reducer's export_outputs may not be named {LOGITS!r}")
-        return {LOGITS: out.logits, **extra}
+        if self.output == LABELS:
+            first, tmap = labels_and_map(self.model, im, self.given)
+        else:
+            out = self.model.forward_all(im, given=self.given)
+            first, tmap = out.logits, out.token_map
+        extra = self.model.reducer.export_outputs(tmap)
+        if self.output in extra:
+            raise ExportError(f"the reducer's export_outputs may not be named {self.output!r}")
+        return {self.output: first, **extra}
 
     def forward(self, im: torch.Tensor):
         outs = tuple(self.outputs(im).values())
         return outs[0] if len(outs) == 1 else outs
 
 
-def output_specs(model: Segmenter, batch_size: int | None) -> dict[str, dict]:
+def labels_and_map(model: Segmenter, im: torch.Tensor, given: torch.Tensor | None):
+    """(`model.forward_labels(im, given=given)`, the token map): forward_labels' own steps,
+    keeping the token map for the reducer's record."""
+    from segm.model.labels import labels_from_scores
+
+    masks, tmap = model.forward_scores(im, given=given)
+    return labels_from_scores(masks, model.patch_size, tuple(im.shape[2:])), tmap
+
+
+def check_output(output: str) -> None:
+    if output not in OUTPUT_KINDS:
+        raise ExportError(f"--output {output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
+
+
+def output_specs(model: Segmenter, batch_size: int | None, output: str = LOGITS) -> dict[str, dict]:
     """{name: {"shape", "dtype"}} of the graph's outputs, in order, from one eager run at the
     crop; the batch dimension is "batch" for a dynamic batch."""
-    graph = ExportedSegmenter(model, batch_size).eval()
+    graph = ExportedSegmenter(model, batch_size, output).eval()
     with torch.no_grad():
         outs = graph.outputs(torch.zeros(batch_size or 1, 3, *model.crop_size))
     batch = batch_size if batch_size is not None else BATCH
@@ -117,11 +140,11 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def export_bytes(model: Segmenter, *, batch_size: int | None, opset: int) -> bytes:
+def export_bytes(model: Segmenter, *, batch_size: int | None, opset: int, output: str = LOGITS) -> bytes:
     """The serialised ONNX model of `model` (eval mode, CPU, fp32) at its crop size, for a fixed
-    batch, or any batch when `batch_size` is None."""
+    batch, or any batch when `batch_size` is None; its first output `output` (logits or labels)."""
     check_opset(opset)
-    graph = ExportedSegmenter(model, batch_size).eval()
+    graph = ExportedSegmenter(model, batch_size, output).eval()
     sample = torch.zeros(batch_size or 2, 3, *model.crop_size)
     dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}} if batch_size is None else None
     with _quiet_exporter(), torch.no_grad():

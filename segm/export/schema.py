@@ -16,6 +16,8 @@ from segm.model.shared_schema import MAX_SIZE  # no torch
 
 BATCH = "batch"  # the batch dimension of a graph exported for any batch
 LOGITS = "logits"  # the graph's first output; the reducer's record (`Reducer.export_outputs`) follows
+LABELS = "labels"  # the first output instead of the logits (`segm.export --output labels`)
+OUTPUT_KINDS = (LOGITS, LABELS)
 # The largest evaluation scale (short side) a sidecar may ask for (the datasets use 512-1024):
 # the one pixel bound of every size a stranger's file or an option gives.
 MAX_IM_SIZE = MAX_SIZE
@@ -134,7 +136,7 @@ def fraction(v):
 
 
 PARITY = Record({"inputs": (names, "the inputs compared"), "images": (positive_int, "the images compared"),
-                 "max_abs_logit_diff": (number, "the largest logit difference"),
+                 "max_abs_logit_diff": (optional(number), "the largest logit difference (null: a labels graph)"),
                  "min_argmax_agreement": (fraction, "the smallest share of equal predictions"),
                  "max_score_diff": (number, "the largest score difference"),
                  "near_tie_images": (count, "images whose near-tied scores were ordered differently"),
@@ -184,7 +186,8 @@ SPEC = Record({
                   "the evaluation's geometry"),
     "parity": (PARITY, "the parity check's result"),
     "quantization": (QUANTIZATION, "how the graph was quantised (null: fp32)"),
-}, optional=frozenset({"parity", "quantization"}))
+    "output": (one_of(OUTPUT_KINDS), "the graph's first output (missing: logits)"),
+}, optional=frozenset({"parity", "quantization", "output"}))
 
 
 def _show(v) -> str:
@@ -283,19 +286,20 @@ def _check_batch(side: dict, path) -> object:
 
 
 def _check_outputs(side: dict, path, batch, n: int) -> None:
-    """Logits first, then the reduction's record: CTS's `shared_idx` and `scores` exactly when
-    the reduction holds CTS, a reduction-free graph returns logits alone."""
+    """Logits (or labels) first, then the reduction's record: CTS's `shared_idx` and `scores`
+    exactly when the reduction holds CTS, a reduction-free graph returns logits (labels) alone."""
     outs, (h, w) = side["outputs"], side["crop"]
-    names = list(outs)
-    _require(names[:1] == [LOGITS], path, "outputs", f"must start with {LOGITS!r}, got {names}")
-    _require(outs[LOGITS]["shape"] == [batch, side["n_cls"], h, w] and outs[LOGITS]["dtype"] == "float32", path,
-             f"outputs.{LOGITS}", f"{_show(outs[LOGITS])} is not float32 {[batch, side['n_cls'], h, w]}")
+    names, kind = list(outs), side.get("output", LOGITS)
+    _require(names[:1] == [kind], path, "outputs", f"must start with {kind!r} (field output), got {names}")
+    want = ([batch, side["n_cls"], h, w], "float32") if kind == LOGITS else ([batch, h, w], "int64")
+    _require([outs[kind]["shape"], outs[kind]["dtype"]] == list(want), path, f"outputs.{kind}",
+             f"{_show(outs[kind])} is not {want[1]} {want[0]}")
     for name, spec in outs.items():
         _require(spec["shape"][0] == batch, path, f"outputs.{name}.shape", f"does not start with the batch {batch!r}")
     red = side["reducer"]
     where = f"reducer ({red['reducer']})"
-    _require(red["reducer"] != NONE or names == [LOGITS], path, "outputs",
-             f"{names} contradict {where}: a model without reduction returns {LOGITS} alone")
+    _require(red["reducer"] != NONE or names == [kind], path, "outputs",
+             f"{names} contradict {where}: a model without reduction returns {kind} alone")
     cts = cts_settings(red)
     has_record = "shared_idx" in outs or "scores" in outs
     _require(has_record == (cts is not None), path, "outputs", f"{names} contradict {where}: shared_idx and "

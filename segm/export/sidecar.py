@@ -62,8 +62,9 @@ def build_sidecar(model, variant: dict, *, normalization: str, batch_size: int |
                   outputs: dict, versions: dict, graph: bytes, quantization: dict | None = None) -> dict:
     """The sidecar of `graph`, the serialised export of `model` (a Segmenter) at its crop, for a
     fixed batch or any (None); `outputs`: the graph's, {name: {"shape", "dtype"}} in order
-    (`segm.export.graph.output_specs`). Of the run's `variant` it keeps the dataset's name,
-    classes and evaluation geometry: nothing that names a place on the exporting machine.
+    (`segm.export.graph.output_specs`), the first (`output`) logits or labels. Of the run's
+    `variant` it keeps the dataset's name, classes and evaluation geometry: nothing that names a
+    place on the exporting machine.
     `quantization`: how the graph was quantised (`segm.export.quantize`), None for fp32.
 
     `reducer` is the whole `model.describe_reduction()`. `policy`, `num_notshared`,
@@ -87,6 +88,7 @@ def build_sidecar(model, variant: dict, *, normalization: str, batch_size: int |
         "normalization": {"name": normalization, **STATS[normalization], "in_graph": False,
                           "formula": "(x / 255 - mean) / std per RGB channel, x in 0..255"},
         "input": {"name": INPUT_NAME, "shape": [batch, 3, h, w], "dtype": "float32", "layout": "NCHW, RGB"},
+        "output": next(iter(outputs)),
         "outputs": outputs,
         "batch_size": batch_size,
         "dynamic_batch": batch_size is None,

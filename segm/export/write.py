@@ -8,8 +8,9 @@ from typing import Callable
 import torch
 
 from segm.export.check import check_inputs, format_check, run_check
-from segm.export.graph import ExportError, check_exportable, export_bytes, output_specs
+from segm.export.graph import ExportError, check_exportable, check_output, export_bytes, output_specs
 from segm.export.quantize import MAX_CHANGED_PIXELS, check_quantize, format_quantization, quantized_graph
+from segm.export.schema import LOGITS
 from segm.export.sidecar import build_sidecar, sidecar_path
 from segm.model.segmenter import Segmenter
 from segm.utils.atomic import atomic_write_all, remove_stale_temps
@@ -51,10 +52,12 @@ def write_export(out: Path, graph: bytes, side: dict) -> None:
 
 
 def export_model(model: Segmenter, variant: dict, out, *, normalization: str, batch_size: int | None,
-                 opset: int, check: bool = True, real: torch.Tensor | None = None, quantize: str = "none",
-                 max_changed_pixels: float = MAX_CHANGED_PIXELS, log: Callable[[str], None] = lambda s: None) -> dict:
+                 opset: int, check: bool = True, real: torch.Tensor | None = None, output: str = LOGITS,
+                 quantize: str = "none", max_changed_pixels: float = MAX_CHANGED_PIXELS,
+                 log: Callable[[str], None] = lambda s: None) -> dict:
     """Exports `model` (CPU, fp32, eval mode) to `out` (.onnx) and its sidecar (.json); returns
-    the sidecar. With `check`, the parity check runs first and a failure writes nothing. With
+    the sidecar; its first output `output`: logits, or labels (`Segmenter.forward_labels`). With
+    `check`, the parity check runs first and a failure writes nothing. With
     `quantize` "int8", the checked fp32 graph is quantised (`segm.export.quantize`) and refused
     when it changes more than `max_changed_pixels` of the labels on the check's inputs (compared
     whether or not `check` is on); `parity` is then the fp32 graph's."""
@@ -62,12 +65,13 @@ def export_model(model: Segmenter, variant: dict, out, *, normalization: str, ba
 
     out = check_output_path(out)
     check_exportable(model, batch_size)
+    check_output(output)
     check_quantize(quantize, max_changed_pixels)
     model = model.float().cpu().eval()
     log(f"exporting {model.reducer.summary()} at {model.crop_size[0]}×{model.crop_size[1]}, "
         f"batch {batch_size if batch_size is not None else 'dynamic'}, opset {opset}")
-    outputs = output_specs(model, batch_size)
-    data = export_bytes(model, batch_size=batch_size, opset=opset)
+    outputs = output_specs(model, batch_size, output)
+    data = export_bytes(model, batch_size=batch_size, opset=opset, output=output)
     inputs = check_inputs(model, [batch_size] if batch_size is not None else [1, 3], real)
     parity = quantization = None
     if check:
