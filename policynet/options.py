@@ -8,6 +8,7 @@ from segm.model.spec import DEFAULT_POLICY_BACKBONE
 from .optim import check_optimizer
 
 DEFAULT_LOGDIR = "runs/policynet"
+REFERENCE_WORKERS = 8  # the reference's data-loading processes
 
 
 @dataclasses.dataclass
@@ -27,7 +28,8 @@ class TrainConfig:
     pretrained: str | None = "lite0"
     resume: bool = False
     seed: int = 0
-    num_workers: int = 8
+    num_workers: int | None = None  # None: planned with `threads` (segm.utils.threads.plan_cpu)
+    threads: int | None = None
     device: str | None = None
     data_root: str | None = None
     classes: str | None = None
@@ -45,7 +47,9 @@ class TrainConfig:
                     "log_iterations", "summary_iterations"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"--{key} must be positive, got {getattr(self, key)}")
-        if self.eval_train_batches < 0 or self.num_workers < 0:
+        if self.eval_train_batches < 0 or (self.num_workers or 0) < 0:
             raise ValueError("--eval_train_batches and --num-workers must be ≥ 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be ≥ 1, got {self.threads}")
         if not self.exp_name or "/" in self.exp_name or self.exp_name in (".", ".."):
             raise ValueError(f"--exp_name must be a plain folder name, got {self.exp_name!r}")

@@ -15,6 +15,7 @@ from segm.train.context import RunContext
 from segm.train.process import single_process
 from segm.train.run_dir import remove_torn_writes
 from segm.utils.device import resolve_device
+from segm.utils.threads import plan_cpu
 from segm.utils.determinism import seed_everything
 from segm.utils.writable import check_writable
 
@@ -22,7 +23,7 @@ from .data import PolicyDataset, TrainBatchSampler, eval_subset
 from .evaluation import build_eval_set, eval_loader
 from .metrics import check_budget
 from .optim import build_optimizer
-from .options import TrainConfig
+from .options import REFERENCE_WORKERS, TrainConfig
 from .records import write_json
 from .state import MODEL_FILE, RUN_FILES, STATE_FILE, TrainState, load_checkpoint, resume_settings
 
@@ -57,6 +58,9 @@ def resolve_run(cfg: TrainConfig) -> PolicyRun:
     cfg.check()
     name = canonical_name(cfg.dataset)
     device = resolve_device(cfg.device)
+    plan = plan_cpu(device.type, REFERENCE_WORKERS, cfg.num_workers, cfg.threads)
+    cfg.num_workers, cfg.threads = plan.workers, plan.threads
+    plan.apply()
     log_dir = Path(cfg.logdir) / cfg.exp_name
     check_writable(log_dir, "--logdir")
     data = dict(data_root=cfg.data_root, classes_file=cfg.classes, crop_size=cfg.crop_size)

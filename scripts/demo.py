@@ -39,10 +39,6 @@ TRAINED = {
     "content": ["--policy-method", "content", "--num-tokens-shared", S],
 }
 TRAINED_POLICY = {"no_sharing": "no_sharing", "cts": "policy_net", "random": "random", "content": "content"}
-# Data loading in the training process: on 2 cores, worker processes compete with the two
-# intra-op threads (8 % slower trainings measured on a Zen 4; the data order and augmentation
-# do not depend on the workers, so the figures are the same).
-WORKERS = 0
 # The no_sharing checkpoint evaluated with a policy chosen on the command line (no retraining).
 RESHARED = ("content", "policy_net", "random")
 # ... and with ALGM (token merging inside the encoder), static mode: 64 → 52 → 44 tokens.
@@ -122,7 +118,7 @@ def train_policy(demo: Demo) -> None:
     demo.run([PY, "-m", "policynet.train", "--dataset", "synthetic", "--data-root", demo.data_root,
               "--exp_name", "synthetic", "--logdir", demo.out / "policynet", "--backbone", "tf_efficientnet_lite0",
               "--pretrained", "lite0", "--num_iterations", iters, "--eval_iterations", iters,
-              "--batch_size_train", 8, "--num-workers", WORKERS, "--device", "cpu", "--num-shared", S,
+              "--batch_size_train", 8, "--device", "cpu", "--num-shared", S,
               # the reference lr 5e-5 is tuned for 50 000 iterations; 500 need a larger step
               "--lr", "2e-4", "--no-progress"], "policynet.log")
 
@@ -136,7 +132,7 @@ def train_segmenters(demo: Demo) -> None:
         demo.run([PY, "-m", "segm.train", "--log-dir", demo.ckpt(name).parent, "--dataset", "synthetic",
                   "--data-root", demo.data_root, "--backbone", BACKBONE, "--pretrained", "none",
                   "--decoder", "mask_transformer", "--iterations", iters, "--batch-size", 8,
-                  "-lr", "1e-3", "--eval-freq", 0, "--num-workers", WORKERS, "--device", "cpu", "--seed", 0,
+                  "-lr", "1e-3", "--eval-freq", 0, "--device", "cpu", "--seed", 0,
                   *policy_args], f"train_{name}.log")
 
 

@@ -10,9 +10,10 @@ from segm.config import load_config
 from segm.data.base import DATASET_CHOICES
 from segm.model.spec import POLICY_METHODS
 from segm.train.loss import NonFiniteLossError
-from segm.train.options import AMP_DTYPES, ConfigError
+from segm.train.options import AMP_DTYPES, REFERENCE_WORKERS, ConfigError
 from segm.train.run import train
 from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
+from segm.utils.threads import THREADS_HELP, WORKERS_HELP
 
 _PRESET = " [default: the dataset preset in configs/config.yml]"
 _PRESETS = load_config()  # the backbone and decoder choices
@@ -80,7 +81,8 @@ _PRESETS = load_config()  # the backbone and decoder choices
                    "--policy-method it acts on CTS's tokens.")
 @click.option("--layer-norm-eps", type=float, default=None, help="LayerNorm eps [default: 1e-5, as the reference].")
 @click.option("--seed", type=int, default=0, help="Seeds weights, data order and augmentation.")
-@click.option("--num-workers", type=int, default=10, help="Data-loading processes per training process.")
+@click.option("--num-workers", type=int, default=None, help=WORKERS_HELP.format(reference=REFERENCE_WORKERS))
+@click.option("--threads", type=int, default=None, help=THREADS_HELP)
 @click.option("--ckpt-every", type=int, default=1000,
               help="Also checkpoint every N iterations (0: at epoch ends only).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",

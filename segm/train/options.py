@@ -85,10 +85,11 @@ class TrainOptions:
     reducer: str | None  # NAME[:KEY=VALUE,...], parsed by the reduction rules
     layer_norm_eps: float | None
     seed: int
-    num_workers: int
+    num_workers: int  # resolved with threads by `segm.utils.threads.plan_cpu` when not given
     ckpt_every: int
     device: str
     deterministic: bool
+    threads: int | None = None  # intra-op threads; None: torch's default
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -106,9 +107,30 @@ def resolve_options(given, world_size: int) -> TrainOptions:
     values["dataset"] = canonical_name(values["dataset"])
     values["log_dir"] = Path(values["log_dir"])
     fill_presets(values, load_config())
+    fill_cpu_plan(values)
     opts = TrainOptions(**values)
     check_options(opts, world_size)
     return opts
+
+
+# The reference's data-loading processes per training process.
+REFERENCE_WORKERS = 10
+
+
+def fill_cpu_plan(values: dict) -> None:
+    """Workers and intra-op threads left unset are planned together (`segm.utils.threads`)."""
+    from segm.utils.device import DeviceError, resolve_device
+    from segm.utils.threads import plan_cpu
+
+    try:
+        device_type = resolve_device(values["device"]).type
+    except DeviceError:
+        device_type = "cuda"  # refused with its own message when the process starts
+    try:
+        plan = plan_cpu(device_type, REFERENCE_WORKERS, values["num_workers"], values.get("threads"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    values["num_workers"], values["threads"] = plan.workers, plan.threads
 
 
 def fill_presets(values: dict, cfg: dict) -> None:

@@ -16,6 +16,8 @@ def start_process(opts: TrainOptions) -> DistInfo:
         info = init_distributed(device=opts.device)  # refuses CUDA without CUDA
     silence_print(info.rank == 0)
     set_numerics(opts.deterministic, info.device)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
     return info
 
 

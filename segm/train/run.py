@@ -38,6 +38,8 @@ def train(options) -> dict:
                                    fresh=resume_from is None)
         lock = lock_and_open(run.log_dir, run.variant, opts.resume, opts.overwrite, (resume_from, diffs), run.dist)
         seed_everything(opts.seed + run.dist.rank)  # dropout / drop path differ between ranks
+        print(f"{opts.num_workers} data-loading workers and {torch.get_num_threads()} intra-op threads per process "
+              "(--num-workers, --threads)")
         if resume_from is not None:
             state.restore(run, resume_from)
         run.variant["algorithm_kwargs"]["start_epoch"] = state.next_epoch
