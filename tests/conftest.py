@@ -51,6 +51,18 @@ def one_thread():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def default_allocator():
+    """Trainers run in this process keep glibc's defaults: `host_memory.for_training` would tell
+    glibc to keep freed memory for the rest of the session (tests/test_host_memory.py checks it
+    with a fake C library)."""
+    from segm.utils import host_memory
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(host_memory, "for_training", lambda device_type: False)
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def prompt_dataloader_worker_stop():
     """A DataLoader iterator freed by the cyclic garbage collector (an error raised from a
     worker: the exception's traceback holds the iterator) may lose its index queue's feeder

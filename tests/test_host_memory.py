@@ -4,6 +4,7 @@ never trim it; any other C library is refused with one message. The real mallopt
 import pytest
 
 from segm.utils import host_memory
+from segm.utils.host_memory import for_training  # the real one (tests/conftest.py stubs it for the session)
 
 
 class FakeLibc:
@@ -36,3 +37,24 @@ def test_other_c_libraries_are_refused(monkeypatch):
     monkeypatch.setattr(host_memory.platform, "system", lambda: "Darwin")
     with pytest.raises(host_memory.HostMemoryError, match="needs glibc .*Darwin.*leave the option out"):
         host_memory.keep_freed_memory()
+
+
+def test_cpu_training_keeps_freed_memory(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda path: libc)
+    assert for_training("cuda") is False and libc.calls == []
+    assert for_training("cpu") is True and libc.calls
+    monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("", ""))
+    assert for_training("cpu") is False  # another C library: trains as before
+
+
+def test_the_trainers_ask_for_it(synthetic_root, tmp_path, monkeypatch):
+    from tests.helpers.train import run_cli, tiny_args
+
+    asked = []
+    monkeypatch.setattr(host_memory, "for_training", lambda device_type: asked.append(device_type) or False)
+    res = run_cli(tiny_args(tmp_path / "run", synthetic_root, "--device", "cpu", "--iterations", "1",
+                            "--policy-method", "no_sharing"))
+    assert res.exit_code == 0, res.output
+    assert asked == ["cpu"]

@@ -146,3 +146,27 @@ def test_bench_times_the_int8_graphs_beside_fp32():
     assert set(result["onnxruntime"]["int8_over_fp32"]) == {"no_sharing", "cts"}
     table = bench.format_table(result)
     assert "| cts_ort_int8 |" in table and "int8 (*_ort_int8 rows" in table
+
+
+def test_parity_script_reports_miou_and_agreement(pair, synthetic_root):
+    """scripts/quantization_parity.py: both graphs' mIoU on the validation images and their label
+    agreement; a graph against itself agrees everywhere."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    path = Path(__file__).parents[1] / "scripts" / "quantization_parity.py"
+    spec = importlib.util.spec_from_file_location("quantization_parity", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, fp32, int8 = pair
+    pattern = r"mIoU fp32 ([\d.]+), int8 ([\d.]+) \(Δ ([+-][\d.]+)\); labels agree on ([\d.]+) %"
+    outs = {}
+    for name, other in (("self", fp32), ("int8", int8)):
+        res = CliRunner().invoke(script.main, [str(fp32), str(other), "synthetic", "--data-root", str(synthetic_root)])
+        assert res.exit_code == 0, res.output
+        outs[name] = [float(v) for v in re.search(pattern, res.output).groups()]
+    assert outs["self"][0] == outs["self"][1] and outs["self"][3] == 100.0
+    assert outs["int8"][0] == outs["self"][0] and 100 * (1 - SHARE) <= outs["int8"][3] <= 100

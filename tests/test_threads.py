@@ -35,6 +35,9 @@ def test_cores_are_shared_by_the_node_processes():
     assert cores_per_process({"LOCAL_WORLD_SIZE": "2"}) == max(1, mine // 2)
     assert cores_per_process({"SLURM_NTASKS_PER_NODE": "2(x3)"}) == max(1, mine // 2)
     assert cores_per_process({"LOCAL_WORLD_SIZE": "1000"}) == 1
+    # srun binds each task to its --cpus-per-task cores: no second division
+    assert cores_per_process({"SLURM_CPUS_PER_TASK": "1", "SLURM_NTASKS_PER_NODE": "4"}) == 1
+    assert cores_per_process({"SLURM_CPUS_PER_TASK": "4096"}) == mine
 
 
 def test_train_options_resolve_the_plan(synthetic_root, tmp_path, monkeypatch):

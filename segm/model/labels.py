@@ -21,15 +21,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BAND_ROWS", "CLASS_CHUNK", "label_bands", "labels_from_scores", "resized_labels", "upsampled_bands"]
+from segm.utils.host_memory import MMAP_THRESHOLD_MAX
 
-# Grid rows per band: 4 rows of 16-px patches = 64 pixel rows, computed with 16 rows of overlap.
-BAND_ROWS = 4
+__all__ = ["BAND_BYTES", "CLASS_CHUNK", "band_rows_for", "label_bands", "labels_from_scores", "resized_labels", "upsampled_bands"]
+
+# A band's floats stay under glibc's largest mmap threshold (32 MiB on 64-bit Linux): above it
+# every band would be fresh pages, faulted in again; below it the allocator hands the freed band
+# back for the next one (2 × 150 classes × 512 px: 49 ms for the labels in bands of 2 grid rows,
+# 126 ms for the whole upsampling and its argmax, BENCHMARKS.md "Fast where it runs").
+BAND_BYTES = MMAP_THRESHOLD_MAX * 15 // 16
 # Classes per chunk of `resized_labels`.
 CLASS_CHUNK = 16
 
 
-def label_bands(grid_rows: int, patch: int, band_rows: int = BAND_ROWS) -> list[tuple[int, int, int, int]]:
+def band_rows_for(masks: torch.Tensor, patch: int) -> int:
+    """Grid rows per band: as many as keep a band (one grid row more, the overlap) within BAND_BYTES,
+    at least one."""
+    b, k, _, gw = masks.shape
+    per_row = b * k * patch * gw * patch * masks.element_size()
+    return max(1, BAND_BYTES // per_row - 1)
+
+
+def label_bands(grid_rows: int, patch: int, band_rows: int) -> list[tuple[int, int, int, int]]:
     """(g0, g1, y0, y1) per band: grid rows [g0, g1) upsampled give output rows [y0, y1) of the
     whole map at offset y0 − P·g0 of the band's own upsampling."""
     if band_rows < 1:
@@ -46,7 +59,7 @@ def label_bands(grid_rows: int, patch: int, band_rows: int = BAND_ROWS) -> list[
 
 
 def upsampled_bands(masks: torch.Tensor, patch: int, size: tuple[int, int] | None = None,
-                    band_rows: int = BAND_ROWS):
+                    band_rows: int | None = None):
     """Yields (y0, y1, logits) with logits (B, K, y1 − y0, w) equal, bit for bit, to rows
     [y0, y1) of `F.interpolate(masks, scale ×patch, bilinear)[..., :h, :w]`, covering [0, h).
 
@@ -54,6 +67,7 @@ def upsampled_bands(masks: torch.Tensor, patch: int, size: tuple[int, int] | Non
     the full path does). Odd `patch` sizes have no exact band boundary: one band, the whole map."""
     _, _, gh, gw = masks.shape
     h, w = size if size is not None else (gh * patch, gw * patch)
+    band_rows = band_rows_for(masks, patch) if band_rows is None else band_rows
     bands = [(0, gh, 0, gh * patch)] if patch % 2 or band_rows >= gh else label_bands(gh, patch, band_rows)
     # A band is laid out as the whole map is, so that the same kernel (same arithmetic) upsamples it.
     fmt = torch.channels_last if masks.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
@@ -71,7 +85,7 @@ def upsampled_bands(masks: torch.Tensor, patch: int, size: tuple[int, int] | Non
 
 
 def labels_from_scores(masks: torch.Tensor, patch: int, size: tuple[int, int] | None = None,
-                       band_rows: int = BAND_ROWS) -> torch.Tensor:
+                       band_rows: int | None = None) -> torch.Tensor:
     """(B, h, w) int64: argmax over classes of the upsampled `masks` cropped to `size` (default:
     the whole map), one band of rows at a time (`upsampled_bands`)."""
     labels = []

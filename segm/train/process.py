@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from segm.train.options import TrainOptions, user_errors
+from segm.utils import host_memory
 from segm.utils.determinism import set_numerics
 from segm.utils.distributed import DistInfo, init_distributed, silence_print
 
@@ -18,6 +19,7 @@ def start_process(opts: TrainOptions) -> DistInfo:
     set_numerics(opts.deterministic, info.device)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
+    host_memory.for_training(info.device.type)  # the CPU step's large buffers are reused, not re-faulted
     return info
 
 

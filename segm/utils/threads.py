@@ -45,9 +45,14 @@ def _local_processes(env: Mapping[str, str]) -> int:
 
 
 def cores_per_process(env: Mapping[str, str] | None = None) -> int:
-    """The cores this process may use (its affinity), divided among the node's training processes."""
+    """The cores this process may use: SLURM's cores per task when it says so (srun binds each
+    task to its own), else its affinity divided among the node's training processes (torchrun
+    starts them all on the same cores)."""
     env = os.environ if env is None else env
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_task = re.match(r"\d+", env.get("SLURM_CPUS_PER_TASK", ""))
+    if per_task and int(per_task.group()) > 0:
+        return max(1, min(cores, int(per_task.group())))
     return max(1, cores // _local_processes(env))
 
 

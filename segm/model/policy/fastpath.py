@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from segm.utils.host_memory import MMAP_THRESHOLD_MAX
+
 __all__ = ["CPU_CHUNK_BYTES", "peak_activation_ratio", "policy_logits", "FoldedConvAct", "fuse_batchnorm",
            "onednn_layers"]
 
@@ -23,7 +25,7 @@ __all__ = ["CPU_CHUNK_BYTES", "peak_activation_ratio", "policy_logits", "FoldedC
 # in. For two 512-px images the policy network's 96-channel half-resolution maps are 50 MB, and
 # re-faulting them took about 40 % of its CPU time (BENCHMARKS.md). On the CPU it therefore runs
 # on as many images at a time as keep its largest activation under that size.
-CPU_CHUNK_BYTES = 32 << 20
+CPU_CHUNK_BYTES = MMAP_THRESHOLD_MAX
 
 _ONEDNN_FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
