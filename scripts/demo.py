@@ -90,10 +90,9 @@ def main(out, quick, fresh):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.perf_counter()
     prepare_data(demo)
-    train_policy(demo)
-    train_segmenters(demo)
-    scores = evaluate(demo)
-    bench, big = benchmark(demo)
+    run_jobs(demo, [*policy_job(demo), *training_jobs(demo), *evaluation_jobs(demo)])
+    scores = read_scores(demo)
+    bench, big = benchmark(demo)  # alone on the machine: timings
     inference(demo)
     print()
     print(summary_table(scores, bench))
@@ -110,52 +109,102 @@ def prepare_data(demo: Demo) -> None:
               "--num-val", n_val, "--size", 256, "--seed", 0], "prepare.log")
 
 
-def train_policy(demo: Demo) -> None:
+@dataclass
+class Job:
+    """One command of the training and evaluation phase: its log's name, its command, what it waits for."""
+
+    name: str
+    args: list
+    title: str
+    after: tuple = ()
+
+
+def policy_job(demo: Demo) -> list[Job]:
     iters = 20 if demo.quick else 500
-    print(f"== 2. policy network ({iters} iterations)")
-    if demo.policy.is_file():
-        return
-    demo.run([PY, "-m", "policynet.train", "--dataset", "synthetic", "--data-root", demo.data_root,
-              "--exp_name", "synthetic", "--logdir", demo.out / "policynet", "--backbone", "tf_efficientnet_lite0",
-              "--pretrained", "lite0", "--num_iterations", iters, "--eval_iterations", iters,
-              "--batch_size_train", 8, "--device", "cpu", "--num-shared", S,
-              # the reference lr 5e-5 is tuned for 50 000 iterations; 500 need a larger step
-              "--lr", "2e-4", "--no-progress"], "policynet.log")
+    if demo.policy.is_file():  # a re-run reuses the trained policy
+        return []
+    return [Job("policynet", [
+        PY, "-m", "policynet.train", "--dataset", "synthetic", "--data-root", demo.data_root,
+        "--exp_name", "synthetic", "--logdir", demo.out / "policynet", "--backbone", "tf_efficientnet_lite0",
+        "--pretrained", "lite0", "--num_iterations", iters, "--eval_iterations", iters,
+        "--batch_size_train", 8, "--device", "cpu", "--num-shared", S,
+        # the reference lr 5e-5 is tuned for 50 000 iterations; 500 need a larger step
+        "--lr", "2e-4", "--no-progress"], f"2. policy network ({iters} iterations)")]
 
 
-def train_segmenters(demo: Demo) -> None:
+def training_jobs(demo: Demo) -> list[Job]:
     iters = 20 if demo.quick else 600
+    jobs = []
     for name, policy_args in TRAINED.items():
-        print(f"== 3. Segmenter {BACKBONE} [{name}] ({iters} iterations)")
+        after = ("policynet",) if name == "cts" else ()
         if name == "cts":
             policy_args = [*policy_args, "--policynet-ckpt", demo.policy]
-        demo.run([PY, "-m", "segm.train", "--log-dir", demo.ckpt(name).parent, "--dataset", "synthetic",
-                  "--data-root", demo.data_root, "--backbone", BACKBONE, "--pretrained", "none",
-                  "--decoder", "mask_transformer", "--iterations", iters, "--batch-size", 8,
-                  "-lr", "1e-3", "--eval-freq", 0, "--device", "cpu", "--seed", 0,
-                  *policy_args], f"train_{name}.log")
+        jobs.append(Job(f"train_{name}", [
+            PY, "-m", "segm.train", "--log-dir", demo.ckpt(name).parent, "--dataset", "synthetic",
+            "--data-root", demo.data_root, "--backbone", BACKBONE, "--pretrained", "none",
+            "--decoder", "mask_transformer", "--iterations", iters, "--batch-size", 8,
+            "-lr", "1e-3", "--eval-freq", 0, "--device", "cpu", "--seed", 0, *policy_args],
+            f"3. Segmenter {BACKBONE} [{name}] ({iters} iterations)", after))
+    return jobs
 
 
-def evaluate(demo: Demo) -> dict:
-    """mIoU of every trained model, and of the no_sharing checkpoint run with each policy."""
-    from segm.config import load_yaml
-
-    scores = {}
+def evaluation_jobs(demo: Demo) -> list[Job]:
+    """mIoU of every trained model, and of the no_sharing checkpoint run with each policy and ALGM."""
     common = ["synthetic", "--data-root", demo.data_root, "--singlescale", "--device", "cpu"]
-    for name in TRAINED:
-        print(f"== 4. evaluate [{name}]")
-        demo.run([PY, "-m", "segm.eval.miou", demo.ckpt(name), *common], f"eval_{name}.log")
-        scores[name] = load_yaml(demo.ckpt(name).parent / "scores_ss.yml")
+    jobs = [Job(f"eval_{name}", [PY, "-m", "segm.eval.miou", demo.ckpt(name), *common],
+                f"4. evaluate [{name}]", (f"train_{name}",)) for name in TRAINED]
     plain = demo.ckpt("no_sharing")
     for policy in RESHARED:
-        print(f"== 4b. evaluate [no_sharing checkpoint with the {policy} policy, S = {S}, no retraining]")
         extra = ["--policynet-ckpt", demo.policy] if policy == "policy_net" else []
-        demo.run([PY, "-m", "segm.eval.miou", plain, *common, "--policy-method", policy,
-                  "--num-tokens-shared", S, *extra], f"eval_no_sharing_{policy}.log")
-        scores[f"no_sharing+{policy}"] = load_yaml(plain.parent / f"scores_ss_{policy}_s{S}.yml")
-    print("== 4c. evaluate [no_sharing checkpoint with ALGM static, no retraining]")
-    demo.run([PY, "-m", "segm.eval.miou", plain, *common, "--reducer", "algm"], f"eval_no_sharing_{ALGM}.log")
-    scores[f"no_sharing+{ALGM}"] = load_yaml(plain.parent / f"scores_ss_{ALGM}.yml")
+        jobs.append(Job(f"eval_no_sharing_{policy}", [
+            PY, "-m", "segm.eval.miou", plain, *common, "--policy-method", policy, "--num-tokens-shared", S, *extra],
+            f"4b. evaluate [no_sharing checkpoint with the {policy} policy, S = {S}, no retraining]",
+            ("train_no_sharing", "policynet") if policy == "policy_net" else ("train_no_sharing",)))
+    jobs.append(Job(f"eval_no_sharing_{ALGM}", [PY, "-m", "segm.eval.miou", plain, *common, "--reducer", "algm"],
+                    "4c. evaluate [no_sharing checkpoint with ALGM static, no retraining]", ("train_no_sharing",)))
+    return jobs
+
+
+def run_jobs(demo: Demo, jobs: list[Job]) -> None:
+    """Runs `jobs` in list order as their dependencies allow, one per core at a time, each with one
+    intra-op thread (on 2 cores, two one-thread runs side by side beat one two-thread run after the
+    other; the figures do not depend on the thread count, BENCHMARKS.md "The demo")."""
+    lanes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    names = {j.name for j in jobs}
+    done, pending, running = set(), list(jobs), {}
+    while pending or running:
+        ready = [j for j in pending if all(a in done or a not in names for a in j.after)]
+        for job in ready[: max(0, lanes - len(running))]:
+            pending.remove(job)
+            print(f"== {job.title}\n$ {' '.join(str(a) for a in job.args)}", flush=True)
+            log = open(demo.logs / f"{job.name}.log", "w")
+            proc = subprocess.Popen([str(a) for a in job.args], stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[job.name] = (job, proc, log, time.perf_counter())
+        time.sleep(0.2)
+        for name, (job, proc, log, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            path = demo.logs / f"{name}.log"
+            if proc.returncode != 0:
+                for _, other, _, _ in running.values():
+                    other.terminate()
+                print("\n".join(path.read_text().splitlines()[-25:]))
+                raise SystemExit(f"demo step failed (exit {proc.returncode}); full log: {path}")
+            done.add(name)
+            print(f"  done in {time.perf_counter() - t0:.0f} s: {job.title} (log: {path})", flush=True)
+
+
+def read_scores(demo: Demo) -> dict:
+    from segm.config import load_yaml
+
+    scores = {name: load_yaml(demo.ckpt(name).parent / "scores_ss.yml") for name in TRAINED}
+    plain = demo.ckpt("no_sharing").parent
+    for policy in RESHARED:
+        scores[f"no_sharing+{policy}"] = load_yaml(plain / f"scores_ss_{policy}_s{S}.yml")
+    scores[f"no_sharing+{ALGM}"] = load_yaml(plain / f"scores_ss_{ALGM}.yml")
     return scores
 
 
