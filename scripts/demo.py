@@ -5,7 +5,8 @@ sharing, with CTS (the learned policy), with the random policy and with the trai
 content policy on the same token budget, evaluates them, evaluates the no-sharing checkpoint
 with each policy and with ALGM (static) without retraining, benchmarks, writes inference
 overlays and sharing maps, and prints a table. Every step is the real command line a researcher would run, so the demo
-is also an end-to-end check.
+is also an end-to-end check. Trainings and evaluations run side by side, one per core on one
+thread each (`run_jobs`); the benchmarks run alone.
 
     python scripts/demo.py [--out demo_out] [--quick]
 
