@@ -48,10 +48,11 @@ def test_bands_equal_the_full_upsampling(b, k, grid, patch, layout, dtype):
         logits = F.interpolate(masks, size=full_size, mode="bilinear", align_corners=False)
         for rows in (1, 2, 3, 4, 8):
             assert torch.equal(labels_from_scores(masks, patch, size, rows), full)
-            bands = list(upsampled_bands(masks, patch, size, rows))
-            assert [y0 for y0, _, _ in bands] == [0, *(y1 for _, y1, _ in bands[:-1])] and bands[-1][1] == size[0]
-            for y0, y1, band in bands:  # bit for bit, not only the argmax
-                assert torch.equal(band, logits[:, :, y0:y1, : size[1]])
+            spans = []
+            for y0, y1, band in upsampled_bands(masks, patch, size, rows):  # each valid until the next
+                assert torch.equal(band, logits[:, :, y0:y1, : size[1]])  # bit for bit, not only the argmax
+                spans.append((y0, y1))
+            assert [y0 for y0, _ in spans] == [0, *(y1 for _, y1 in spans[:-1])] and spans[-1][1] == size[0]
 
 
 def test_bands_read_their_grid_rows_only():

@@ -64,22 +64,37 @@ def upsampled_bands(masks: torch.Tensor, patch: int, size: tuple[int, int] | Non
     [y0, y1) of `F.interpolate(masks, scale ×patch, bilinear)[..., :h, :w]`, covering [0, h).
 
     masks (B, K, Gh, Gw): class scores on the patch grid, in their own dtype (upsampled in it, as
-    the full path does). Odd `patch` sizes have no exact band boundary: one band, the whole map."""
+    the full path does). Odd `patch` sizes have no exact band boundary: one band, the whole map.
+    The bands share one buffer: each is valid until the next is asked for."""
     _, _, gh, gw = masks.shape
     h, w = size if size is not None else (gh * patch, gw * patch)
     band_rows = band_rows_for(masks, patch) if band_rows is None else band_rows
-    bands = [(0, gh, 0, gh * patch)] if patch % 2 or band_rows >= gh else label_bands(gh, patch, band_rows)
+    if patch % 2 or band_rows >= gh:
+        bands, rows = [(0, gh, 0, gh * patch)], gh
+    else:
+        bands, rows = label_bands(gh, patch, band_rows), band_rows + 1
     # A band is laid out as the whole map is, so that the same kernel (same arithmetic) upsamples it.
     fmt = torch.channels_last if masks.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    # Every band upsamples `rows` grid rows (the last one reaches back as far as it needs), so one
+    # buffer serves them all: written in place, its pages are faulted in once per call.
+    reuse = not (torch.compiler.is_exporting() or torch.compiler.is_compiling())
+    buf = None
     for g0, g1, y0, y1 in bands:
         if y0 >= h:
             return
-        part = F.interpolate(masks[:, :, g0:g1].contiguous(memory_format=fmt), size=((g1 - g0) * patch, gw * patch), mode="bilinear",
-                             align_corners=False)
-        top = y0 - patch * g0
+        start = min(g0, gh - rows)
+        src = masks[:, :, start : start + rows].contiguous(memory_format=fmt)
+        out_size = (rows * patch, gw * patch)
+        if reuse:
+            if buf is None:
+                buf = torch.empty((*src.shape[:2], *out_size), dtype=src.dtype, device=src.device, memory_format=fmt)
+            part = torch.ops.aten.upsample_bilinear2d.out(src, out_size, False, out=buf)
+        else:
+            part = F.interpolate(src, size=out_size, mode="bilinear", align_corners=False)
+        top = y0 - patch * start
         y1 = min(y1, h)
         band = part[:, :, top : top + y1 - y0, :w]
-        del part  # one band alive at a time: the next is computed before `part` would be rebound
+        del part
         yield y0, y1, band
         del band
 
