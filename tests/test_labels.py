@@ -167,3 +167,10 @@ def test_the_label_path_peaks_well_below_the_logits():
         peaks[name] = tracker.peak
     assert peaks["logits"] >= logits_bytes
     assert peaks["labels"] < logits_bytes / 4 and peaks["view"] < logits_bytes / 4, peaks
+
+
+def test_labels_of_scores_that_require_grad():
+    """Outside no_grad (e.g. a training loop asking for labels) the bands are fresh tensors."""
+    masks = torch.randn(2, 5, 8, 8, requires_grad=True)
+    full = F.interpolate(masks, size=(128, 128), mode="bilinear", align_corners=False).argmax(1)
+    assert torch.equal(labels_from_scores(masks, 16, band_rows=2), full)

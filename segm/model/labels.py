@@ -77,7 +77,7 @@ def upsampled_bands(masks: torch.Tensor, patch: int, size: tuple[int, int] | Non
     fmt = torch.channels_last if masks.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     # Every band upsamples `rows` grid rows (the last one reaches back as far as it needs), so one
     # buffer serves them all: written in place, its pages are faulted in once per call.
-    reuse = not (torch.compiler.is_exporting() or torch.compiler.is_compiling())
+    reuse = not (masks.requires_grad or torch.compiler.is_exporting() or torch.compiler.is_compiling())
     buf = None
     for g0, g1, y0, y1 in bands:
         if y0 >= h:
