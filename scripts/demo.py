@@ -173,7 +173,9 @@ def run_jobs(demo: Demo, jobs: list[Job]) -> None:
     """Runs `jobs` in list order as their dependencies allow, one per core at a time, each with one
     intra-op thread (on 2 cores, two one-thread runs side by side beat one two-thread run after the
     other, with the same figures, BENCHMARKS.md "The demo"); an `alone` job runs by itself."""
-    lanes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from segm.utils.threads import cores_per_process
+
+    lanes = cores_per_process()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     names = {j.name for j in jobs}
     done, pending, running = set(), list(jobs), {}

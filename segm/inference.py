@@ -32,14 +32,14 @@ from segm import __version__
 from segm.data.base import variant_normalization
 from segm.data.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, DataError
 from segm.data.label_space import to_label_space
-from segm.eval.evaluate import SAVE_FORMATS
-from segm.eval.window import GridScores, inference_views, resize_to_window, resolve_window, view_labels, window_anchors
+from segm.eval.evaluate import SAVE_FORMATS, make_window_forward
+from segm.eval.window import inference_views, resize_to_window, resolve_window, view_labels, window_anchors
 from segm.inference_inputs import (MAX_ASPECT_RATIO, _as_rgb_array, _check_aspect, _to_tensor, augmented_views,
                                    evaluation_scale, evaluation_views, load_image)
 from segm.inference_io import (IMAGE_EXTENSIONS, check_no_overwrite, check_options, list_inputs, result_path,
                                result_picture, source_path, write_picture)
 from segm.policy_choice import policy_options
-from segm.utils.amp import AMP_DTYPES, autocast
+from segm.utils.amp import AMP_DTYPES
 from segm.utils.cli import CONTEXT_SETTINGS
 from segm.utils.device import DEVICE_HELP, resolve_device
 from segm.utils.writable import write_error_message
@@ -51,27 +51,18 @@ __all__ = ["predict", "predict_image", "predict_probs", "load_image", "augmented
 
 # ----------------------------------------------------------------------------- prediction
 def _window_forward(model, amp_dtype, records: list | None = None, first_windows: int = 0):
-    """`forward(windows, boxes)` for the sliding windows: a Segmenter's `GridScores`, else an
-    ONNX session's float32 logits. While fewer than `first_windows` windows are in `records`,
-    each batch's boxes and token map (B, Gh, Gw) are appended to it."""
-    scores = getattr(model, "forward_scores", None)
+    """`forward(windows, boxes)` for the sliding windows (`make_window_forward`). While fewer than
+    `first_windows` windows are in `records`, each batch's boxes and token map (B, Gh, Gw) are
+    appended to it."""
+    if records is None:
+        return make_window_forward(model, amp_dtype)
 
-    def forward(windows, boxes):
-        record = records is not None and sum(len(b) for b, _ in records) < first_windows
-        with autocast(windows.device.type, amp_dtype):
-            if scores is not None:
-                masks, tmap = scores(windows)
-                out = GridScores(masks, model.patch_size)
-            elif record:
-                res = model.forward_all(windows)
-                tmap, out = res.token_map, res.logits.float()
-            else:
-                return model(windows).float()
-        if record:
-            records.append((boxes, tmap.token_of_cell.view(-1, *tmap.grid)))
-        return out
+    def on_map(boxes, tmap=None):
+        if tmap is None:
+            return sum(len(b) for b, _ in records) < first_windows
+        records.append((boxes, tmap.token_of_cell.view(-1, *tmap.grid)))
 
-    return forward
+    return make_window_forward(model, amp_dtype, on_map=on_map)
 
 
 def _views(model, image, variant: dict, window_size, window_stride, device, multiscale: bool, flip: bool,

@@ -46,13 +46,14 @@ def _unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def make_window_forward(model, amp_dtype=None, label_view: torch.Tensor | None = None):
+def make_window_forward(model, amp_dtype=None, label_view: torch.Tensor | None = None, on_map=None):
     """`forward(windows, boxes)` for `inference_views` and `view_labels`: `GridScores` of a
     Segmenter (its class scores before upsampling, `Segmenter.forward_scores`), else float32
     logits (n, K, ws, ws) (an ONNX Runtime session).
 
     `label_view` (h, w) long, the label at the view's (guarded) size and orientation, is cut
-    like the windows and passed as `seg_gt` (oracle policy).
+    like the windows and passed as `seg_gt` (oracle policy). `on_map(boxes)`, when given, says
+    whether a batch's token map is wanted; if so it is then called as `on_map(boxes, token_map)`.
     """
     scores = getattr(_unwrap(model), "forward_scores", None)
 
@@ -61,11 +62,20 @@ def make_window_forward(model, amp_dtype=None, label_view: torch.Tensor | None =
         if label_view is not None:
             ws = windows.shape[-1]
             seg_gt = torch.stack([label_view[y : y + ws, x : x + ws] for y, x in boxes])
+        args = (windows,) if seg_gt is None else (windows, seg_gt)  # an ONNX session takes images only
+        wanted = on_map is not None and on_map(boxes)
         with autocast(windows.device.type, amp_dtype):
             if scores is not None:
-                return GridScores(scores(windows, seg_gt)[0], _unwrap(model).patch_size)
-            logits = model(windows, seg_gt) if seg_gt is not None else model(windows)
-        return logits.float()
+                masks, tmap = scores(*args)
+                out = GridScores(masks, _unwrap(model).patch_size)
+            elif wanted:
+                res = model.forward_all(*args)
+                tmap, out = res.token_map, res.logits.float()
+            else:
+                return model(*args).float()
+        if wanted:
+            on_map(boxes, tmap)
+        return out
 
     return forward
 
@@ -76,6 +86,16 @@ def _label_for_view(label: torch.Tensor, view_shape, flip: bool) -> torch.Tensor
     if tuple(label.shape) != (h, w):
         label = F.interpolate(label[None, None].float(), (h, w), mode="nearest")[0, 0].long()
     return label.flip(-1) if flip else label
+
+
+def _oracle_view(model, view, meta: dict, label, window_size: int, amp_dtype):
+    """(the view guarded up to the window, its window forward) for the oracle policy: the
+    original-size `label` resized and flipped like the view, cut like its windows."""
+    if label is None:
+        raise ValueError("the oracle policy needs the ground-truth label of each image")
+    view = resize_to_window(view[0] if view.dim() == 4 else view, window_size)
+    lab = _label_for_view(label.to(view.device), view.shape[-2:], bool(meta.get("flip", False)))
+    return view, make_window_forward(model, amp_dtype, label_view=lab)
 
 
 def predict_views(model, views, metas, ori_shape, *, window_size, window_stride, window_batch_size=4,
@@ -89,14 +109,9 @@ def predict_views(model, views, metas, ori_shape, *, window_size, window_stride,
         forward = make_window_forward(model, amp_dtype)
         return inference_views(forward, views, metas, ori_shape, window_size, window_stride,
                                window_batch_size, n_cls)
-    if label is None:
-        raise ValueError("the oracle policy needs the ground-truth label of each image")
     probs = None
     for view, meta in zip(views, metas):
-        view = view[0] if view.dim() == 4 else view
-        view = resize_to_window(view, window_size)
-        lab = _label_for_view(label.to(view.device), view.shape[-2:], bool(meta.get("flip", False)))
-        forward = make_window_forward(model, amp_dtype, label_view=lab)
+        view, forward = _oracle_view(model, view, meta, label, window_size, amp_dtype)
         p = inference_views(forward, [view], [meta], ori_shape, window_size, window_stride,
                             window_batch_size, n_cls)
         probs = p if probs is None else probs + p
@@ -112,14 +127,11 @@ def predict_labels(model, views, metas, ori_shape, *, window_size, window_stride
         return predict_views(model, views, metas, ori_shape, window_size=window_size, window_stride=window_stride,
                              window_batch_size=window_batch_size, n_cls=n_cls, amp_dtype=amp_dtype,
                              label=label).argmax(0)
-    view, meta = views[0][0] if views[0].dim() == 4 else views[0], metas[0]
-    label_view = None
+    view, meta = views[0], metas[0]
     if _unwrap(model).needs_labels:
-        if label is None:
-            raise ValueError("the oracle policy needs the ground-truth label of each image")
-        view = resize_to_window(view, window_size)
-        label_view = _label_for_view(label.to(view.device), view.shape[-2:], bool(meta.get("flip", False)))
-    forward = make_window_forward(model, amp_dtype, label_view=label_view)
+        view, forward = _oracle_view(model, view, meta, label, window_size, amp_dtype)
+    else:
+        forward = make_window_forward(model, amp_dtype)
     return view_labels(forward, view, meta, ori_shape, window_size, window_stride, window_batch_size, n_cls)
 
 

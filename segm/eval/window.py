@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from segm.config import dataset_preset
 from segm.model.labels import labels_from_scores, resized_labels, upsampled_bands
 
-__all__ = ["GridScores", "view_labels", "resolve_window", "check_stride", "window_anchors", "resize_to_window", "sliding_window_inference",
-           "inference_views", "MULTISCALE_RATIOS", "view_plan"]
-
+__all__ = ["GridScores", "view_labels", "resolve_window", "check_stride", "window_anchors", "resize_to_window",
+           "sliding_window_inference", "inference_views", "MULTISCALE_RATIOS", "view_plan"]
 
 
 class GridScores(NamedTuple):
@@ -176,7 +175,6 @@ def sliding_window_inference(
             for y0, y1, band in upsampled_bands(out.masks, out.patch, (ws, ws)):
                 for (y, x), window_band in zip(batch_boxes, band):
                     canvas[:, y + y0 : y + y1, x : x + ws] += window_band
-                del band, window_band  # freed before the next band is computed
         else:
             for (y, x), window_logits in zip(batch_boxes, out):
                 canvas[:, y : y + ws, x : x + ws] += window_logits

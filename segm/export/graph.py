@@ -78,7 +78,7 @@ class ExportedSegmenter(nn.Module):
 
     def outputs(self, im: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.output == LABELS:
-            first, tmap = labels_and_map(self.model, im, self.given)
+            first, tmap = self.model.labels_and_map(im, given=self.given)
         else:
             out = self.model.forward_all(im, given=self.given)
             first, tmap = out.logits, out.token_map
@@ -90,15 +90,6 @@ class ExportedSegmenter(nn.Module):
     def forward(self, im: torch.Tensor):
         outs = tuple(self.outputs(im).values())
         return outs[0] if len(outs) == 1 else outs
-
-
-def labels_and_map(model: Segmenter, im: torch.Tensor, given: torch.Tensor | None):
-    """(`model.forward_labels(im, given=given)`, the token map): forward_labels' own steps,
-    keeping the token map for the reducer's record."""
-    from segm.model.labels import labels_from_scores
-
-    masks, tmap = model.forward_scores(im, given=given)
-    return labels_from_scores(masks, model.patch_size, tuple(im.shape[2:])), tmap
 
 
 def check_output(output: str) -> None:

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 
 from segm.utils.host_memory import MMAP_THRESHOLD_MAX
 
-__all__ = ["BAND_BYTES", "CLASS_CHUNK", "band_rows_for", "label_bands", "labels_from_scores", "resized_labels", "upsampled_bands"]
+__all__ = ["BAND_BYTES", "CLASS_CHUNK", "band_rows_for", "label_bands", "labels_from_scores", "resized_labels",
+           "upsampled_bands"]
 
-# A band's floats stay under glibc's largest mmap threshold (32 MiB on 64-bit Linux): above it
-# every band would be fresh pages, faulted in again; below it the allocator hands the freed band
-# back for the next one (2 × 150 classes × 512 px: 49 ms for the labels in bands of 2 grid rows,
-# 126 ms for the whole upsampling and its argmax, BENCHMARKS.md "Fast where it runs").
+# The bands' buffer stays under glibc's largest mmap threshold (32 MiB on 64-bit Linux): above
+# it the buffer would be fresh pages faulted in on every call, below it the heap reuses it and it
+# stays warm in cache (2 × 150 classes × 512 px: bands of 2 grid rows; the labels in 60 ms against
+# 120 ms for the whole upsampling and its argmax, BENCHMARKS.md "Fast where it runs").
 BAND_BYTES = MMAP_THRESHOLD_MAX * 15 // 16
 # Classes per chunk of `resized_labels`.
 CLASS_CHUNK = 16
@@ -106,7 +107,7 @@ def labels_from_scores(masks: torch.Tensor, patch: int, size: tuple[int, int] | 
     labels = []
     for _, _, band in upsampled_bands(masks, patch, size, band_rows):
         labels.append(band.argmax(1))
-        del band  # freed before the next band is computed
+        del band  # a fresh band (grad, export) is freed before the next one is computed
     return labels[0] if len(labels) == 1 else torch.cat(labels, 1)
 
 
