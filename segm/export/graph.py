@@ -9,8 +9,9 @@ Inputs and outputs (docs/DESIGN.md, "Deployment"; sidecar: `segm.export.sidecar`
   (x/255 − mean)/std with the checkpoint's statistics. Normalisation is not in the graph, so
   the sliding-window code feeds the ONNX model exactly what it feeds the eager one.
 - `logits` float32 (B, K, H, W); or, exported with `--output labels`, `labels` int64 (B, H, W):
-  `Segmenter.forward_labels`, the argmax over classes of those logits (the lower class on ties)
-  computed in bands of rows, so that the graph holds no (B, K, H, W) tensor;
+  the argmax over classes of those logits (the lower class on ties) computed in bands of rows
+  with the classes last (`segm.export.ops.labels_as_matmuls`), so that the graph holds no
+  (B, K, H, W) tensor;
 - then the reducer's record of the batch, `Reducer.export_outputs` (none for plain models).
   CTS: `shared_idx` int64 (B, S), the shared superpatches in raster order over the superpatch
   grid (`TokenLayout.shared_idx`), and `scores` float32 (B, n2), the policy's scores the
@@ -25,7 +26,7 @@ import warnings
 import torch
 from torch import nn
 
-from segm.export.ops import DECOMPOSITIONS
+from segm.export.ops import DECOMPOSITIONS, labels_as_matmuls
 from segm.export.schema import BATCH, LABELS, LOGITS, OUTPUT_KINDS
 from segm.export.sidecar import INPUT_NAME
 from segm.model.segmenter import Segmenter
@@ -78,7 +79,8 @@ class ExportedSegmenter(nn.Module):
 
     def outputs(self, im: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.output == LABELS:
-            first, tmap = self.model.labels_and_map(im, given=self.given)
+            masks, tmap = self.model.forward_scores(im, given=self.given)
+            first = labels_as_matmuls(masks, self.model.patch_size, tuple(im.shape[2:]))
         else:
             out = self.model.forward_all(im, given=self.given)
             first, tmap = out.logits, out.token_map
