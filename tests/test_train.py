@@ -277,6 +277,18 @@ def test_non_finite_loss_before_any_checkpoint_says_there_is_none(synthetic_root
     assert not (log_dir / "checkpoint.pth").exists()
 
 
+def test_no_final_eval_skips_only_the_evaluation_at_the_end(synthetic_root, tmp_path):
+    """--no-final-eval: the last epoch is not evaluated unless --eval-freq asks for it; the run
+    and its checkpoint are otherwise complete."""
+    for extra, evaluated in (("--eval-freq", "0"), False), (("--eval-freq", "1"), True):
+        log_dir = tmp_path / f"run_{evaluated}"
+        result = no_sharing_run(log_dir, synthetic_root, "--iterations", "1", "--no-final-eval", *extra)
+        assert result.exit_code == 0, result.output
+        record = read_log(log_dir / "log.txt")[-1]
+        assert record["num_updates"] == 1 and ("val_mean_iou" in record) == evaluated
+        assert load_ckpt(log_dir)["iteration"] == 1
+
+
 def test_exploded_training_never_replaces_the_good_checkpoint(synthetic_root, tmp_path):
     """An absurd learning rate destroys the weights while they stay finite: neither the exploded
     loss nor the exploded weights may replace the good checkpoint, which stays resumable."""

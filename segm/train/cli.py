@@ -59,6 +59,8 @@ _PRESETS = load_config()  # the backbone and decoder choices
               help="Input normalisation [default: the backbone preset's].")
 @click.option("--eval-freq", type=int, default=None,
               help="Evaluate when epoch % N == 0 and at the end (0: only at the end)." + _PRESET)
+@click.option("--final-eval/--no-final-eval", default=True, show_default=True,
+              help="Evaluate at the end of training; --no-final-eval when a segm.eval.miou run follows anyway.")
 @click.option("--amp/--no-amp", default=False, help="Mixed precision (autocast).")
 @click.option("--amp-dtype", type=click.Choice(list(AMP_DTYPES)), default="fp16",
               help="Autocast dtype; fp16 uses a gradient scaler.")

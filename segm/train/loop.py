@@ -110,7 +110,7 @@ def finish_epoch(net: torch.nn.Module, state: TrainState, run: Run, epoch: int, 
     position = (epoch + 1, 0) if end_batch == run.data.iters_per_epoch else (epoch, end_batch)
     scores, cat_iou = {}, None
     last = state.iteration >= run.data.total_iters
-    if last or (run.opts.eval_freq and epoch % run.opts.eval_freq == 0):
+    if (last and run.opts.final_eval) or (run.opts.eval_freq and epoch % run.opts.eval_freq == 0):
         state.log_record = {**train, "epoch": epoch, "num_updates": state.iteration}
         state.save(run, *position)
         scores, cat_iou = evaluate(net, run)

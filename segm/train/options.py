@@ -90,6 +90,7 @@ class TrainOptions:
     device: str
     deterministic: bool
     threads: int | None = None  # intra-op threads; None: torch's default
+    final_eval: bool = True  # evaluate at the end even when --eval-freq does not ask for it
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
