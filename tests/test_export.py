@@ -135,6 +135,18 @@ def test_dynamic_batch_runs_any_batch(tmp_path, exported):
             assert torch.equal(out.layout.shared_idx, ref.layout.shared_idx)
 
 
+def test_dynamic_batch_labels_graph_is_the_logits_graphs_argmax(tmp_path, exported):
+    """A labels graph for any batch: its bands cannot be sized by a symbolic batch (one image's)."""
+    ckpt, _ = exported["no_sharing"]
+    for kind in ("logits", "labels"):
+        res = _export([ckpt, tmp_path / f"{kind}.onnx", "--dynamic-batch", "--no-check", "--output", kind])
+        assert res.exit_code == 0, res.output
+    labels, logits = OnnxSegmenter(tmp_path / "labels.onnx"), OnnxSegmenter(tmp_path / "logits.onnx")
+    for b in (1, 3):
+        for im in _tied_and_random(b):
+            assert torch.equal(labels.forward_labels(im), logits(im).argmax(1))
+
+
 def test_check_on_validation_crops(exported):
     """The fixture's content export ran `--dataset synthetic --data-root ROOT` (exit 0 asserted there)."""
     parity = json.loads(exported["content"][1].with_suffix(".json").read_text())["parity"]

@@ -49,7 +49,8 @@ def labels_as_matmuls(masks: torch.Tensor, patch: int, size: tuple[int, int]) ->
     order (a band leaves out only the grid rows its weights give 0). Every grid row is resized
     along x once, (B, Gh, w, K); then each band of output rows (as many as the eager label path's
     band, `band_rows_for`) is a product over the grid rows it reads and an ArgMax over the last
-    axis, the lower class on ties."""
+    axis, the lower class on ties. A graph exported for any batch sizes its bands for one image
+    (the batch is symbolic then)."""
     from segm.model.labels import band_rows_for
 
     b, k, gh, gw = masks.shape
@@ -57,7 +58,7 @@ def labels_as_matmuls(masks: torch.Tensor, patch: int, size: tuple[int, int]) ->
     wh = bilinear_weights(gh, gh * patch)[:h]
     ww = torch.tensor(bilinear_weights(gw, gw * patch)[:w], dtype=masks.dtype, device=masks.device)
     cols = ww @ masks.permute(0, 2, 3, 1)  # (B, Gh, w, K)
-    rows = patch * band_rows_for(masks, patch)
+    rows = patch * band_rows_for(masks, patch, images=b if isinstance(b, int) else 1)
     labels = []
     for y0 in range(0, h, rows):
         weights = wh[y0 : y0 + rows]

@@ -35,11 +35,11 @@ BAND_BYTES = MMAP_THRESHOLD_MAX * 15 // 16
 CLASS_CHUNK = 16
 
 
-def band_rows_for(masks: torch.Tensor, patch: int) -> int:
-    """Grid rows per band: as many as keep a band (one grid row more, the overlap) within BAND_BYTES,
-    at least one."""
+def band_rows_for(masks: torch.Tensor, patch: int, images: int | None = None) -> int:
+    """Grid rows per band: as many as keep a band (one grid row more, the overlap) of `images`
+    images (default: the batch) within BAND_BYTES, at least one."""
     b, k, _, gw = masks.shape
-    per_row = b * k * patch * gw * patch * masks.element_size()
+    per_row = (b if images is None else images) * k * patch * gw * patch * masks.element_size()
     return max(1, BAND_BYTES // per_row - 1)
 
 
