@@ -8,8 +8,9 @@ import click
 from segm import __version__
 from segm.bench.report import format_table, plot_sweep, write_json
 from segm.bench.run import run_benchmark
-from segm.bench.settings import MATMUL_SIZE, OUTPUTS, BenchConfig, BenchError
+from segm.bench.settings import MATMUL_SIZE, BenchConfig, BenchError
 from segm.config import load_config
+from segm.export.schema import LOGITS, OUTPUT_KINDS
 from segm.utils.checkpoint import CheckpointError
 from segm.utils.cli import CONTEXT_SETTINGS_WITH_DEFAULTS
 from segm.utils.device import DEVICE_HELP
@@ -84,7 +85,7 @@ def _config(overrides: dict, sweep: str | None, kw: dict) -> BenchConfig:
 @click.option("--data-root", type=click.Path(), help="The dataset's folder (default $DATASET/<name>).")
 @click.option("--num-batches", default=4, type=int, help="Distinct input batches, cycled over repeats.")
 @click.option("--same-image", is_flag=True, help="Lab protocol: each batch is one image repeated.")
-@click.option("--output", type=click.Choice(OUTPUTS), default="logits", show_default=True,
+@click.option("--output", type=click.Choice(OUTPUT_KINDS), default=LOGITS, show_default=True,
               help="What an inference call returns: logits (B, K, H, W), or labels (B, H, W) taken band by band "
                    "without full-resolution logits (Segmenter.forward_labels).")
 @click.option("--latency", is_flag=True, help="Also time batch 1.")

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from segm.bench.settings import BenchConfig, BenchError
+from segm.export.schema import LABELS
 from segm.bench.variants import BASELINE, Variant
 
 SUFFIX = "_ort"
@@ -57,7 +58,7 @@ def _ort_variant(cfg: BenchConfig, v: Variant, folder: Path, batch: torch.Tensor
                                                f"max |Δlogits| {parity['diff']:.2g} against eager"))
     twin = dataclasses.replace(v, name=v.name + suffix, counts=dict(v.counts),
                                backend="onnxruntime-int8" if int8 else "onnxruntime")
-    return twin, (runner.forward_labels if cfg.output == "labels" else runner)
+    return twin, (runner.forward_labels if cfg.output == LABELS else runner)
 
 
 def add_onnxruntime(cfg: BenchConfig, variants: list[Variant], runners: dict, batch: torch.Tensor,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from segm.bench.flops import count_train_flops
 from segm.bench.memory import variant_memory
 from segm.bench.settings import BenchConfig
+from segm.export.schema import LABELS
 from segm.bench.timing import rate, round_robin, speedups, summary
 from segm.bench.variants import BASELINE, Variant, policy_network
 from segm.utils.amp import AMP_DTYPES, autocast
@@ -24,7 +25,7 @@ def _autocast(cfg: BenchConfig):
 
 def output_fn(cfg: BenchConfig, model) -> Callable:
     """What an inference call of `model` computes: its logits, or with `--output labels` its labels."""
-    return model.forward_labels if cfg.output == "labels" else model
+    return model.forward_labels if cfg.output == LABELS else model
 
 
 def _inference_fn(cfg: BenchConfig, m) -> Callable:

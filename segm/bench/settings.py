@@ -5,12 +5,10 @@ from dataclasses import dataclass, field
 
 from segm.model.reduction import rules
 from segm.model.reduction.rules import CTS, NONE, ReductionError
+from segm.export.schema import LOGITS, OUTPUT_KINDS  # no torch
 from segm.utils.device import resolve_device
 
 MATMUL_SIZE = 2048
-# What a timed inference call returns: the logits, or the labels (`Segmenter.forward_labels`, which
-# never holds the (B, K, H, W) logits).
-OUTPUTS = ("logits", "labels")
 
 # The variants a run times, named here and nowhere else. BASELINE runs without token reduction:
 # speed-ups are against it. CTS_VARIANTS time CTS at the main budget S: (variant name,
@@ -71,7 +69,8 @@ class BenchConfig:
     memory: bool = True
     matmul_size: int = MATMUL_SIZE
     seed: int = 0
-    output: str = "logits"  # what an inference call returns: logits (B, K, H, W) or labels (B, H, W)
+    output: str = LOGITS  # what an inference call returns: logits (B, K, H, W) or labels (B, H, W),
+    # the latter by `Segmenter.forward_labels`, which never holds the (B, K, H, W) logits
 
 
 def parse_inputs(spec: str) -> tuple[str, str] | None:
@@ -115,8 +114,8 @@ def check_config(cfg: BenchConfig) -> None:
             raise BenchError(f"--{name.replace('_', '-')} must be ≥ {low}, got {getattr(cfg, name)}")
     if cfg.threads is not None and cfg.threads < 1:
         raise BenchError(f"--threads must be ≥ 1 (torch's intra-op threads), got {cfg.threads}")
-    if cfg.output not in OUTPUTS:
-        raise BenchError(f"--output must be one of {', '.join(OUTPUTS)}, got {cfg.output!r}")
+    if cfg.output not in OUTPUT_KINDS:
+        raise BenchError(f"--output must be one of {', '.join(OUTPUT_KINDS)}, got {cfg.output!r}")
     if cfg.dtype not in ("fp32", "bf16"):
         raise BenchError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
     cfg.device = str(resolve_device(cfg.device))  # the project's one device rule

@@ -154,17 +154,12 @@ class Segmenter(nn.Module):
         logits = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
         return SegmenterOutput(logits[:, :, :h, :w], getattr(tmap.record, "policy_logits", None), tmap)
 
-    def labels_and_map(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None,
-                       given: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenMap]:
-        """(`forward_labels(im)`, the token map), e.g. for an exported graph's reducer outputs."""
-        masks, tmap = self.forward_scores(im, seg_gt, given)
-        return labels_from_scores(masks, self.patch_size, tuple(im.shape[2:])), tmap
-
     def forward_labels(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None,
                        given: torch.Tensor | None = None) -> torch.Tensor:
         """(B, H, W) int64: `forward_all(im).logits.argmax(1)`, bit for bit, without the
         (B, K, H, W) logits (`segm.model.labels.labels_from_scores`: upsampled in bands of rows)."""
-        return self.labels_and_map(im, seg_gt, given)[0]
+        masks, _ = self.forward_scores(im, seg_gt, given)
+        return labels_from_scores(masks, self.patch_size, tuple(im.shape[2:]))
 
     def forward(self, im: torch.Tensor, seg_gt: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_all(im, seg_gt).logits
