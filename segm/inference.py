@@ -33,7 +33,7 @@ from segm.data.base import variant_normalization
 from segm.data.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, DataError
 from segm.data.label_space import to_label_space
 from segm.eval.evaluate import SAVE_FORMATS, make_window_forward
-from segm.eval.window import inference_views, resize_to_window, resolve_window, view_labels, window_anchors
+from segm.eval.window import inference_views, resize_to_window, resolve_window, views_labels, window_anchors
 from segm.inference_inputs import (MAX_ASPECT_RATIO, _as_rgb_array, _check_aspect, _to_tensor, augmented_views,
                                    evaluation_scale, evaluation_views, load_image)
 from segm.inference_io import (IMAGE_EXTENSIONS, check_no_overwrite, check_options, list_inputs, result_path,
@@ -107,8 +107,7 @@ def predict_probs(model, image, *, variant: dict, window_size=None, window_strid
 
 def _predict(model, image, variant, window_size, window_stride, window_batch_size, device, amp_dtype,
              multiscale, flip, return_sharing, im_size, *, labels: bool):
-    """`predict_probs`, or with `labels` the label map: of one view by the label path
-    (`segm.eval.window.view_labels`), of several the argmax of their mean probabilities."""
+    """`predict_probs`, or with `labels` the label map (`segm.eval.window.views_labels`)."""
     if device is None:
         device = next(model.parameters()).device
     else:
@@ -121,11 +120,8 @@ def _predict(model, image, variant, window_size, window_stride, window_batch_siz
     was_training = model.training
     model.eval()
     try:
-        if labels and len(views) == 1:
-            out = view_labels(forward, views[0], metas[0], ori_shape, ws, stride, window_batch_size, model.n_cls)
-        else:
-            out = inference_views(forward, views, metas, ori_shape, ws, stride, window_batch_size, model.n_cls)
-            out = out.argmax(0) if labels else out
+        views_out = views_labels if labels else inference_views
+        out = views_out(forward, views, metas, ori_shape, ws, stride, window_batch_size, model.n_cls)
     finally:
         model.train(was_training)
     if not return_sharing:

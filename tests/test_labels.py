@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import segm
 from segm.bench.memory import PeakTensorMemory
-from segm.eval.window import GridScores, inference_views, sliding_window_inference, view_labels
+from segm.eval.window import GridScores, inference_views, sliding_window_inference, view_labels, views_labels
 from segm.model.labels import label_bands, labels_from_scores, resized_labels, upsampled_bands
 from tests.helpers.models import tiny_net_kwargs, tiny_variant
 
@@ -127,6 +127,17 @@ def test_view_labels_equal_the_full_path(view_shape, ori, flip):
     for forward in (scores, logits):
         labels = view_labels(forward, view, meta, ori, 64, 32, 2, 10)
         assert labels.shape == ori and torch.equal(labels, full)
+
+
+def test_views_labels_one_view_is_view_labels_several_the_mean_probabilities_argmax():
+    model = _model("no_sharing")
+    view = torch.randn(3, 70, 90, generator=torch.Generator().manual_seed(4))
+    scores, _ = _forwards(model)
+    views, metas, ori = [view, view.flip(-1)], [{"flip": False}, {"flip": True}], (50, 61)
+    one = views_labels(scores, views[:1], metas[:1], ori, 64, 32, 2, 10)
+    assert torch.equal(one, view_labels(scores, view, metas[0], ori, 64, 32, 2, 10))
+    several = views_labels(scores, views, metas, ori, 64, 32, 2, 10)
+    assert torch.equal(several, inference_views(scores, views, metas, ori, 64, 32, 2, 10).argmax(0))
 
 
 def test_grid_scores_fill_the_canvas_as_logits_do():

@@ -26,7 +26,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from segm.data.io import read_image
-from segm.eval.window import GridScores, check_stride, inference_views, resize_to_window, view_labels
+from segm.eval.window import GridScores, check_stride, inference_views, resize_to_window, view_labels, views_labels
 from segm.metrics import IoUAccumulator
 from segm.utils.amp import AMP_DTYPES as _AMP
 from segm.utils.amp import autocast
@@ -120,19 +120,17 @@ def predict_views(model, views, metas, ori_shape, *, window_size, window_stride,
 
 def predict_labels(model, views, metas, ori_shape, *, window_size, window_stride, window_batch_size=4,
                    n_cls=None, amp_dtype=None, label=None) -> torch.Tensor:
-    """Labels (H, W) int64 at `ori_shape` of one image's test views: with one view, the label
-    path (`view_labels`: no full-resolution logits where the view is one window); with several,
-    the argmax of `predict_views`' mean probabilities."""
+    """Labels (H, W) int64 at `ori_shape` of one image's test views (`views_labels`); for the
+    oracle policy each view's windows are paired with `label` cut the same way."""
+    if not _unwrap(model).needs_labels:
+        return views_labels(make_window_forward(model, amp_dtype), views, metas, ori_shape, window_size,
+                            window_stride, window_batch_size, n_cls)
     if len(views) > 1:
         return predict_views(model, views, metas, ori_shape, window_size=window_size, window_stride=window_stride,
                              window_batch_size=window_batch_size, n_cls=n_cls, amp_dtype=amp_dtype,
                              label=label).argmax(0)
-    view, meta = views[0], metas[0]
-    if _unwrap(model).needs_labels:
-        view, forward = _oracle_view(model, view, meta, label, window_size, amp_dtype)
-    else:
-        forward = make_window_forward(model, amp_dtype)
-    return view_labels(forward, view, meta, ori_shape, window_size, window_stride, window_batch_size, n_cls)
+    view, forward = _oracle_view(model, views[0], metas[0], label, window_size, amp_dtype)
+    return view_labels(forward, view, metas[0], ori_shape, window_size, window_stride, window_batch_size, n_cls)
 
 
 def _real_items_on_rank(loader) -> int:

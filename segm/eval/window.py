@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from segm.config import dataset_preset
 from segm.model.labels import labels_from_scores, resized_labels, upsampled_bands
 
-__all__ = ["GridScores", "view_labels", "resolve_window", "check_stride", "window_anchors", "resize_to_window",
+__all__ = ["GridScores", "view_labels", "views_labels", "resolve_window", "check_stride", "window_anchors", "resize_to_window",
            "sliding_window_inference", "inference_views", "MULTISCALE_RATIOS", "view_plan"]
 
 
@@ -240,3 +240,13 @@ def view_labels(forward: Forward, view: torch.Tensor, meta: dict, ori_shape, ws:
         logits = sliding_window_inference(forward, view, ws, stride, window_batch_size, n_cls)
         labels = logits.argmax(0) if tuple(logits.shape[-2:]) == ori_shape else resized_labels(logits, ori_shape)
     return labels.flip(-1) if meta.get("flip", False) else labels
+
+
+def views_labels(forward: Forward, views: Sequence[torch.Tensor], metas: Sequence[dict], ori_shape, ws: int,
+                 stride: int, window_batch_size: int = 4, n_cls: int | None = None) -> torch.Tensor:
+    """Labels (H, W) int64 at `ori_shape` of one image's test views: of one view by `view_labels`
+    (no full-resolution logits where it can), of several the argmax of `inference_views`' mean
+    probabilities."""
+    if len(views) == 1 and len(metas) == 1:
+        return view_labels(forward, views[0], metas[0], ori_shape, ws, stride, window_batch_size, n_cls)
+    return inference_views(forward, views, metas, ori_shape, ws, stride, window_batch_size, n_cls).argmax(0)

@@ -8,6 +8,7 @@ from segm.train.options import TrainOptions, user_errors
 from segm.utils import host_memory
 from segm.utils.determinism import set_numerics
 from segm.utils.distributed import DistInfo, init_distributed, silence_print
+from segm.utils.threads import apply_threads
 
 
 def start_process(opts: TrainOptions) -> DistInfo:
@@ -17,8 +18,7 @@ def start_process(opts: TrainOptions) -> DistInfo:
         info = init_distributed(device=opts.device)  # refuses CUDA without CUDA
     silence_print(info.rank == 0)
     set_numerics(opts.deterministic, info.device)
-    if opts.threads is not None:
-        torch.set_num_threads(opts.threads)
+    apply_threads(opts.threads)  # planned with the workers (`TrainOptions`)
     host_memory.for_training(info.device.type)  # the CPU step's large buffers are reused, not re-faulted
     return info
 

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["SMALL_MACHINE", "CpuPlan", "cores_per_process", "plan_cpu", "WORKERS_HELP", "THREADS_HELP"]
+__all__ = ["SMALL_MACHINE", "CpuPlan", "apply_threads", "cores_per_process", "plan_cpu", "WORKERS_HELP", "THREADS_HELP"]
 
 SMALL_MACHINE = 4  # cores per process at or below which a CPU run loads data in its own process
 # Launchers' count of training processes on this node.
@@ -68,10 +68,15 @@ class CpuPlan:
 
     def apply(self) -> None:
         """Sets torch's intra-op threads of this process to the plan's."""
-        if self.threads is not None:
-            import torch
+        apply_threads(self.threads)
 
-            torch.set_num_threads(self.threads)
+
+def apply_threads(threads: int | None) -> None:
+    """torch's intra-op threads of this process: `threads`, or left as they are for None."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def plan_cpu(device_type: str, reference_workers: int, workers: int | None = None, threads: int | None = None,
