@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import segm
 from segm.bench.memory import PeakTensorMemory
 from segm.eval.window import GridScores, inference_views, sliding_window_inference, view_labels, views_labels
-from segm.model.labels import label_bands, labels_from_scores, resized_labels, upsampled_bands
+from segm.model.labels import (UNIFORM_MARGIN_EPS, cell_of, dominant_cells, label_bands, labels_from_scores,
+                               resized_labels, upsampled_bands)
 from tests.helpers.models import tiny_net_kwargs, tiny_variant
 
 
@@ -53,6 +54,105 @@ def test_bands_equal_the_full_upsampling(b, k, grid, patch, layout, dtype):
                 assert torch.equal(band, logits[:, :, y0:y1, : size[1]])  # bit for bit, not only the argmax
                 spans.append((y0, y1))
             assert [y0 for y0, _ in spans] == [0, *(y1 for _, y1 in spans[:-1])] and spans[-1][1] == size[0]
+
+
+@pytest.fixture
+def every_map(monkeypatch):
+    """The shortcut taken on maps of any size and class count (by default only where it pays)."""
+    import segm.model.labels as labels_module
+
+    monkeypatch.setattr(labels_module, "SHORTCUT_MIN_CLASSES", 1)
+    monkeypatch.setattr(labels_module, "SHORTCUT_MIN_CELLS", 1)
+
+
+def _segmentation_like(b, k, grid, seed, layout="channels_last", blob=4):
+    """Scores of a confident model: blobs of blob × blob cells of one class (4 above the rest),
+    noise of 0.3, and classes 1 and 2 tying exactly where class 1 wins."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, k, (b, 1, -(-grid[0] // blob), -(-grid[1] // blob)), generator=g).float()
+    coarse[:, :, 0, 0] = 1  # a blob of class 1 in every image
+    coarse[:, :, -1] = 3  # and a last row of one class (bands without a boundary)
+    blobs = F.interpolate(coarse, scale_factor=blob, mode="nearest")[:, 0, : grid[0], : grid[1]].long()
+    masks = 4 * F.one_hot(blobs, k).float() + 0.3 * torch.randn(b, *grid, k, generator=g)
+    masks[..., 2] = torch.where(blobs == 1, masks[..., 1], masks[..., 2])
+    masks = masks.permute(0, 3, 1, 2)
+    return masks if layout == "channels_last" else masks.contiguous()
+
+
+@pytest.mark.parametrize("b, k, grid, patch", [(2, 7, (9, 12), 16), (1, 150, (32, 32), 16), (2, 19, (16, 10), 8),
+                                               (1, 5, (6, 5), 32), (1, 6, (8, 8), 14)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cells_one_class_wins_give_the_full_paths_labels(b, k, grid, patch, layout, dtype, every_map):
+    masks = _segmentation_like(b, k, grid, seed=k + patch, layout=layout).to(dtype)
+    dominant = dominant_cells(masks, patch)
+    if patch & (patch - 1):  # source coordinates rounded: nothing is claimed
+        assert dominant is None
+    else:
+        assert (dominant >= 0).any()  # the shortcut is taken
+        assert not (dominant == 1).any()  # class 1 only wins where class 2 ties it: never claimed
+    full_size = (grid[0] * patch, grid[1] * patch)
+    small = k < 100  # ADE20K's size once, the small maps cropped and in several band sizes
+    for size in [full_size, (full_size[0] - 5, full_size[1] - 3)][: 2 if small else 1]:
+        for rows in (None, 1, 3)[: 3 if small else 1]:
+            assert torch.equal(labels_from_scores(masks, patch, size, rows), _full_labels(masks, patch, size))
+    assert (_full_labels(masks, patch, full_size) == 1).any()  # the tie's first class
+
+
+def test_bands_all_claimed_are_skipped_and_few_open_pixels_compared_alone(monkeypatch):
+    """ADE20K's size with regions of 8 × 8 patches: some bands need no upsampling, some compare
+    only their open pixels (copied out), some every pixel; the labels are the full path's."""
+    import segm.model.labels as labels_module
+
+    masks = _segmentation_like(2, 150, (32, 32), seed=5, blob=8)
+    seen, plain = [], labels_module._open_labels
+
+    def spy(band, out, todo):
+        seen.append((float(todo.float().mean()), band.permute(0, 2, 3, 1)[0].is_contiguous()))
+        plain(band, out, todo)
+
+    monkeypatch.setattr(labels_module, "_open_labels", spy)
+    labels = labels_from_scores(masks, 16)
+    assert torch.equal(labels, _full_labels(masks, 16, (512, 512)))
+    bands = len(label_bands(32, 16, labels_module.band_rows_for(masks, 16)))
+    assert 0 < len(seen) < bands  # some bands skipped
+    gathered = [f for f, rows in seen if rows and f * labels_module.GATHER_BELOW < 1]
+    assert gathered and len(gathered) < len(seen)  # both ways of comparing taken
+
+
+def test_a_winner_within_the_margin_is_not_claimed(every_map):
+    """A second class just under the winner's lowest corner: by less than the margin the cell
+    stays open, by more it is claimed; the labels equal the full path's either way."""
+    masks = torch.zeros(1, 3, 4, 4)
+    masks[:, 0] = 10.0
+    eps = torch.finfo(torch.float32).eps * 10.0
+    for gap, claimed in ((UNIFORM_MARGIN_EPS * eps / 2, False), (UNIFORM_MARGIN_EPS * eps * 2, True)):
+        m = masks.clone()
+        m[0, 1, 1, 1] = 10.0 - gap
+        dominant = dominant_cells(m, 16)
+        # the four cells around grid point (1, 1)
+        assert bool((dominant[0, 1:3, 1:3] == 0).all()) == claimed
+        assert torch.equal(labels_from_scores(m, 16), _full_labels(m, 16, (64, 64)))
+
+
+def test_non_finite_scores_take_the_plain_path(every_map):
+    masks = _segmentation_like(1, 5, (6, 6), seed=0)
+    masks[0, 3, 2, 2] = float("inf")
+    assert dominant_cells(masks, 16) is None
+    assert torch.equal(labels_from_scores(masks, 16), _full_labels(masks, 16, (96, 96)))
+
+
+def test_cell_of_names_the_grid_rows_an_output_row_reads():
+    """Output row y reads grid rows ⌊s⌋ and ⌊s⌋ + 1 with s = max(0, (y + 0.5)/P − 0.5), the second
+    with weight s − ⌊s⌋; its cell's grid points, cell − 1 and cell (clamped at 0), are those read
+    with a weight above zero."""
+    for patch in (8, 16, 32):
+        y = torch.arange(10 * patch)
+        s = ((y + 0.5) / patch - 0.5).clamp(min=0)
+        first = s.floor().long()
+        last = torch.where(s > first, first + 1, first)
+        cell = cell_of(y, patch)
+        assert torch.equal((cell - 1).clamp(min=0), first) and bool((last <= cell).all())
 
 
 def test_bands_read_their_grid_rows_only():

@@ -11,6 +11,15 @@ P·r1 + P/2) bit for bit as the whole map does: the same source rows, weights an
 band starts at row 0 and the last ends at the border, where both clamp alike. Ties go to the lower
 class index, as `torch.argmax` on the full logits.
 
+Most of a trained model's cells need no upsampling at all. Between four neighbouring grid points
+every upsampled score is a convex combination of that class's four scores, so a class whose lowest
+score there beats every other class's highest (by a margin that covers any order of float
+rounding) wins every pixel of the cell. `dominant_cells` finds those cells on the grid;
+`labels_from_scores` upsamples only the bands that hold another pixel and takes the argmax only
+at those pixels. Where nothing can be proven (non-finite scores, a patch that is not a power of
+two) or it would not pay (the GPU, an exported graph, few classes, a small grid, an untrained
+model's scores) every pixel takes the plain path. Either way the labels are the same.
+
 `resized_labels` does the same for the arbitrary-ratio resize of a canvas of logits back to an
 image's size (evaluation's last step), in chunks of classes instead: any two classes are
 interpolated independently, so a chunk of channels is exact, and a running maximum keeps the first
@@ -23,7 +32,8 @@ import torch.nn.functional as F
 
 from segm.utils.host_memory import MMAP_THRESHOLD_MAX
 
-__all__ = ["BAND_BYTES", "CLASS_CHUNK", "band_rows_for", "label_bands", "labels_from_scores", "resized_labels",
+__all__ = ["BAND_BYTES", "CLASS_CHUNK", "SHORTCUT_MIN_CELLS", "SHORTCUT_MIN_CLASSES", "UNIFORM_MARGIN_EPS",
+           "band_rows_for", "cell_of", "dominant_cells", "label_bands", "labels_from_scores", "resized_labels",
            "upsampled_bands"]
 
 # The bands' buffer stays under glibc's largest mmap threshold (32 MiB on 64-bit Linux): above
@@ -33,6 +43,19 @@ __all__ = ["BAND_BYTES", "CLASS_CHUNK", "band_rows_for", "label_bands", "labels_
 BAND_BYTES = MMAP_THRESHOLD_MAX * 15 // 16
 # Classes per chunk of `resized_labels`.
 CLASS_CHUNK = 16
+# A cell's winner must beat every other class by this many machine epsilons of the largest score
+# (|score| ≤ M): an upsampled value lies within a few eps·M of its convex combination whatever
+# order the kernel adds in, and rounding to the scores' dtype moves it by eps·M/2 at most.
+UNIFORM_MARGIN_EPS = 16
+# A band whose open pixels are fewer than 1/GATHER_BELOW of it compares only theirs (copied out,
+# half the band at most); a band with more compares every pixel.
+GATHER_BELOW = 2
+# With fewer classes or a smaller grid the argmax costs less than finding what it may skip
+# (measured, BENCHMARKS.md "The label path").
+SHORTCUT_MIN_CLASSES = 32
+SHORTCUT_MIN_CELLS = 256
+# Fewer cells claimed than 1/CLAIMED_AT_LEAST of them (an untrained model's scores): the plain path.
+CLAIMED_AT_LEAST = 20
 
 
 def band_rows_for(masks: torch.Tensor, patch: int, images: int | None = None) -> int:
@@ -60,13 +83,14 @@ def label_bands(grid_rows: int, patch: int, band_rows: int) -> list[tuple[int, i
 
 
 def upsampled_bands(masks: torch.Tensor, patch: int, size: tuple[int, int] | None = None,
-                    band_rows: int | None = None):
+                    band_rows: int | None = None, wanted=None):
     """Yields (y0, y1, logits) with logits (B, K, y1 − y0, w) equal, bit for bit, to rows
     [y0, y1) of `F.interpolate(masks, scale ×patch, bilinear)[..., :h, :w]`, covering [0, h).
 
     masks (B, K, Gh, Gw): class scores on the patch grid, in their own dtype (upsampled in it, as
     the full path does). Odd `patch` sizes have no exact band boundary: one band, the whole map.
-    The bands share one buffer: each is valid until the next is asked for."""
+    The bands share one buffer: each is valid until the next is asked for. With `wanted(y0, y1)`
+    false a band is not computed: its logits are None."""
     _, _, gh, gw = masks.shape
     h, w = size if size is not None else (gh * patch, gw * patch)
     band_rows = band_rows_for(masks, patch) if band_rows is None else band_rows
@@ -83,6 +107,10 @@ def upsampled_bands(masks: torch.Tensor, patch: int, size: tuple[int, int] | Non
     for g0, g1, y0, y1 in bands:
         if y0 >= h:
             return
+        y1 = min(y1, h)
+        if wanted is not None and not wanted(y0, y1):
+            yield y0, y1, None
+            continue
         start = min(g0, gh - rows)
         src = masks[:, :, start : start + rows].contiguous(memory_format=fmt)
         out_size = (rows * patch, gw * patch)
@@ -93,22 +121,85 @@ def upsampled_bands(masks: torch.Tensor, patch: int, size: tuple[int, int] | Non
         else:
             part = F.interpolate(src, size=out_size, mode="bilinear", align_corners=False)
         top = y0 - patch * start
-        y1 = min(y1, h)
         band = part[:, :, top : top + y1 - y0, :w]
         del part
         yield y0, y1, band
         del band
 
 
+def cell_of(coords: torch.Tensor, patch: int) -> torch.Tensor:
+    """The cell (of the grid padded by one) of each output coordinate: the grid points it is
+    interpolated from are cell − 1 and cell, clamped to the grid. Output coordinate y reads
+    from (y + 0.5)/P − 0.5 (clamped at 0, exact for P a power of two), so its cell is
+    ⌊(y + 0.5)/P + 0.5⌋ = ⌊(2y + 1 + P) / 2P⌋."""
+    return torch.div(2 * coords + 1 + patch, 2 * patch, rounding_mode="floor")
+
+
+def dominant_cells(masks: torch.Tensor, patch: int) -> torch.Tensor | None:
+    """(B, Gh + 1, Gw + 1) int64: for each cell of the grid padded by one at every border (see
+    `cell_of`), the class that wins every pixel interpolated from its four grid points, −1 where
+    none is certain. None where nothing can be proven: a patch that is not a power of two (the
+    source coordinates are then rounded) or scores that are not all finite."""
+    if patch & (patch - 1) or not bool(torch.isfinite(masks).all()):
+        return None
+    x = F.pad(masks.float(), (1, 1, 1, 1), mode="replicate")  # the border's clamped reads
+    high = F.max_pool2d(x, 2, 1)  # (B, K, Gh + 1, Gw + 1): each class's extremes over a cell's corners
+    low = -F.max_pool2d(-x, 2, 1)
+    best_low, winner = low.max(1)
+    others = high.scatter(1, winner[:, None], float("-inf")).amax(1)
+    margin = UNIFORM_MARGIN_EPS * torch.finfo(masks.dtype).eps * x.abs().amax()
+    return torch.where(others < best_low - margin, winner, -1)
+
+
 def labels_from_scores(masks: torch.Tensor, patch: int, size: tuple[int, int] | None = None,
                        band_rows: int | None = None) -> torch.Tensor:
     """(B, h, w) int64: argmax over classes of the upsampled `masks` cropped to `size` (default:
-    the whole map), one band of rows at a time (`upsampled_bands`)."""
+    the whole map), one band of rows at a time (`upsampled_bands`); on the CPU only the bands and
+    pixels that `dominant_cells` leaves open are upsampled and compared."""
+    gh, gw = masks.shape[2:]
+    h, w = size if size is not None else (gh * patch, gw * patch)
+    dominant = None
+    if masks.device.type == "cpu" and masks.shape[1] >= SHORTCUT_MIN_CLASSES and gh * gw >= SHORTCUT_MIN_CELLS \
+            and not (torch.compiler.is_exporting() or torch.compiler.is_compiling()):
+        masks = masks.detach()  # labels carry no gradient
+        dominant = dominant_cells(masks, patch)
+    if dominant is None:
+        return _plain_labels(masks, patch, size, band_rows)
+    claimed = dominant >= 0
+    if int(claimed.sum()) * CLAIMED_AT_LEAST < claimed.numel():  # e.g. an untrained model: nothing to skip
+        return _plain_labels(masks, patch, size, band_rows)
+    out = dominant[:, cell_of(torch.arange(h), patch)][:, :, cell_of(torch.arange(w), patch)]
+    open_ = out < 0
+    open_rows = open_.any(2).any(0).tolist()
+    for y0, y1, band in upsampled_bands(masks, patch, size, band_rows, wanted=lambda a, b: any(open_rows[a:b])):
+        if band is not None:
+            _open_labels(band, out[:, y0:y1], open_[:, y0:y1])
+        del band
+    return out
+
+
+def _plain_labels(masks, patch, size, band_rows):
     labels = []
     for _, _, band in upsampled_bands(masks, patch, size, band_rows):
         labels.append(band.argmax(1))
         del band  # a fresh band (grad, export) is freed before the next one is computed
     return labels[0] if len(labels) == 1 else torch.cat(labels, 1)
+
+
+def _open_labels(band: torch.Tensor, out: torch.Tensor, todo: torch.Tensor) -> None:
+    """Writes into `out` (B, h, w) the argmax of `band` (B, K, h, w) where `todo` is true."""
+    k = band.shape[1]
+    sb, _, sh, sw = band.stride()
+    # channels-last: every pixel's scores are one row of K in the band's storage, pixel (b, y, x)
+    # at row (b·sb + y·sh + x·sw) / K
+    rows_view = band.stride(1) == 1 and sw == k and sh % k == 0 and sb % k == 0
+    if int(todo.sum()) * GATHER_BELOW >= todo.numel() or not rows_view:
+        torch.where(todo, band.argmax(1), out, out=out)
+        return
+    b, y, x = todo.nonzero(as_tuple=True)
+    pixel = (b * sb + y * sh + x * sw) // k
+    rows = band.as_strided((int(pixel.max()) + 1, k), (k, 1))
+    out[b, y, x] = rows.index_select(0, pixel).argmax(-1)  # index_select copies rows; a mask indexes elements
 
 
 def resized_labels(logits: torch.Tensor, size: tuple[int, int], chunk: int = CLASS_CHUNK) -> torch.Tensor:
