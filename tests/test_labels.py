@@ -285,3 +285,15 @@ def test_labels_of_scores_that_require_grad():
     masks = torch.randn(2, 5, 8, 8, requires_grad=True)
     full = F.interpolate(masks, size=(128, 128), mode="bilinear", align_corners=False).argmax(1)
     assert torch.equal(labels_from_scores(masks, 16, band_rows=2), full)
+
+
+def test_the_label_path_timing_script_checks_and_times_both_ways():
+    from click.testing import CliRunner
+
+    from scripts.label_path_timing import main
+
+    res = CliRunner().invoke(main, ["--classes", "40", "--grid", "16", "--batch-size", "1", "--region", "8",
+                                    "--threads", "1", "--rounds", "1"])
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.output.splitlines() if line.startswith("| random") or line.startswith("| regions")]
+    assert len(rows) == 2 and "0.0%" not in rows[1]  # the regions' cells are won outright

@@ -12,6 +12,7 @@ from segm.bench.machine import loadavg, machine_info
 from segm.bench.onnx import add_onnxruntime, onnx_note, onnx_summary
 from segm.bench.phases import inference_phase, output_fn, train_phase
 from segm.bench.settings import BenchConfig, check_config
+from segm.export.schema import LABELS
 from segm.bench.variants import Variant, build_variants, set_fused_attention
 from segm.utils.host_memory import keep_freed_memory
 
@@ -68,7 +69,7 @@ def _measure(cfg: BenchConfig, variants: list[Variant], model_info: dict, batche
     return results, matmul, policy
 
 
-def _notes(model_info: dict, device) -> list[str]:
+def _notes(model_info: dict, device, output: str) -> list[str]:
     notes = [
         "CTS timings include the policy network; random and content policies need none (content scores "
         "come from the image itself).",
@@ -81,6 +82,10 @@ def _notes(model_info: dict, device) -> list[str]:
     if device.type == "cpu":
         notes.append("CPU peak memory: tensor storage allocated during one call (as CUDA's "
                      "max_memory_allocated), the output included; weights and inputs excluded.")
+        if output == LABELS and model_info.get("model_path") is None:
+            notes.append("labels of a random-weight model: no cell is won outright, so every pixel is "
+                         "upsampled and compared (a trained model's labels cost less on the CPU: "
+                         "scripts/label_path_timing.py).")
     return notes
 
 
@@ -101,7 +106,7 @@ def _run(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
     load_before = loadavg()
     variants, model_info, batches = _prepare(cfg, device, log)
     results, matmul, policy = _measure(cfg, variants, model_info, batches, device, log)
-    notes = _notes(model_info, device)
+    notes = _notes(model_info, device, cfg.output)
     onnx = onnx_summary(results) if cfg.onnxruntime else None
     if onnx:
         notes.append(onnx_note(onnx))
