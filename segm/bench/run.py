@@ -12,8 +12,8 @@ from segm.bench.machine import loadavg, machine_info
 from segm.bench.onnx import add_onnxruntime, onnx_note, onnx_summary
 from segm.bench.phases import inference_phase, output_fn, train_phase
 from segm.bench.settings import BenchConfig, check_config
-from segm.export.schema import LABELS
 from segm.bench.variants import Variant, build_variants, set_fused_attention
+from segm.export.schema import LABELS
 from segm.utils.host_memory import keep_freed_memory
 
 

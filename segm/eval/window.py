@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from segm.config import dataset_preset
 from segm.model.labels import labels_from_scores, resized_labels, upsampled_bands
 
-__all__ = ["GridScores", "view_labels", "views_labels", "resolve_window", "check_stride", "window_anchors", "resize_to_window",
-           "sliding_window_inference", "inference_views", "MULTISCALE_RATIOS", "view_plan"]
+__all__ = ["GridScores", "view_labels", "views_labels", "resolve_window", "check_stride", "window_anchors",
+           "resize_to_window", "sliding_window_inference", "inference_views", "MULTISCALE_RATIOS", "view_plan"]
 
 
 class GridScores(NamedTuple):

@@ -47,9 +47,10 @@ CLASS_CHUNK = 16
 # (|score| ≤ M): an upsampled value lies within a few eps·M of its convex combination whatever
 # order the kernel adds in, and rounding to the scores' dtype moves it by eps·M/2 at most.
 UNIFORM_MARGIN_EPS = 16
-# A band whose open pixels are fewer than 1/GATHER_BELOW of it compares only theirs (copied out,
-# half the band at most); a band with more compares every pixel.
+# A band whose open pixels are fewer than 1/GATHER_BELOW of it compares only theirs (copied out);
+# a band with more compares every pixel.
 GATHER_BELOW = 2
+GATHER_CHUNKS = 8  # and copies them an eighth of the band at a time
 # With fewer classes or a smaller grid the argmax costs less than finding what it may skip
 # (measured, BENCHMARKS.md "The label path").
 SHORTCUT_MIN_CLASSES = 32
@@ -199,7 +200,9 @@ def _open_labels(band: torch.Tensor, out: torch.Tensor, todo: torch.Tensor) -> N
     b, y, x = todo.nonzero(as_tuple=True)
     pixel = (b * sb + y * sh + x * sw) // k
     rows = band.as_strided((int(pixel.max()) + 1, k), (k, 1))
-    out[b, y, x] = rows.index_select(0, pixel).argmax(-1)  # index_select copies rows; a mask indexes elements
+    labels = torch.cat([rows.index_select(0, part).argmax(-1)  # copies rows, where a mask would index elements
+                        for part in pixel.split(max(1, todo.numel() // GATHER_CHUNKS))])
+    out[b, y, x] = labels
 
 
 def resized_labels(logits: torch.Tensor, size: tuple[int, int], chunk: int = CLASS_CHUNK) -> torch.Tensor:

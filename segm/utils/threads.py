@@ -23,7 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["SMALL_MACHINE", "CpuPlan", "apply_threads", "cores_per_process", "plan_cpu", "WORKERS_HELP", "THREADS_HELP"]
+__all__ = ["SMALL_MACHINE", "CpuPlan", "apply_threads", "cores_per_process", "plan_cpu", "WORKERS_HELP",
+           "THREADS_HELP"]
 
 SMALL_MACHINE = 4  # cores per process at or below which a CPU run loads data in its own process
 # Launchers' count of training processes on this node.
