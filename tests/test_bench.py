@@ -276,6 +276,10 @@ def test_output_labels_times_the_label_path(monkeypatch):
     res = bench.run_benchmark(cfg)
     assert res["protocol"]["output"] == "labels"
     assert calls and all(s == (2, 64, 64) for s in calls)
+    assert not any("won outright" in n for n in res["notes"])  # 10 classes: the label path never skips cells
+    many = bench.run_benchmark(bench.BenchConfig(**{**TINY, "n_cls": 40, "repeats": 1, "warmup": 0}, output="labels",
+                                                 memory=False))
+    assert any("won outright" in n for n in many["notes"])  # a random-weight model's labels are the worst case
     assert {r["name"] for r in res["variants"]} == {"no_sharing", "cts"} and all("train" in r for r in res["variants"])
     with pytest.raises(bench.BenchError, match="--output"):
         bench.run_benchmark(bench.BenchConfig(**TINY, output="probs"))

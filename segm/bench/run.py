@@ -14,6 +14,7 @@ from segm.bench.phases import inference_phase, output_fn, train_phase
 from segm.bench.settings import BenchConfig, check_config
 from segm.bench.variants import Variant, build_variants, set_fused_attention
 from segm.export.schema import LABELS
+from segm.model.labels import SHORTCUT_MIN_CLASSES
 from segm.utils.host_memory import keep_freed_memory
 
 
@@ -82,9 +83,9 @@ def _notes(model_info: dict, device, output: str) -> list[str]:
     if device.type == "cpu":
         notes.append("CPU peak memory: tensor storage allocated during one call (as CUDA's "
                      "max_memory_allocated), the output included; weights and inputs excluded.")
-        if output == LABELS and model_info.get("model_path") is None:
-            notes.append("labels of a random-weight model: no cell is won outright, so every pixel is "
-                         "upsampled and compared (a trained model's labels cost less on the CPU: "
+        if output == LABELS and model_info.get("model_path") is None and model_info["n_cls"] >= SHORTCUT_MIN_CLASSES:
+            notes.append("labels of a random-weight model: almost no cell is won outright by one class, so "
+                         "every pixel is upsampled and compared (a trained model's labels cost less on the CPU: "
                          "scripts/label_path_timing.py).")
     return notes
 
