@@ -12,10 +12,9 @@ from torch.utils.data import DataLoader
 from segm.data.base import canonical_name
 from segm.model.policy import build_policy
 from segm.train.context import RunContext
-from segm.train.process import single_process
+from segm.train.process import single_process, use_cpu_plan
 from segm.train.run_dir import remove_torn_writes
 from segm.utils.device import resolve_device
-from segm.utils import host_memory
 from segm.utils.threads import plan_cpu
 from segm.utils.determinism import seed_everything
 from segm.utils.writable import check_writable
@@ -61,8 +60,7 @@ def resolve_run(cfg: TrainConfig) -> PolicyRun:
     device = resolve_device(cfg.device)
     plan = plan_cpu(device.type, REFERENCE_WORKERS, cfg.num_workers, cfg.threads)
     cfg.num_workers, cfg.threads = plan.workers, plan.threads
-    plan.apply()
-    host_memory.for_training(device.type)
+    use_cpu_plan(plan.threads, device.type)
     log_dir = Path(cfg.logdir) / cfg.exp_name
     check_writable(log_dir, "--logdir")
     data = dict(data_root=cfg.data_root, classes_file=cfg.classes, crop_size=cfg.crop_size)

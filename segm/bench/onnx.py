@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 
 from segm.bench.settings import BenchConfig, BenchError
-from segm.export.schema import LABELS
 from segm.bench.variants import BASELINE, Variant
+from segm.export.schema import LABELS
 
 SUFFIX = "_ort"
 INT8_SUFFIX = "_ort_int8"

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from segm.bench.flops import count_train_flops
 from segm.bench.memory import variant_memory
 from segm.bench.settings import BenchConfig
-from segm.export.schema import LABELS
 from segm.bench.timing import rate, round_robin, speedups, summary
 from segm.bench.variants import BASELINE, Variant, policy_network
+from segm.export.schema import LABELS
 from segm.utils.amp import AMP_DTYPES, autocast
 
 POLICY_KEY = "policy network"  # the policy network's own calls in the inference rounds

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from segm.export.schema import LOGITS, OUTPUT_KINDS  # no torch
 from segm.model.reduction import rules
 from segm.model.reduction.rules import CTS, NONE, ReductionError
-from segm.export.schema import LOGITS, OUTPUT_KINDS  # no torch
 from segm.utils.device import resolve_device
 
 MATMUL_SIZE = 2048

@@ -18,9 +18,15 @@ def start_process(opts: TrainOptions) -> DistInfo:
         info = init_distributed(device=opts.device)  # refuses CUDA without CUDA
     silence_print(info.rank == 0)
     set_numerics(opts.deterministic, info.device)
-    apply_threads(opts.threads)  # planned with the workers (`TrainOptions`)
-    host_memory.for_training(info.device.type)  # the CPU step's large buffers are reused, not re-faulted
+    use_cpu_plan(opts.threads, info.device.type)
     return info
+
+
+def use_cpu_plan(threads: int | None, device_type: str) -> None:
+    """A trainer's intra-op threads (planned with its workers, `segm.utils.threads.plan_cpu`) and,
+    on the CPU, freed memory kept: the step's large buffers are reused, not re-faulted."""
+    apply_threads(threads)
+    host_memory.for_training(device_type)
 
 
 def single_process(device: torch.device) -> DistInfo:

@@ -67,10 +67,6 @@ class CpuPlan:
         threads = "torch's default" if self.threads is None else str(self.threads)
         return f"{self.cores} cores per process: {self.workers} data-loading workers, intra-op threads {threads}"
 
-    def apply(self) -> None:
-        """Sets torch's intra-op threads of this process to the plan's."""
-        apply_threads(self.threads)
-
 
 def apply_threads(threads: int | None) -> None:
     """torch's intra-op threads of this process: `threads`, or left as they are for None."""
